@@ -4,4 +4,5 @@
 //! byte-level components it calls — [`signature`], [`form`], [`cipher`] —
 //! do no I/O and are tested exhaustively on their own.
 
+pub mod cipher;
 pub mod secret;
