@@ -6,3 +6,4 @@
 
 pub mod cipher;
 pub mod secret;
+pub mod signature;

@@ -1,1 +1,108 @@
-fn main() {}
+//! Thin entry point: parse the command line, dispatch, map errors to exit
+//! codes (0 success, 1 failure with one line on stderr, 2 usage).
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use ivrguard::cipher::{FieldCipher, FieldKey};
+use ivrguard::cli::{Cli, Command};
+use ivrguard::config::{self, Settings};
+use ivrguard::secret::Secret;
+use ivrguard::signature::Verifier;
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    let cli = Cli::parse();
+    let result = match cli.command.as_ref().unwrap_or(&Command::Run) {
+        Command::Run => load(&cli).and_then(|s| ivrguard::run::run(s)),
+        Command::Check => load(&cli).map(|s| print!("{}", s.describe())),
+        Command::Keygen => {
+            println!("{}", FieldKey::generate().to_hex().as_str());
+            Ok(())
+        }
+        Command::Encrypt { key_env } => {
+            cipher_from_env(key_env).and_then(|c| lines(|l| Ok(c.encrypt_hex(l.as_bytes()))))
+        }
+        Command::Decrypt { key_env } => cipher_from_env(key_env).and_then(|c| {
+            lines(|l| {
+                let plain = c
+                    .decrypt_hex(l.as_bytes())
+                    .map_err(|e| format!("decrypt: {e}"))?;
+                String::from_utf8(plain.to_vec())
+                    .map_err(|_| "decrypt: plaintext is not UTF-8".to_string())
+            })
+        }),
+        Command::Sign {
+            token_env,
+            url,
+            params,
+        } => sign(token_env, url, params),
+        Command::Demo => Err("demo is not built yet".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ivrguard: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(cli: &Cli) -> Result<Settings, String> {
+    Settings::load(&cli.config_path(), &config::process_env()).map_err(|e| e.to_string())
+}
+
+fn env_secret(var: &str) -> Result<Secret, String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Ok(Secret::from(v)),
+        Ok(_) => Err(format!("environment variable {var} is empty")),
+        Err(_) => Err(format!("environment variable {var} is not set")),
+    }
+}
+
+fn cipher_from_env(var: &str) -> Result<FieldCipher, String> {
+    let secret = env_secret(var)?;
+    let text = std::str::from_utf8(secret.expose())
+        .map_err(|_| format!("{var} must be 64 hex characters"))?;
+    let key = FieldKey::from_hex(text.trim()).map_err(|e| format!("{var} {e}"))?;
+    Ok(FieldCipher::new(&key))
+}
+
+/// Applies `f` to each stdin line, one output line each.
+fn lines(f: impl Fn(&str) -> Result<String, String>) -> Result<(), String> {
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout().lock();
+    for (n, line) in stdin.lock().lines().enumerate() {
+        let line = line.map_err(|e| format!("reading stdin: {e}"))?;
+        let result = f(line.trim_end_matches('\r')).map_err(|e| format!("line {}: {e}", n + 1))?;
+        writeln!(out, "{result}").map_err(|e| format!("writing stdout: {e}"))?;
+    }
+    Ok(())
+}
+
+fn sign(token_env: &str, url: &str, params: &[String]) -> Result<(), String> {
+    let token = env_secret(token_env)?;
+    let pairs = params
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .ok_or_else(|| "--param must be NAME=VALUE".to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    println!("{}", Verifier::new(&token, None, &[]).sign(url, &pairs));
+    Ok(())
+}
+
+/// Panics print where they happened, never their message: a message could
+/// carry request data.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("ivrguard: internal error (panic) at {location}; details withheld");
+    }));
+}

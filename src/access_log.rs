@@ -1,0 +1,102 @@
+//! The access-log record: one JSON line per request, built only from values
+//! that are safe to print.
+//!
+//! [`AccessRecord`] never holds a request; it holds the method, the path, a
+//! query string whose sensitive values were replaced by `*REDACTED*` before
+//! they got here, fixed-label outcomes, and a `CallSid` only if it has the
+//! shape of one. That is what makes "nothing plaintext in the log" a property
+//! of a type rather than of every call site.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::request::Parts;
+
+use crate::form::{self, FieldSet};
+
+/// What the signature stage decided, as the log prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureOutcome {
+    /// The request never reached verification.
+    NotChecked,
+    Valid(crate::signature::KeyUsed),
+    Invalid(&'static str),
+}
+
+impl SignatureOutcome {
+    pub fn label(&self) -> &'static str {
+        use crate::signature::KeyUsed;
+        match self {
+            SignatureOutcome::NotChecked => "not_checked",
+            SignatureOutcome::Valid(KeyUsed::Primary) => "valid",
+            SignatureOutcome::Valid(KeyUsed::Secondary) => "valid_secondary",
+            SignatureOutcome::Valid(KeyUsed::SharedKey) => "valid_shared_key",
+            SignatureOutcome::Invalid(reason) => reason,
+        }
+    }
+}
+
+/// One request's access-log line.
+#[derive(Debug)]
+pub struct AccessRecord {
+    method: String,
+    path: String,
+    query: String,
+    peer: SocketAddr,
+    pub signature: SignatureOutcome,
+    pub call_sid: Option<String>,
+    pub encrypted_fields: Vec<String>,
+    pub upstream_status: Option<u16>,
+    pub reason: Option<&'static str>,
+}
+
+impl AccessRecord {
+    /// Starts a record from the request head. The query is redacted here,
+    /// before it is stored.
+    pub fn start(parts: &Parts, peer: SocketAddr, fields: &FieldSet) -> Self {
+        AccessRecord {
+            method: parts.method.as_str().to_owned(),
+            path: parts.uri.path().to_owned(),
+            query: parts
+                .uri
+                .query()
+                .map(|q| form::redacted(q.as_bytes(), fields))
+                .unwrap_or_default(),
+            peer,
+            signature: SignatureOutcome::NotChecked,
+            call_sid: None,
+            encrypted_fields: Vec::new(),
+            upstream_status: None,
+            reason: None,
+        }
+    }
+
+    /// Records `value` as the CallSid only if it looks like one
+    /// (`CA` + 32 hex digits); anything else is not logged.
+    pub fn set_call_sid(&mut self, value: &str) {
+        let b = value.as_bytes();
+        if b.len() == 34 && b.starts_with(b"CA") && b[2..].iter().all(u8::is_ascii_hexdigit) {
+            self.call_sid = Some(value.to_owned());
+        }
+    }
+
+    /// Writes the line.
+    pub fn emit(&self, status: u16, latency: Duration) {
+        let fields = self.encrypted_fields.join(",");
+        tracing::info!(
+            target: "ivrguard::access",
+            method = %self.method,
+            path = %self.path,
+            query = %self.query,
+            peer = %self.peer.ip(),
+            status,
+            upstream_status = self.upstream_status,
+            latency_ms = latency.as_secs_f64() * 1000.0,
+            signature = self.signature.label(),
+            call_sid = self.call_sid.as_deref(),
+            encrypted_fields = %fields,
+            reason = self.reason,
+            "access"
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! The command line (SPEC §1, a contract): `run`, `check`, `keygen`,
+//! `encrypt`, `decrypt`, `sign`, `demo`. Plain `ivrguard --config FILE` runs.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ivrguard",
+    version,
+    about = "Verifies Twilio webhook signatures and encrypts caller input before your IVR app sees it"
+)]
+pub struct Cli {
+    /// Config file (default: $IVRGUARD_CONFIG, then config/ivrguard.toml)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy until SIGTERM/SIGINT, then drain and exit 0
+    Run,
+    /// Validate the config and the secrets it names; print the effective config (secrets redacted)
+    Check,
+    /// Print a fresh random 32-byte key as 64 lowercase hex characters
+    Keygen,
+    /// Encrypt each stdin line with the key in $VAR; one hex ciphertext per line
+    Encrypt {
+        /// Name of the environment variable holding the 64-hex-character key
+        #[arg(long, value_name = "VAR")]
+        key_env: String,
+    },
+    /// Decrypt each stdin line (hex ciphertext) with the key in $VAR
+    Decrypt {
+        /// Name of the environment variable holding the 64-hex-character key
+        #[arg(long, value_name = "VAR")]
+        key_env: String,
+    },
+    /// Print the X-Twilio-Signature Twilio would send for a request
+    Sign {
+        /// Name of the environment variable holding the auth token
+        #[arg(long, value_name = "VAR")]
+        token_env: String,
+        /// The full URL Twilio calls, query string included
+        #[arg(long)]
+        url: String,
+        /// A POST parameter, NAME=VALUE (not URL-encoded); repeatable
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+    },
+    /// Zero-setup tour: sample IVR backend + ivrguard + a simulated Twilio caller
+    Demo,
+}
+
+impl Cli {
+    /// The config path: `--config`, then `$IVRGUARD_CONFIG`, then the default.
+    pub fn config_path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .or_else(|| std::env::var_os("IVRGUARD_CONFIG").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("config/ivrguard.toml"))
+    }
+}

@@ -1,0 +1,482 @@
+//! One request, top to bottom.
+//!
+//! ```text
+//! receive ─▶ verify ─▶ rewrite ─▶ re-sign ─▶ forward ─▶ log
+//! ```
+//!
+//! 1. **receive**: check the request head, read the body under the size
+//!    limit, decide how it is signed (form, JSON with `bodySHA256`, none).
+//! 2. **verify**: rebuild the URL Twilio called and check
+//!    `X-Twilio-Signature` (see [`crate::signature`]).
+//! 3. **rewrite**: encrypt every configured field in the query and the form
+//!    body; every other byte stays as received (see [`crate::form`]).
+//! 4. **re-sign**: a fresh signature over the rewritten request, so an app
+//!    that validates Twilio signatures keeps working unchanged.
+//! 5. **forward**: send it to the app; on failure, the fallback.
+//! 6. **log**: one redacted access line ([`crate::access_log`]).
+//!
+//! Every stage returns `Result<_, Rejection>`; [`Rejection::into_response`]
+//! is the only place a failure becomes HTTP. Nothing reaches the app unless
+//! every stage before `forward` succeeded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::access_log::{AccessRecord, SignatureOutcome};
+use crate::body::{self, ProxyBody};
+use crate::cipher::FieldCipher;
+use crate::config::Settings;
+use crate::form::{self, FieldSet, FormPair};
+use crate::metrics::Metrics;
+use crate::rejection::Rejection;
+use crate::signature::{self, Verifier};
+use crate::upstream::{self, Fallback, Upstream};
+
+/// Everything a request needs, built once from the validated settings: HMAC
+/// keys and the AES key schedule are prepared here, not per request.
+pub struct Proxy {
+    verifier: Verifier,
+    cipher: Arc<FieldCipher>,
+    fields: FieldSet,
+    upstream: Upstream,
+    fallback: Fallback,
+    origin: OriginRule,
+    max_body_bytes: usize,
+    request_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// Where the scheme and host of the signed URL come from.
+#[derive(Debug, Clone)]
+enum OriginRule {
+    /// `twilio.public_url`: `scheme://host[:port]` as Twilio calls it.
+    Fixed {
+        origin: String,
+        scheme: String,
+        host: String,
+    },
+    /// `X-Forwarded-Proto`/`X-Forwarded-Host` from a trusted proxy.
+    Forwarded,
+    /// The connection (plain HTTP) and the `Host` header.
+    Direct,
+}
+
+impl Proxy {
+    pub fn new(settings: &Settings, cipher: Arc<FieldCipher>, metrics: Arc<Metrics>) -> Self {
+        let twilio = &settings.twilio;
+        let origin = match &twilio.public_url {
+            Some(url) => OriginRule::Fixed {
+                origin: url.origin.clone(),
+                scheme: url.scheme.clone(),
+                host: url.host_port.clone(),
+            },
+            None if settings.server.trust_forwarded_headers => OriginRule::Forwarded,
+            None => OriginRule::Direct,
+        };
+        Proxy {
+            verifier: Verifier::new(
+                &twilio.auth_token,
+                twilio.secondary_auth_token.as_ref(),
+                &twilio.shared_keys,
+            ),
+            cipher,
+            fields: FieldSet::new(settings.encryption.fields.iter().cloned()),
+            upstream: Upstream::new(&settings.upstream),
+            fallback: Fallback::new(
+                settings.upstream.on_error,
+                &settings.upstream.fallback_twiml,
+            ),
+            origin,
+            max_body_bytes: settings.server.max_body_bytes,
+            request_timeout: settings.server.request_timeout,
+            metrics,
+        }
+    }
+
+    pub fn cipher(&self) -> &FieldCipher {
+        &self.cipher
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The whole request path. Never fails: every outcome is a response.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let started = std::time::Instant::now();
+        let deadline = Instant::now() + self.request_timeout;
+        let (parts, body) = request.into_parts();
+        let mut log = AccessRecord::start(&parts, peer, &self.fields);
+
+        let result = tokio::time::timeout_at(
+            deadline,
+            self.process(parts, body, peer, deadline, &mut log),
+        )
+        .await
+        .unwrap_or(Err(Rejection::Deadline));
+
+        let response = match result {
+            Ok(response) => response,
+            Err(rejection) => {
+                self.count_rejection(&rejection, &mut log);
+                rejection.into_response(&self.fallback)
+            }
+        };
+        let latency = started.elapsed();
+        let outcome = log.reason.unwrap_or("forwarded");
+        self.metrics.request(outcome, latency.as_secs_f64());
+        log.emit(response.status().as_u16(), latency);
+        response
+    }
+
+    async fn process(
+        &self,
+        parts: Parts,
+        body: Incoming,
+        peer: SocketAddr,
+        deadline: Instant,
+        log: &mut AccessRecord,
+    ) -> Result<Response<ProxyBody>, Rejection> {
+        // 1. receive
+        check_head(&parts)?;
+        let body = read_body(body, &parts, self.max_body_bytes).await?;
+        let signed = SignedContent::classify(&parts, &body)?;
+
+        // 2. verify
+        let origin = self.origin(&parts)?;
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let url = format!("{}{}", origin.origin, path_and_query);
+        let mut body_pairs = match signed {
+            SignedContent::Form => form::parse(&body).map_err(Rejection::MalformedForm)?,
+            SignedContent::None | SignedContent::BodyHash => Vec::new(),
+        };
+        let mut query_pairs = match parts.uri.query() {
+            Some(q) => form::parse(q.as_bytes()).map_err(Rejection::MalformedForm)?,
+            None => Vec::new(),
+        };
+        let verified = self.verify(&url, &parts, &body, &body_pairs, signed);
+        log.signature = match verified {
+            Ok(key) => SignatureOutcome::Valid(key),
+            Err(e) => SignatureOutcome::Invalid(e.reason()),
+        };
+        verified.map_err(Rejection::Signature)?;
+        if let Some(sid) = find(&body_pairs, "CallSid").or_else(|| find(&query_pairs, "CallSid")) {
+            log.set_call_sid(sid);
+        }
+
+        // 3. rewrite
+        let new_query = parts
+            .uri
+            .query()
+            .and_then(|q| self.encrypt(q.as_bytes(), &mut query_pairs, log));
+        let new_body = self.encrypt(&body, &mut body_pairs, log);
+        let forwarded_body = new_body.map_or_else(|| body.clone(), Bytes::from);
+        let path_and_query = match new_query {
+            Some(q) => format!(
+                "{}?{}",
+                parts.uri.path(),
+                String::from_utf8(q).expect("rewritten query is ASCII")
+            ),
+            None => path_and_query.to_owned(),
+        };
+
+        // 4. re-sign
+        let params = as_params(&body_pairs);
+        let signature = self
+            .verifier
+            .sign(&format!("{}{}", origin.origin, path_and_query), &params);
+
+        // 5. forward
+        let request = self.upstream_request(
+            parts,
+            &path_and_query,
+            forwarded_body,
+            &signature,
+            peer,
+            &origin,
+        )?;
+        let response = self
+            .upstream
+            .send(request)
+            .await
+            .map_err(Rejection::Upstream)?;
+        log.upstream_status = Some(response.status().as_u16());
+        Ok(response.map(|incoming| body::with_deadline(incoming, deadline)))
+    }
+
+    fn origin(&self, parts: &Parts) -> Result<Origin, Rejection> {
+        match &self.origin {
+            OriginRule::Fixed {
+                origin,
+                scheme,
+                host,
+            } => Ok(Origin {
+                origin: origin.clone(),
+                scheme: scheme.clone(),
+                host: host.clone(),
+            }),
+            OriginRule::Forwarded => {
+                let proto = single_header(parts, "x-forwarded-proto")?.unwrap_or("http");
+                if !proto.eq_ignore_ascii_case("http") && !proto.eq_ignore_ascii_case("https") {
+                    return Err(Rejection::BadForwardedHeaders);
+                }
+                let host = match single_header(parts, "x-forwarded-host")? {
+                    Some(host) => host.to_owned(),
+                    None => request_host(parts)?,
+                };
+                Ok(Origin::new(proto, host))
+            }
+            OriginRule::Direct => Ok(Origin::new("http", request_host(parts)?)),
+        }
+    }
+
+    fn verify(
+        &self,
+        url: &str,
+        parts: &Parts,
+        body: &[u8],
+        body_pairs: &[FormPair<'_>],
+        signed: SignedContent,
+    ) -> Result<signature::KeyUsed, signature::SignatureError> {
+        // `bodySHA256` is checked whenever present, whatever the content type.
+        if let Some(expected) = signature::body_sha256_param(parts.uri.query().unwrap_or(""))? {
+            if !signature::body_hash_matches(body, expected) {
+                return Err(signature::SignatureError::BodyHashMismatch);
+            }
+        }
+        // Only form bodies contribute parameters; otherwise `body_pairs` is empty.
+        debug_assert!(signed == SignedContent::Form || body_pairs.is_empty());
+        self.verifier
+            .verify(url, &as_params(body_pairs), &parts.headers)
+    }
+
+    /// Encrypts configured fields of one urlencoded string; `None` if none.
+    fn encrypt<'a>(
+        &self,
+        raw: &'a [u8],
+        pairs: &mut [FormPair<'a>],
+        log: &mut AccessRecord,
+    ) -> Option<Vec<u8>> {
+        let rewritten = form::rewrite(raw, pairs, &self.fields, |plain, out| {
+            self.cipher.encrypt_hex_into(plain, out)
+        })?;
+        self.metrics.fields_encrypted(rewritten.count);
+        for name in rewritten.fields {
+            if !log.encrypted_fields.contains(&name) {
+                log.encrypted_fields.push(name);
+            }
+        }
+        Some(rewritten.bytes)
+    }
+
+    fn upstream_request(
+        &self,
+        parts: Parts,
+        path_and_query: &str,
+        body: Bytes,
+        signature: &str,
+        peer: SocketAddr,
+        origin: &Origin,
+    ) -> Result<Request<Full<Bytes>>, Rejection> {
+        let uri = self
+            .upstream
+            .uri_for(path_and_query)
+            .map_err(|_| Rejection::Upstream(upstream::UpstreamError::Failed))?;
+        let mut headers = parts.headers;
+        upstream::strip_hop_by_hop(&mut headers);
+        headers.remove(signature::SETTINGS_HEADER);
+        headers.insert(
+            signature::SIGNATURE_HEADER,
+            HeaderValue::try_from(signature).expect("base64 is a valid header value"),
+        );
+        if !body.is_empty() || headers.contains_key(header::CONTENT_LENGTH) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        if !headers.contains_key(header::HOST) {
+            // HTTP/2 carries the host in :authority; the app gets it as Host.
+            if let Ok(v) = HeaderValue::try_from(origin.host.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+        let keep_chain = matches!(self.origin, OriginRule::Forwarded);
+        upstream::set_forwarded(&mut headers, peer, &origin.scheme, &origin.host, keep_chain);
+
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        Ok(request)
+    }
+
+    fn count_rejection(&self, rejection: &Rejection, log: &mut AccessRecord) {
+        log.reason = Some(rejection.reason());
+        match rejection {
+            Rejection::Signature(e) => self.metrics.signature_failure(e.reason()),
+            Rejection::Upstream(e) => self.metrics.upstream_error(e.kind()),
+            Rejection::Deadline => self.metrics.upstream_error("deadline"),
+            Rejection::MalformedForm(_)
+            | Rejection::BodyTooLarge
+            | Rejection::BodyRead
+            | Rejection::UnsupportedMediaType
+            | Rejection::MethodNotAllowed
+            | Rejection::MissingHost
+            | Rejection::AbsoluteTarget
+            | Rejection::BadForwardedHeaders => {}
+        }
+    }
+}
+
+/// The origin (`scheme://host[:port]`) a request was signed for.
+struct Origin {
+    origin: String,
+    scheme: String,
+    host: String,
+}
+
+impl Origin {
+    fn new(scheme: &str, host: String) -> Self {
+        let scheme = scheme.to_ascii_lowercase();
+        Origin {
+            origin: format!("{scheme}://{host}"),
+            scheme,
+            host,
+        }
+    }
+}
+
+/// How the request body is covered by the signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SignedContent {
+    /// `application/x-www-form-urlencoded`: parameters are signed.
+    Form,
+    /// The URL carries `bodySHA256`: the body is covered by its hash.
+    BodyHash,
+    /// No body (GET webhooks: everything is in the signed URL).
+    None,
+}
+
+impl SignedContent {
+    /// A body ivrguard cannot inspect for sensitive fields is refused (415)
+    /// rather than forwarded with plaintext in it.
+    fn classify(parts: &Parts, body: &[u8]) -> Result<Self, Rejection> {
+        let has_body_hash = parts.uri.query().is_some_and(|q| q.contains("bodySHA256="));
+        if has_body_hash {
+            return Ok(SignedContent::BodyHash);
+        }
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.as_bytes());
+        let is_form = content_type.is_some_and(|ct| {
+            let essence = ct.split(|b| *b == b';').next().unwrap_or_default();
+            essence
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+        });
+        match (is_form, body.is_empty()) {
+            (true, _) => Ok(SignedContent::Form),
+            (false, true) => Ok(SignedContent::None),
+            (false, false) => Err(Rejection::UnsupportedMediaType),
+        }
+    }
+}
+
+/// Twilio sends GET and POST; nothing else is a webhook. HTTP/1 requests in
+/// absolute form (`POST http://host/…`) are refused: their target and `Host`
+/// could disagree about which URL was signed.
+fn check_head(parts: &Parts) -> Result<(), Rejection> {
+    if parts.method != Method::GET && parts.method != Method::POST {
+        return Err(Rejection::MethodNotAllowed);
+    }
+    if parts.version <= http::Version::HTTP_11 && parts.uri.scheme().is_some() {
+        return Err(Rejection::AbsoluteTarget);
+    }
+    Ok(())
+}
+
+/// Reads the whole body, refusing more than `limit` bytes — at once when
+/// `Content-Length` already says so.
+async fn read_body(body: Incoming, parts: &Parts, limit: usize) -> Result<Bytes, Rejection> {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Rejection::BodyTooLarge);
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::BodyTooLarge),
+        Err(_) => Err(Rejection::BodyRead),
+    }
+}
+
+/// The `Host` (HTTP/1.1) or `:authority` (HTTP/2) of the request.
+fn request_host(parts: &Parts) -> Result<String, Rejection> {
+    if let Some(host) = single_header(parts, "host")? {
+        return Ok(host.to_owned());
+    }
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .ok_or(Rejection::MissingHost)
+}
+
+/// A header that must appear at most once, as visible ASCII.
+fn single_header<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, Rejection> {
+    let mut values = parts.headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(if name == "host" {
+            Rejection::MissingHost
+        } else {
+            Rejection::BadForwardedHeaders
+        });
+    }
+    let text = first
+        .to_str()
+        .map_err(|_| Rejection::BadForwardedHeaders)?
+        .trim();
+    if text.is_empty()
+        || text.contains(|c: char| c == ',' || c.is_whitespace() || c == '/' || c == '@')
+    {
+        return Err(if name == "host" {
+            Rejection::MissingHost
+        } else {
+            Rejection::BadForwardedHeaders
+        });
+    }
+    Ok(Some(text))
+}
+
+/// Decoded `(name, value)` pairs as the signature module takes them.
+fn as_params<'p>(pairs: &'p [FormPair<'_>]) -> Vec<(&'p str, &'p str)> {
+    pairs
+        .iter()
+        .map(|p| (p.name.as_ref(), p.value.as_ref()))
+        .collect()
+}
+
+fn find<'p>(pairs: &'p [FormPair<'_>], name: &str) -> Option<&'p str> {
+    pairs
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| p.value.as_ref())
+}

@@ -1,0 +1,93 @@
+//! `Rejection`: every way a request can fail, mapped to HTTP in one place.
+//!
+//! Each variant has a public answer (status and a short body that reveals
+//! nothing) and a log reason (a fixed snake_case label). The `match`es below
+//! have no `_` arm, so a new variant cannot be added without deciding both.
+//! No variant carries request bytes, so neither side can leak them.
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+
+use crate::body::{self, ProxyBody};
+use crate::form::FormError;
+use crate::signature::SignatureError;
+use crate::upstream::{Fallback, UpstreamError};
+
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    #[error("signature verification failed: {0}")]
+    Signature(SignatureError),
+    #[error("malformed form encoding: {0}")]
+    MalformedForm(FormError),
+    #[error("request body larger than the configured limit")]
+    BodyTooLarge,
+    #[error("request body could not be read")]
+    BodyRead,
+    #[error("content type cannot be inspected for sensitive fields")]
+    UnsupportedMediaType,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request has no usable Host")]
+    MissingHost,
+    #[error("absolute-form request target")]
+    AbsoluteTarget,
+    #[error("forwarded headers are trusted but missing or ambiguous")]
+    BadForwardedHeaders,
+    #[error("request did not complete within the request deadline")]
+    Deadline,
+    #[error("upstream failed: {0}")]
+    Upstream(UpstreamError),
+}
+
+impl Rejection {
+    /// The fixed label written to the access log and used as a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::Signature(e) => e.reason(),
+            Rejection::MalformedForm(_) => "malformed_form",
+            Rejection::BodyTooLarge => "body_too_large",
+            Rejection::BodyRead => "body_read_error",
+            Rejection::UnsupportedMediaType => "unsupported_media_type",
+            Rejection::MethodNotAllowed => "method_not_allowed",
+            Rejection::MissingHost => "missing_host",
+            Rejection::AbsoluteTarget => "absolute_target",
+            Rejection::BadForwardedHeaders => "bad_forwarded_headers",
+            Rejection::Deadline => "deadline",
+            Rejection::Upstream(e) => e.reason(),
+        }
+    }
+
+    /// The answer the client gets.
+    pub fn into_response(self, fallback: &Fallback) -> Response<ProxyBody> {
+        let (status, text) = match self {
+            Rejection::Signature(_) => (StatusCode::FORBIDDEN, "Forbidden\n"),
+            Rejection::MalformedForm(_) => (StatusCode::BAD_REQUEST, "Bad Request\n"),
+            Rejection::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large\n"),
+            Rejection::BodyRead => (StatusCode::BAD_REQUEST, "Bad Request\n"),
+            Rejection::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Unsupported Media Type\n",
+            ),
+            Rejection::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"),
+            Rejection::MissingHost => (StatusCode::BAD_REQUEST, "Bad Request\n"),
+            Rejection::AbsoluteTarget => (StatusCode::BAD_REQUEST, "Bad Request\n"),
+            Rejection::BadForwardedHeaders => (StatusCode::BAD_REQUEST, "Bad Request\n"),
+            // The deadline and upstream failures are the caller's problem only
+            // in that they hear the fallback; Twilio gets an answer in time.
+            Rejection::Deadline => return fallback.response(UpstreamError::Timeout),
+            Rejection::Upstream(e) => return fallback.response(e),
+        };
+        plain(status, text)
+    }
+}
+
+/// A short `text/plain` response.
+pub fn plain(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(body::full(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,162 @@
+//! Listeners and connection lifecycle: accept under a connection limit,
+//! serve HTTP/1.1 (and HTTP/2 cleartext) with header-read timeouts, catch
+//! panics at the service boundary, drain on SIGTERM/SIGINT.
+//!
+//! hyper's `header_read_timeout` does nothing without a timer, so both
+//! protocol builders get `TokioTimer`. For HTTP/1 the same timeout also ends
+//! idle keep-alive connections: it restarts whenever hyper waits for the next
+//! request head.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::body::ProxyBody;
+use crate::config::ServerSettings;
+use crate::pipeline::Proxy;
+
+/// Shared readiness: true once listening, false as soon as draining starts.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The HTTP connection builder with ivrguard's limits.
+fn builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_headers(100)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(settings.header_read_timeout))
+        .keep_alive_timeout(settings.header_read_timeout)
+        .max_concurrent_streams(256);
+    builder
+}
+
+/// Serves `proxy` on `listener` until `shutdown` resolves, then stops
+/// accepting and waits up to `drain_timeout` for in-flight requests.
+/// Returns false if the drain timed out.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    settings: &ServerSettings,
+    readiness: Arc<Readiness>,
+    shutdown: impl Future<Output = ()>,
+) -> bool {
+    let builder = Arc::new(builder(settings));
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    tokio::pin!(shutdown);
+    readiness.set(true);
+    loop {
+        // Back-pressure: past max_connections, stop accepting until one ends
+        // (the kernel backlog holds new ones) instead of collapsing.
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    // e.g. EMFILE: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(guarded(&proxy, request, peer).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // Client resets and timeouts end here; they are not our errors.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    readiness.set(false);
+    drop(listener);
+    tracing::info!(in_flight_connections = graceful.count(), "draining");
+    tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
+        .await
+        .is_ok()
+}
+
+/// Runs the pipeline; a panic becomes a 500 and a metric, never a crash.
+/// The panic hook installed in `main` prints no payload, so no request data
+/// reaches stderr either.
+async fn guarded(
+    proxy: &Proxy,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    match AssertUnwindSafe(proxy.handle(request, peer))
+        .catch_unwind()
+        .await
+    {
+        Ok(response) => response,
+        Err(_) => {
+            proxy.metrics().panic();
+            tracing::error!(reason = "panic", "request handler panicked; answered 500");
+            crate::rejection::plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n")
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

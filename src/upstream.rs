@@ -1,0 +1,241 @@
+//! The application behind ivrguard: a pooled HTTP/1.1 client, its timeouts,
+//! and what the caller hears when the application fails.
+//!
+//! Pool settings answer two hyper-util traps (notes/perf-reliability §0.5):
+//! there is no connect timeout unless set, and the default 90 s pool idle
+//! time outlives a Node app's 5 s keep-alive, so a reused connection can be
+//! closed under us. The idle time here defaults to 4 s.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{self, ProxyBody};
+use crate::config::{OnUpstreamError, UpstreamSettings};
+
+/// How the upstream failed. Fixed labels; no upstream bytes.
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    #[error("could not connect")]
+    Connect,
+    #[error("no response within the upstream timeout")]
+    Timeout,
+    #[error("connection failed before a response")]
+    Failed,
+}
+
+impl UpstreamError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect => "upstream_connect_error",
+            UpstreamError::Timeout => "upstream_timeout",
+            UpstreamError::Failed => "upstream_error",
+        }
+    }
+
+    /// The metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect => "connect",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Failed => "failed",
+        }
+    }
+}
+
+/// What the caller gets when the upstream fails.
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    on_error: OnUpstreamError,
+    twiml: Bytes,
+}
+
+impl Fallback {
+    pub fn new(on_error: OnUpstreamError, twiml: &str) -> Self {
+        Fallback {
+            on_error,
+            twiml: Bytes::copy_from_slice(twiml.as_bytes()),
+        }
+    }
+
+    /// 200 `text/xml` TwiML, or 502/504, per `upstream.on_error`.
+    pub fn response(&self, error: UpstreamError) -> Response<ProxyBody> {
+        match self.on_error {
+            OnUpstreamError::Twiml => {
+                let mut response = Response::new(body::full(self.twiml.clone()));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/xml; charset=utf-8"),
+                );
+                response
+            }
+            OnUpstreamError::Status => {
+                let status = match error {
+                    UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                    UpstreamError::Connect | UpstreamError::Failed => StatusCode::BAD_GATEWAY,
+                };
+                let text = match error {
+                    UpstreamError::Timeout => "Gateway Timeout\n",
+                    UpstreamError::Connect | UpstreamError::Failed => "Bad Gateway\n",
+                };
+                crate::rejection::plain(status, text)
+            }
+        }
+    }
+}
+
+/// The pooled client and where it sends requests.
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+impl Upstream {
+    pub fn new(settings: &UpstreamSettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .retry_canceled_requests(true)
+            .build(connector);
+        Upstream {
+            client,
+            base: format!("{}{}", settings.scheme_authority, settings.path_prefix),
+            timeout: settings.timeout,
+        }
+    }
+
+    /// The absolute upstream URI for a request's path and query.
+    pub fn uri_for(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
+        let mut s = String::with_capacity(self.base.len() + path_and_query.len());
+        s.push_str(&self.base);
+        s.push_str(path_and_query);
+        Ok(http::Uri::try_from(s)?)
+    }
+
+    /// Sends `request` and waits for the response head within the timeout.
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Err(_) => Err(UpstreamError::Timeout),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect),
+            Ok(Err(_)) => Err(UpstreamError::Failed),
+        }
+    }
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including any named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host` for the application.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    proto: &str,
+    host: &str,
+    keep_chain: bool,
+) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let peer_ip = peer.ip().to_string();
+    let chain = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prior) if keep_chain => format!("{prior}, {peer_ip}"),
+        _ => peer_ip,
+    };
+    if let Ok(v) = HeaderValue::try_from(chain) {
+        headers.insert(xff, v);
+    }
+    if let Ok(v) = HeaderValue::try_from(proto) {
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), v);
+    }
+    if let Ok(v) = HeaderValue::try_from(host) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-twilio-signature", HeaderValue::from_static("abc"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-twilio-signature"));
+    }
+
+    #[test]
+    fn forwarded_for_chain_only_when_trusted() {
+        let peer: SocketAddr = "10.0.0.7:5555".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        set_forwarded(&mut h, peer, "https", "ivr.example.com", false);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "ivr.example.com");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        set_forwarded(&mut h, peer, "https", "ivr.example.com", true);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.7");
+    }
+}
