@@ -80,6 +80,15 @@ impl AccessRecord {
         }
     }
 
+    /// Adds encrypted field names, each listed once.
+    pub fn add_encrypted(&mut self, names: Vec<String>) {
+        for name in names {
+            if !self.encrypted_fields.contains(&name) {
+                self.encrypted_fields.push(name);
+            }
+        }
+    }
+
     /// Writes the line.
     pub fn emit(&self, status: u16, latency: Duration) {
         let fields = self.encrypted_fields.join(",");

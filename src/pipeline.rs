@@ -29,6 +29,7 @@ use http::request::Parts;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::access_log::{AccessRecord, SignatureOutcome};
@@ -36,6 +37,7 @@ use crate::body::{self, ProxyBody};
 use crate::cipher::FieldCipher;
 use crate::config::Settings;
 use crate::form::{self, FieldSet, FormPair};
+use crate::json_body;
 use crate::metrics::Metrics;
 use crate::rejection::Rejection;
 use crate::signature::{self, Verifier};
@@ -182,15 +184,30 @@ impl Proxy {
             .uri
             .query()
             .and_then(|q| self.encrypt(q.as_bytes(), &mut query_pairs, log));
-        let new_body = self.encrypt(&body, &mut body_pairs, log);
-        let forwarded_body = new_body.map_or_else(|| body.clone(), Bytes::from);
-        let path_and_query = match new_query {
-            Some(q) => format!(
-                "{}?{}",
-                parts.uri.path(),
-                String::from_utf8(q).expect("rewritten query is ASCII")
-            ),
-            None => path_and_query.to_owned(),
+        let mut query = match new_query {
+            Some(q) => {
+                Some(String::from_utf8(q).expect("a str query with hex spliced in is UTF-8"))
+            }
+            None => parts.uri.query().map(str::to_owned),
+        };
+        let forwarded_body = match signed {
+            SignedContent::Form => self
+                .encrypt(&body, &mut body_pairs, log)
+                .map_or_else(|| body.clone(), Bytes::from),
+            SignedContent::BodyHash if !body.is_empty() => match self.encrypt_json(&body, log)? {
+                Some(json) => {
+                    // The app checks `bodySHA256` against what it receives.
+                    let hash = hex::encode(Sha256::digest(&json));
+                    query = query.map(|q| with_body_hash(&q, &hash));
+                    Bytes::from(json)
+                }
+                None => body.clone(),
+            },
+            SignedContent::BodyHash | SignedContent::None => body.clone(),
+        };
+        let path_and_query = match &query {
+            Some(q) => format!("{}?{}", parts.uri.path(), q),
+            None => parts.uri.path().to_owned(),
         };
 
         // 4. re-sign
@@ -274,12 +291,25 @@ impl Proxy {
             self.cipher.encrypt_hex_into(plain, out)
         })?;
         self.metrics.fields_encrypted(rewritten.count);
-        for name in rewritten.fields {
-            if !log.encrypted_fields.contains(&name) {
-                log.encrypted_fields.push(name);
-            }
-        }
+        log.add_encrypted(rewritten.fields);
         Some(rewritten.bytes)
+    }
+
+    /// Encrypts configured fields inside a `bodySHA256`-signed JSON body. A
+    /// body that is not JSON cannot be inspected, so it is refused (415).
+    fn encrypt_json(
+        &self,
+        body: &[u8],
+        log: &mut AccessRecord,
+    ) -> Result<Option<Vec<u8>>, Rejection> {
+        let rewritten =
+            json_body::rewrite(body, &self.fields, |plain| self.cipher.encrypt_hex(plain))
+                .map_err(|_| Rejection::UnsupportedMediaType)?;
+        Ok(rewritten.map(|rw| {
+            self.metrics.fields_encrypted(rw.count);
+            log.add_encrypted(rw.fields);
+            rw.bytes
+        }))
     }
 
     fn upstream_request(
@@ -372,7 +402,11 @@ impl SignedContent {
     /// A body ivrguard cannot inspect for sensitive fields is refused (415)
     /// rather than forwarded with plaintext in it.
     fn classify(parts: &Parts, body: &[u8]) -> Result<Self, Rejection> {
-        let has_body_hash = parts.uri.query().is_some_and(|q| q.contains("bodySHA256="));
+        // A duplicated `bodySHA256` also lands here; `verify` refuses it.
+        let has_body_hash = !matches!(
+            signature::body_sha256_param(parts.uri.query().unwrap_or("")),
+            Ok(None)
+        );
         if has_body_hash {
             return Ok(SignedContent::BodyHash);
         }
@@ -472,6 +506,20 @@ fn as_params<'p>(pairs: &'p [FormPair<'_>]) -> Vec<(&'p str, &'p str)> {
         .iter()
         .map(|p| (p.name.as_ref(), p.value.as_ref()))
         .collect()
+}
+
+/// `query` with the value of `bodySHA256` replaced by `hash`.
+fn with_body_hash(query: &str, hash: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((signature::BODY_SHA256_PARAM, _)) => {
+                format!("{}={hash}", signature::BODY_SHA256_PARAM)
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 fn find<'p>(pairs: &'p [FormPair<'_>], name: &str) -> Option<&'p str> {

@@ -1,0 +1,143 @@
+//! Encrypting sensitive fields inside JSON webhook bodies (the `bodySHA256`
+//! scheme).
+//!
+//! A JSON body is forwarded byte for byte unless it contains a configured
+//! field name as an object key, at any depth, with a string or number value.
+//! Then each such value becomes its ciphertext (a JSON string), the body is
+//! re-serialised (key order kept, whitespace compacted), and the pipeline
+//! replaces `bodySHA256` in the query with the new body's hash before
+//! re-signing, so an app using `validateRequestWithBody` still accepts it.
+
+use serde_json::Value;
+
+use crate::form::FieldSet;
+
+/// The body is not JSON, so it cannot be inspected.
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+#[error("body is not valid JSON")]
+pub struct NotJson;
+
+/// A rewritten JSON body.
+#[derive(Debug)]
+pub struct Rewritten {
+    pub bytes: Vec<u8>,
+    /// Distinct field names encrypted, in order of first appearance.
+    pub fields: Vec<String>,
+    /// Number of values encrypted.
+    pub count: usize,
+}
+
+/// Maximum nesting ivrguard walks; deeper bodies are refused as not
+/// inspectable rather than risking the stack (serde_json itself stops at 128).
+const MAX_DEPTH: usize = 64;
+
+/// Encrypts configured fields; `Ok(None)` when there are none.
+pub fn rewrite(
+    body: &[u8],
+    fields: &FieldSet,
+    mut encrypt: impl FnMut(&[u8]) -> String,
+) -> Result<Option<Rewritten>, NotJson> {
+    let mut value: Value = serde_json::from_slice(body).map_err(|_| NotJson)?;
+    let mut out = Rewritten {
+        bytes: Vec::new(),
+        fields: Vec::new(),
+        count: 0,
+    };
+    walk(&mut value, fields, &mut encrypt, &mut out, 0)?;
+    if out.count == 0 {
+        return Ok(None);
+    }
+    out.bytes = serde_json::to_vec(&value).map_err(|_| NotJson)?;
+    Ok(Some(out))
+}
+
+fn walk(
+    value: &mut Value,
+    fields: &FieldSet,
+    encrypt: &mut impl FnMut(&[u8]) -> String,
+    out: &mut Rewritten,
+    depth: usize,
+) -> Result<(), NotJson> {
+    if depth > MAX_DEPTH {
+        return Err(NotJson);
+    }
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                let plain = match v {
+                    Value::String(s) if fields.contains(key) => {
+                        Some(std::mem::take(s).into_bytes())
+                    }
+                    Value::Number(n) if fields.contains(key) => Some(n.to_string().into_bytes()),
+                    _ => None,
+                };
+                match plain {
+                    Some(plain) => {
+                        *v = Value::String(encrypt(&plain));
+                        out.count += 1;
+                        if !out.fields.iter().any(|f| f == key) {
+                            out.fields.push(key.clone());
+                        }
+                    }
+                    None => walk(v, fields, encrypt, out, depth + 1)?,
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                walk(item, fields, encrypt, out, depth + 1)?;
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields() -> FieldSet {
+        FieldSet::new(["Digits", "SpeechResult"])
+    }
+
+    fn fake(plain: &[u8]) -> String {
+        format!("enc({})", String::from_utf8_lossy(plain))
+    }
+
+    #[test]
+    fn leaves_bodies_without_sensitive_keys_alone() {
+        assert!(rewrite(
+            br#"{"CallSid":"CA1","nested":{"x":[1,2]}}"#,
+            &fields(),
+            fake
+        )
+        .unwrap()
+        .is_none());
+    }
+
+    #[test]
+    fn encrypts_sensitive_keys_at_any_depth_and_keeps_key_order() {
+        let body = br#"{"z":1,"Digits":"1234","a":{"SpeechResult":"hello","k":[{"Digits":5678}]}}"#;
+        let out = rewrite(body, &fields(), fake).unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(out.bytes).unwrap(),
+            r#"{"z":1,"Digits":"enc(1234)","a":{"SpeechResult":"enc(hello)","k":[{"Digits":"enc(5678)"}]}}"#
+        );
+        assert_eq!(out.fields, ["Digits", "SpeechResult"]);
+        assert_eq!(out.count, 3);
+    }
+
+    #[test]
+    fn refuses_non_json_and_too_deep_bodies() {
+        assert_eq!(
+            rewrite(b"Digits=1234", &fields(), fake).unwrap_err(),
+            NotJson
+        );
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(
+            rewrite(deep.as_bytes(), &fields(), fake).unwrap_err(),
+            NotJson
+        );
+    }
+}
