@@ -46,7 +46,7 @@ const SIGNATURE_HEADER_NAME: HeaderName = HeaderName::from_static(SIGNATURE_HEAD
 const SETTINGS_HEADER_NAME: HeaderName = HeaderName::from_static(SETTINGS_HEADER);
 
 /// The query parameter Twilio adds to JSON webhooks ([SEC] "A few notes").
-const BODY_SHA256_PARAM: &str = "bodySHA256";
+pub const BODY_SHA256_PARAM: &str = "bodySHA256";
 
 /// Twilio's signing algorithms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
