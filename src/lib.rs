@@ -5,5 +5,6 @@
 //! do no I/O and are tested exhaustively on their own.
 
 pub mod cipher;
+pub mod config;
 pub mod secret;
 pub mod signature;

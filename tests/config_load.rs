@@ -1,0 +1,163 @@
+//! The shipped `config/ivrguard.toml` loads, documents every key, shows the
+//! real defaults, and its commented-out optional blocks are valid.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ivrguard::config::{LogFormat, OnUpstreamError, SecretSource, Settings};
+
+const KEY_HEX: &str = "a154eb4c759711bc2538a7cc021e9e9f17dd8aa63151c62ca28a82a4a404203d";
+const TOKEN: &str = "CANARY-primary-token";
+
+fn example_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ivrguard.toml")
+}
+
+fn example_text() -> String {
+    std::fs::read_to_string(example_path()).unwrap()
+}
+
+fn env(extra: &[(&str, &str)]) -> HashMap<String, String> {
+    [("TWILIO_AUTH_TOKEN", TOKEN), ("IVRGUARD_KEY", KEY_HEX)]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn load_text(toml: &str, env: &HashMap<String, String>) -> Settings {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(toml.as_bytes()).unwrap();
+    Settings::load(f.path(), env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn shipped_example_loads_with_its_variables_set() {
+    let s = Settings::load(&example_path(), &env(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.server.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(
+        s.server.admin_listen,
+        Some("127.0.0.1:9901".parse().unwrap())
+    );
+    assert_eq!(s.upstream.scheme_authority, "http://127.0.0.1:3000");
+    assert_eq!(s.upstream.on_error, OnUpstreamError::Twiml);
+    assert_eq!(s.twilio.auth_token.expose(), TOKEN.as_bytes());
+    assert_eq!(
+        s.twilio.public_url.as_ref().unwrap().origin,
+        "https://ivr.example.com"
+    );
+    assert_eq!(s.encryption.key.to_hex().as_str(), KEY_HEX);
+    assert_eq!(s.log.format, LogFormat::Json);
+}
+
+#[test]
+fn shipped_example_refuses_to_start_without_its_variables() {
+    let mut e = env(&[]);
+    e.remove("IVRGUARD_KEY");
+    let err = Settings::load(&example_path(), &e).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "encryption.key_env: environment variable IVRGUARD_KEY is not set"
+    );
+}
+
+#[test]
+fn shipped_example_optional_blocks_are_valid_when_uncommented() {
+    let text = example_text()
+        .replace(
+            "#   secondary_auth_token_env = ",
+            "secondary_auth_token_env = ",
+        )
+        .replace("#   [[twilio.shared_keys]]", "[[twilio.shared_keys]]")
+        .replace("#   id = ", "id = ")
+        .replace("#   secret_env = ", "secret_env = ");
+    // [[twilio.shared_keys]] is the last thing in [twilio], so uncommented
+    // it is still valid TOML.
+    let e = env(&[
+        ("TWILIO_AUTH_TOKEN_SECONDARY", "CANARY-second"),
+        ("TWILIO_WEBHOOK_KEY_1", "CANARY-shared"),
+    ]);
+    let s = load_text(&text, &e);
+    assert_eq!(
+        s.twilio.secondary_auth_token_source,
+        Some(SecretSource::Env("TWILIO_AUTH_TOKEN_SECONDARY".into()))
+    );
+    assert_eq!(s.twilio.shared_keys.len(), 1);
+    assert_eq!(s.twilio.shared_keys[0].0, "webhooks_sharedkey_1");
+    assert_eq!(s.twilio.shared_keys[0].1.expose(), b"CANARY-shared");
+}
+
+#[test]
+fn shipped_example_shows_the_real_defaults() {
+    // Only the required keys: everything else falls back to the defaults.
+    let minimal = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n\
+                   [twilio]\nauth_token_env = \"TWILIO_AUTH_TOKEN\"\n\
+                   [encryption]\nkey_env = \"IVRGUARD_KEY\"\n";
+    let defaults = load_text(minimal, &env(&[])).describe();
+    let example = Settings::load(&example_path(), &env(&[]))
+        .unwrap()
+        .describe();
+    let lines = |text: &str| -> BTreeSet<String> { text.lines().map(str::to_string).collect() };
+    let differing: BTreeSet<String> = lines(&defaults)
+        .symmetric_difference(&lines(&example))
+        .cloned()
+        .collect();
+    // The example switches on the two optional keys; nothing else differs.
+    for line in &differing {
+        assert!(
+            line.starts_with("admin_listen")
+                || line.starts_with("# admin_listen")
+                || line.starts_with("public_url")
+                || line.starts_with("# public_url"),
+            "example and defaults differ on: {line}"
+        );
+    }
+    assert_eq!(differing.len(), 4, "{differing:?}");
+}
+
+#[test]
+fn shipped_example_mentions_every_key() {
+    let text = example_text();
+    let keys = [
+        "listen",
+        "admin_listen",
+        "trust_forwarded_headers",
+        "max_body_bytes",
+        "header_read_timeout_ms",
+        "request_timeout_ms",
+        "drain_timeout_ms",
+        "max_connections",
+        "keep_alive_timeout_ms",
+        "url",
+        "connect_timeout_ms",
+        "timeout_ms",
+        "pool_idle_timeout_ms",
+        "pool_max_idle_per_host",
+        "on_error",
+        "fallback_twiml",
+        "auth_token_env",
+        "auth_token_file",
+        "secondary_auth_token_env",
+        "secondary_auth_token_file",
+        "public_url",
+        "[[twilio.shared_keys]]",
+        "id",
+        "secret_env",
+        "secret_file",
+        "key_env",
+        "key_file",
+        "fields",
+        "format",
+        "level",
+        "scrub_patterns",
+        "scrub_card_numbers",
+    ];
+    for key in keys {
+        let written = text.lines().any(|line| {
+            let line = line.trim_start_matches(['#', ' ']);
+            line == key || line.starts_with(&format!("{key} = "))
+        });
+        assert!(written, "config/ivrguard.toml does not show {key}");
+    }
+}
