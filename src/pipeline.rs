@@ -268,16 +268,20 @@ impl Proxy {
         body_pairs: &[FormPair<'_>],
         signed: SignedContent,
     ) -> Result<signature::KeyUsed, signature::SignatureError> {
-        // `bodySHA256` is checked whenever present, whatever the content type.
-        if let Some(expected) = signature::body_sha256_param(parts.uri.query().unwrap_or(""))? {
-            if !signature::body_hash_matches(body, expected) {
-                return Err(signature::SignatureError::BodyHashMismatch);
-            }
-        }
+        // `bodySHA256` is checked whenever present, whatever the content
+        // type: after the signature over the URL that carries it.
+        let body_hash = signature::body_sha256_param(parts.uri.query().unwrap_or(""))?;
         // Only form bodies contribute parameters; otherwise `body_pairs` is empty.
         debug_assert!(signed == SignedContent::Form || body_pairs.is_empty());
-        self.verifier
-            .verify(url, &as_params(body_pairs), &parts.headers)
+        let key = self
+            .verifier
+            .verify(url, &as_params(body_pairs), &parts.headers)?;
+        match body_hash {
+            Some(expected) if !signature::body_hash_matches(body, expected) => {
+                Err(signature::SignatureError::BodyHashMismatch)
+            }
+            _ => Ok(key),
+        }
     }
 
     /// Encrypts configured fields of one urlencoded string; `None` if none.
