@@ -88,7 +88,6 @@ const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
 const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 14_000;
 const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_MAX_CONNECTIONS: u64 = 4_096;
-const DEFAULT_KEEP_ALIVE_TIMEOUT_MS: u64 = 60_000;
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 10_000;
 /// Below Node's 5 s `keepAliveTimeout`, so the pool never reuses a
@@ -142,7 +141,6 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_connections: usize,
-    pub keep_alive_timeout: Duration,
 }
 
 /// `[upstream]`: the application behind ivrguard.
@@ -339,10 +337,6 @@ impl Settings {
             s.drain_timeout.as_millis()
         ));
         out.push(format!("max_connections = {}", s.max_connections));
-        out.push(format!(
-            "keep_alive_timeout_ms = {}",
-            s.keep_alive_timeout.as_millis()
-        ));
 
         let u = &self.upstream;
         out.push(String::new());
@@ -651,7 +645,6 @@ struct RawServer {
     request_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     max_connections: Option<u64>,
-    keep_alive_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -956,11 +949,6 @@ fn server_settings(raw: RawServer) -> Result<ServerSettings, ConfigError> {
             "server.max_connections",
             raw.max_connections,
             DEFAULT_MAX_CONNECTIONS,
-        )?,
-        keep_alive_timeout: millis(
-            "server.keep_alive_timeout_ms",
-            raw.keep_alive_timeout_ms,
-            DEFAULT_KEEP_ALIVE_TIMEOUT_MS,
         )?,
     })
 }
@@ -1468,7 +1456,6 @@ key_env = "IVRGUARD_KEY"
         assert_eq!(s.server.request_timeout, Duration::from_millis(14_000));
         assert_eq!(s.server.drain_timeout, Duration::from_millis(10_000));
         assert_eq!(s.server.max_connections, 4_096);
-        assert_eq!(s.server.keep_alive_timeout, Duration::from_millis(60_000));
         assert_eq!(s.upstream.scheme_authority, "http://127.0.0.1:3000");
         assert_eq!(s.upstream.authority.as_str(), "127.0.0.1:3000");
         assert_eq!(s.upstream.path_prefix, "");
@@ -1506,7 +1493,6 @@ header_read_timeout_ms = 1001
 request_timeout_ms = 9000
 drain_timeout_ms = 1002
 max_connections = 7
-keep_alive_timeout_ms = 1003
 
 [upstream]
 url = "http://app.internal:8000/legacy/"
@@ -1548,7 +1534,6 @@ scrub_card_numbers = false
         assert_eq!(s.server.request_timeout, Duration::from_millis(9000));
         assert_eq!(s.server.drain_timeout, Duration::from_millis(1002));
         assert_eq!(s.server.max_connections, 7);
-        assert_eq!(s.server.keep_alive_timeout, Duration::from_millis(1003));
         assert_eq!(s.upstream.scheme_authority, "http://app.internal:8000");
         assert_eq!(s.upstream.path_prefix, "/legacy");
         assert_eq!(s.upstream.connect_timeout, Duration::from_millis(1004));
@@ -2075,7 +2060,6 @@ scrub_card_numbers = false
         for (section, key) in [
             ("server", "header_read_timeout_ms"),
             ("server", "drain_timeout_ms"),
-            ("server", "keep_alive_timeout_ms"),
             ("upstream", "connect_timeout_ms"),
             ("upstream", "pool_idle_timeout_ms"),
             ("server", "max_connections"),

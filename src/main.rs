@@ -8,7 +8,7 @@ use clap::Parser;
 
 use ivrguard::cipher::{FieldCipher, FieldKey};
 use ivrguard::cli::{Cli, Command};
-use ivrguard::config::{self, Settings};
+use ivrguard::config::{self, SecretSource, Settings};
 use ivrguard::secret::Secret;
 use ivrguard::signature::Verifier;
 
@@ -54,19 +54,25 @@ fn load(cli: &Cli) -> Result<Settings, String> {
     Settings::load(&cli.config_path(), &config::process_env()).map_err(|e| e.to_string())
 }
 
-fn env_secret(var: &str) -> Result<Secret, String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Ok(Secret::from(v)),
-        Ok(_) => Err(format!("environment variable {var} is empty")),
-        Err(_) => Err(format!("environment variable {var} is not set")),
-    }
+/// Secrets named on the command line follow the config's rules (one
+/// trailing newline removed; empty or padded values refused; errors name the
+/// variable, never the value).
+fn env_secret(var: &str, flag: &str) -> Result<Secret, String> {
+    config::read_secret(
+        &SecretSource::Env(var.to_owned()),
+        flag,
+        &config::process_env(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn cipher_from_env(var: &str) -> Result<FieldCipher, String> {
-    let secret = env_secret(var)?;
-    let text = std::str::from_utf8(secret.expose())
-        .map_err(|_| format!("{var} must be 64 hex characters"))?;
-    let key = FieldKey::from_hex(text.trim()).map_err(|e| format!("{var} {e}"))?;
+    let key = config::read_key(
+        &SecretSource::Env(var.to_owned()),
+        "--key-env",
+        &config::process_env(),
+    )
+    .map_err(|e| e.to_string())?;
     Ok(FieldCipher::new(&key))
 }
 
@@ -83,7 +89,7 @@ fn lines(f: impl Fn(&str) -> Result<String, String>) -> Result<(), String> {
 }
 
 fn sign(token_env: &str, url: &str, params: &[String]) -> Result<(), String> {
-    let token = env_secret(token_env)?;
+    let token = env_secret(token_env, "--token-env")?;
     let pairs = params
         .iter()
         .map(|p| {

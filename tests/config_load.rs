@@ -128,7 +128,6 @@ fn shipped_example_mentions_every_key() {
         "request_timeout_ms",
         "drain_timeout_ms",
         "max_connections",
-        "keep_alive_timeout_ms",
         "url",
         "connect_timeout_ms",
         "timeout_ms",
