@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The one test command: ./tests/run.sh [extra `cargo test` arguments]
+#
+# On a machine with Rust (rustfmt, clippy), Python 3.11+ with pip, Node 20+
+# with npm, and a C compiler, it:
+#   1. creates tests/interop/.venv and installs tests/interop/requirements.txt
+#      (the pinned Twilio Python SDK and `cryptography`) into it;
+#   2. runs `npm ci` in tests/interop (the pinned Twilio Node SDK);
+#   3. runs cargo fmt --check, clippy -D warnings, every test target and the
+#      doc tests.
+# Installs are project-local and skipped when already up to date, so re-runs
+# are fast. Any failure stops the run with a non-zero exit.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+INTEROP="$ROOT/tests/interop"
+VENV="$INTEROP/.venv"
+PYTHON="${PYTHON:-python3}"
+START=$SECONDS
+
+phase() { printf '\n==> [%4ss] %s\n' "$((SECONDS - START))" "$*"; }
+die() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
+need() { command -v "$1" >/dev/null 2>&1 || die "'$1' not found on PATH: $2"; }
+
+# A fingerprint of the files an install step depends on, to skip it when
+# nothing changed since the last successful install.
+fingerprint() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
+
+cd "$ROOT"
+
+phase "checking tools"
+need cargo "install Rust from https://rustup.rs"
+need "$PYTHON" "install Python 3.11+ (or set PYTHON=/path/to/python3)"
+need node "install Node.js 20+"
+need npm "install npm (it ships with Node.js)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "Python 3.11+ needed, $("$PYTHON" --version 2>&1) found (set PYTHON=...)"
+node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' \
+  || die "Node.js 20+ needed (npm twilio 6.2.0 requires it), $(node --version) found"
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
+echo "cargo $(cargo --version | cut -d' ' -f2), $("$PYTHON" --version), node $(node --version), npm $(npm --version 2>/dev/null)"
+
+phase "Python interop environment (tests/interop/.venv)"
+PY_STAMP="$VENV/.installed-requirements"
+PY_WANT="$(fingerprint "$INTEROP/requirements.txt")"
+if [[ -x "$VENV/bin/python" && -f "$PY_STAMP" && "$(cat "$PY_STAMP")" == "$PY_WANT" ]] \
+  && "$VENV/bin/python" -c 'import twilio, cryptography' 2>/dev/null; then
+  echo "up to date, skipping pip install"
+else
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV" || die "could not create $VENV (on Debian/Ubuntu: apt-get install python3-venv)"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet --requirement "$INTEROP/requirements.txt" \
+    || die "pip install -r tests/interop/requirements.txt failed"
+  echo "$PY_WANT" >"$PY_STAMP"
+  "$VENV/bin/python" -m pip freeze --disable-pip-version-check | grep -Ei '^(twilio|cryptography)=='
+fi
+
+phase "Node interop environment (tests/interop/node_modules)"
+NODE_STAMP="$INTEROP/node_modules/.installed-lock"
+if [[ -f "$INTEROP/package-lock.json" ]]; then
+  NODE_WANT="$(fingerprint "$INTEROP/package.json" "$INTEROP/package-lock.json")"
+else
+  NODE_WANT="$(fingerprint "$INTEROP/package.json")"
+fi
+if [[ -f "$NODE_STAMP" && "$(cat "$NODE_STAMP")" == "$NODE_WANT" && -f "$INTEROP/node_modules/twilio/package.json" ]]; then
+  echo "up to date, skipping npm install"
+else
+  if [[ -f "$INTEROP/package-lock.json" ]]; then
+    (cd "$INTEROP" && npm ci --no-audit --no-fund) || die "npm ci in tests/interop failed"
+  else
+    (cd "$INTEROP" && npm install --no-audit --no-fund) || die "npm install in tests/interop failed"
+  fi
+  echo "$NODE_WANT" >"$NODE_STAMP"
+  echo "twilio $(cd "$INTEROP" && node -p 'require("twilio/package.json").version')"
+fi
+
+phase "cargo fmt --all -- --check"
+cargo fmt --all -- --check || die "formatting differs: run 'cargo fmt --all'"
+
+phase "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings || die "clippy found problems (see above)"
+
+phase "cargo test --all-targets $*"
+cargo test --all-targets "$@" || die "tests failed (see above)"
+
+phase "cargo test --doc"
+cargo test --doc || die "doc tests failed (see above)"
+
+phase "all checks passed in $((SECONDS - START))s"
