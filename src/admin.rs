@@ -14,12 +14,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::body::{self, ProxyBody};
-use crate::pipeline::Proxy;
+use crate::reload::SharedProxy;
 use crate::server::Readiness;
 
 /// What the admin endpoints read.
 pub struct AdminState {
-    pub proxy: Arc<Proxy>,
+    pub proxy: SharedProxy,
     pub readiness: Arc<Readiness>,
     pub dropped_log_lines: Box<dyn Fn() -> u64 + Send + Sync>,
 }
@@ -69,10 +69,10 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody>
             "not ready\n".into(),
         ),
         "/metrics" => {
-            let rendered = state.proxy.metrics().render(
-                state.proxy.cipher().encryptions(),
-                (state.dropped_log_lines)(),
-            );
+            let proxy = state.proxy.load();
+            let rendered = proxy
+                .metrics()
+                .render(proxy.cipher().encryptions(), (state.dropped_log_lines)());
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

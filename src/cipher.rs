@@ -70,6 +70,12 @@ impl FieldKey {
         FieldKey(key)
     }
 
+    /// Whether two keys are the same, compared in constant time.
+    pub fn same_as(&self, other: &FieldKey) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_ref().ct_eq(other.0.as_ref()).into()
+    }
+
     /// The key as 64 lowercase hex characters (for `keygen`).
     pub fn to_hex(&self) -> Zeroizing<String> {
         Zeroizing::new(hex::encode(self.0.as_ref()))

@@ -141,6 +141,9 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_connections: usize,
+    /// Re-read the config file and `*_file` secrets this often and reload
+    /// when they changed (Kubernetes Secret rotation). `None`: SIGHUP only.
+    pub reload_poll_interval: Option<Duration>,
 }
 
 /// `[upstream]`: the application behind ivrguard.
@@ -337,6 +340,10 @@ impl Settings {
             s.drain_timeout.as_millis()
         ));
         out.push(format!("max_connections = {}", s.max_connections));
+        out.push(format!(
+            "reload_poll_interval_ms = {}",
+            s.reload_poll_interval.map_or(0, |d| d.as_millis())
+        ));
 
         let u = &self.upstream;
         out.push(String::new());
@@ -645,6 +652,7 @@ struct RawServer {
     request_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     max_connections: Option<u64>,
+    reload_poll_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -950,6 +958,11 @@ fn server_settings(raw: RawServer) -> Result<ServerSettings, ConfigError> {
             raw.max_connections,
             DEFAULT_MAX_CONNECTIONS,
         )?,
+        // 0 (the default) turns polling off; SIGHUP always reloads.
+        reload_poll_interval: match raw.reload_poll_interval_ms.unwrap_or(0) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        },
     })
 }
 

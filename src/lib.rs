@@ -6,5 +6,6 @@
 
 pub mod cipher;
 pub mod config;
+pub mod form;
 pub mod secret;
 pub mod signature;

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     install_panic_hook();
     let cli = Cli::parse();
     let result = match cli.command.as_ref().unwrap_or(&Command::Run) {
-        Command::Run => load(&cli).and_then(|s| ivrguard::run::run(s)),
+        Command::Run => load(&cli).and_then(|s| ivrguard::run::run(&cli.config_path(), s)),
         Command::Check => load(&cli).map(|s| print!("{}", s.describe())),
         Command::Keygen => {
             println!("{}", FieldKey::generate().to_hex().as_str());

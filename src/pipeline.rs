@@ -108,8 +108,16 @@ impl Proxy {
         &self.cipher
     }
 
+    pub fn cipher_arc(&self) -> Arc<FieldCipher> {
+        self.cipher.clone()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    pub fn metrics_arc(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The whole request path. Never fails: every outcome is a response.

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -13,15 +14,16 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
-use crate::cipher::FieldCipher;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::pipeline::Proxy;
+use crate::reload::{self, Reloader, SharedProxy};
 use crate::server::{self, Readiness};
 
 /// A running proxy (and admin listener, if configured).
 pub struct Started {
     pub addr: SocketAddr,
+    /// The proxy in use; [`crate::reload::Reloader`] swaps it.
+    pub proxy: SharedProxy,
     pub admin_addr: Option<SocketAddr>,
     pub readiness: Arc<Readiness>,
     stop: Option<oneshot::Sender<()>>,
@@ -55,9 +57,7 @@ pub async fn start(
     dropped_log_lines: Box<dyn Fn() -> u64 + Send + Sync>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Started, String> {
-    let cipher = Arc::new(FieldCipher::new(&settings.encryption.key));
-    let metrics = Arc::new(Metrics::new());
-    let proxy = Arc::new(Proxy::new(settings, cipher, metrics));
+    let proxy = reload::initial(settings, Arc::new(Metrics::new()));
     let readiness = Arc::new(Readiness::default());
 
     let listener = TcpListener::bind(settings.server.listen)
@@ -96,6 +96,7 @@ pub async fn start(
     let (stop, stopped) = oneshot::channel::<()>();
     let server_settings = settings.server.clone();
     let ready = readiness.clone();
+    let shared = proxy.clone();
     let served = tokio::spawn(async move {
         let either = async move {
             tokio::select! {
@@ -109,6 +110,7 @@ pub async fn start(
     tracing::info!(listen = %addr, admin_listen = %admin_text, "ivrguard listening");
     Ok(Started {
         addr,
+        proxy: shared,
         admin_addr,
         readiness,
         stop: Some(stop),
@@ -117,8 +119,9 @@ pub async fn start(
     })
 }
 
-/// `ivrguard run`: the production entry point.
-pub fn run(settings: Settings) -> Result<(), String> {
+/// `ivrguard run`: the production entry point. `path` is where `settings`
+/// came from; SIGHUP (and the optional poll) reload from it.
+pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
     let log = Arc::new(crate::logging::init(&settings.log));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -129,8 +132,20 @@ pub fn run(settings: Settings) -> Result<(), String> {
         Box::new(move || log.dropped_lines() as u64)
     };
     let drained = runtime.block_on(async {
-        let started = start(&settings, dropped, server::shutdown_signal()).await?;
+        let shutdown = async {
+            server::shutdown_signal().await;
+            tracing::info!("shutdown signal received; draining (a second signal exits at once)");
+            tokio::spawn(async {
+                server::shutdown_signal().await;
+                tracing::warn!("second shutdown signal; exiting without draining");
+                std::process::exit(1);
+            });
+        };
+        let started = start(&settings, dropped, shutdown).await?;
+        let reloader = Reloader::new(path, started.proxy.clone(), settings.clone());
+        let watcher = tokio::spawn(reloader.watch(settings.server.reload_poll_interval));
         let drained = started.wait().await;
+        watcher.abort();
         Ok::<bool, String>(drained)
     })?;
     if drained {

@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use crate::body::ProxyBody;
 use crate::config::ServerSettings;
 use crate::pipeline::Proxy;
+use crate::reload::SharedProxy;
 
 /// Shared readiness: true once listening, false as soon as draining starts.
 #[derive(Debug, Default)]
@@ -65,7 +66,7 @@ fn builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
 /// Returns false if the drain timed out.
 pub async fn serve(
     listener: TcpListener,
-    proxy: Arc<Proxy>,
+    proxy: SharedProxy,
     settings: &ServerSettings,
     readiness: Arc<Readiness>,
     shutdown: impl Future<Output = ()>,
@@ -97,7 +98,8 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            let proxy = proxy.clone();
+            // A snapshot: a reload does not change a request in flight.
+            let proxy = proxy.load_full();
             async move { Ok::<_, Infallible>(guarded(&proxy, request, peer).await) }
         });
         let conn = builder

@@ -128,6 +128,7 @@ fn shipped_example_mentions_every_key() {
         "request_timeout_ms",
         "drain_timeout_ms",
         "max_connections",
+        "reload_poll_interval_ms",
         "url",
         "connect_timeout_ms",
         "timeout_ms",
