@@ -757,8 +757,33 @@ fn start_backend(token: &str, key: &str) -> (Service, String) {
     (backend, addr)
 }
 
+/// One run's secrets, all random.
+struct Secrets {
+    token: String,
+    /// Also accepted, as during a token rotation.
+    secondary: String,
+    /// The secret of the SharedKey [`SHARED_KEY_ID`].
+    shared: String,
+    /// The AES-256 key, 64 hex characters.
+    key: String,
+}
+
+/// The SharedKey id configured in `[[twilio.shared_keys]]`.
+const SHARED_KEY_ID: &str = "webhooks_sharedkey_interop";
+
+impl Secrets {
+    fn generate() -> Secrets {
+        Secrets {
+            token: random_hex(16),
+            secondary: random_hex(16),
+            shared: random_hex(24),
+            key: random_hex(32),
+        }
+    }
+}
+
 /// The real binary in front of `upstream`, listening on 127.0.0.1:0.
-fn start_ivrguard(dir: &Path, token: &str, key: &str, upstream: &str) -> (Service, String) {
+fn start_ivrguard(dir: &Path, secrets: &Secrets, upstream: &str) -> (Service, String) {
     let fields = FIELDS
         .iter()
         .map(|f| format!("{f:?}"))
@@ -773,7 +798,12 @@ url = "http://{upstream}"
 
 [twilio]
 auth_token_env = "TWILIO_AUTH_TOKEN"
+secondary_auth_token_env = "TWILIO_AUTH_TOKEN_SECONDARY"
 public_url = "{PUBLIC_URL}"
+
+[[twilio.shared_keys]]
+id = "{SHARED_KEY_ID}"
+secret_env = "TWILIO_SHARED_KEY_SECRET"
 
 [encryption]
 key_env = "IVRGUARD_KEY"
@@ -790,8 +820,10 @@ format = "json"
         .arg("--config")
         .arg(&path)
         .current_dir(dir)
-        .env("TWILIO_AUTH_TOKEN", token)
-        .env("IVRGUARD_KEY", key);
+        .env("TWILIO_AUTH_TOKEN", &secrets.token)
+        .env("TWILIO_AUTH_TOKEN_SECONDARY", &secrets.secondary)
+        .env("TWILIO_SHARED_KEY_SECRET", &secrets.shared)
+        .env("IVRGUARD_KEY", &secrets.key);
     let mut proxy = Service::start("ivrguard", cmd);
     let ready = proxy.wait_for_json("\"ivrguard listening\" line", |v| {
         find_key(v, "message").and_then(Value::as_str) == Some("ivrguard listening")
@@ -873,8 +905,8 @@ fn pairs(params: &[(&'static str, String)]) -> Vec<[String; 2]> {
         .collect()
 }
 
-/// The webhooks every end-to-end run sends, with fresh secrets in them.
-fn webhooks(account: &str) -> Vec<Webhook> {
+/// The webhooks an end-to-end run sends, with fresh secrets in them.
+fn webhooks(account: &str, signer: Signer) -> Vec<Webhook> {
     let call = || format!("CA{}", random_hex(16));
     let base = |digits: &str| -> Vec<(&'static str, String)> {
         vec![
@@ -900,7 +932,7 @@ fn webhooks(account: &str) -> Vec<Webhook> {
         "/ivr/caf%C3%A9?step=processData&Digits={}&n=%E2%9C%93&empty=&flag",
         random_digits(8)
     );
-    vec![
+    let mut cases = vec![
         Webhook {
             id: "post-action-url-with-query",
             method: "POST",
@@ -1027,16 +1059,99 @@ fn webhooks(account: &str) -> Vec<Webhook> {
                 forwarded: false,
             }
         },
-        // Last: once the app has this one, it has had every earlier request.
         Webhook {
-            id: "sentinel",
+            // Token rotation: Twilio already signs with the new token.
+            id: "post-signed-with-secondary-token",
             method: "POST",
-            path: "/ivr/done".into(),
+            path: "/ivr?step=getPin".into(),
             params: base(&random_digits(8)),
-            sign: valid,
+            sign: json!({ "token": "secondary" }),
             forwarded: true,
         },
-    ]
+        Webhook {
+            // The SDKs accept a signature over the URL with the default port.
+            id: "post-signed-over-url-with-default-port",
+            method: "POST",
+            path: "/ivr?step=getPin".into(),
+            params: base(&random_digits(8)),
+            sign: json!({ "origin": format!("{PUBLIC_URL}:443") }),
+            forwarded: true,
+        },
+    ];
+    if let Signer::PythonSdk = signer {
+        // SharedKey signing exists in twilio-python 9.13.0, not in npm 6.2.0.
+        let shared = |algorithm: &str| {
+            json!({
+                "token": "shared",
+                "algorithm": algorithm,
+                "settings": format!("key={SHARED_KEY_ID},algorithm={algorithm}"),
+            })
+        };
+        cases.extend([
+            Webhook {
+                id: "post-shared-key-hmac-sha256",
+                method: "POST",
+                path: "/ivr?step=getPin".into(),
+                params: base(&random_digits(8)),
+                sign: shared("HMAC_SHA256"),
+                forwarded: true,
+            },
+            Webhook {
+                id: "get-shared-key-hmac-sha1",
+                method: "GET",
+                path: "/ivr/gather?step=pin".into(),
+                params: vec![("CallSid", call()), ("Digits", random_digits(8))],
+                sign: shared("HMAC_SHA1"),
+                forwarded: true,
+            },
+            Webhook {
+                // The settings header names a key: no fallback to the token.
+                id: "refused-shared-key-header-but-token-signature",
+                method: "POST",
+                path: "/ivr?step=getPin".into(),
+                params: base(&random_digits(8)),
+                sign: json!({
+                    "token": "primary",
+                    "settings": format!("key={SHARED_KEY_ID},algorithm=HMAC_SHA1"),
+                }),
+                forwarded: false,
+            },
+            Webhook {
+                id: "refused-shared-key-unknown-id",
+                method: "POST",
+                path: "/ivr?step=getPin".into(),
+                params: base(&random_digits(8)),
+                sign: json!({
+                    "token": "shared",
+                    "algorithm": "HMAC_SHA256",
+                    "settings": "key=webhooks_sharedkey_unknown,algorithm=HMAC_SHA256",
+                }),
+                forwarded: false,
+            },
+            Webhook {
+                id: "refused-shared-key-unknown-algorithm",
+                method: "POST",
+                path: "/ivr?step=getPin".into(),
+                params: base(&random_digits(8)),
+                sign: json!({
+                    "token": "shared",
+                    "algorithm": "HMAC_SHA1",
+                    "settings": format!("key={SHARED_KEY_ID},algorithm=HMAC_MD5"),
+                }),
+                forwarded: false,
+            },
+        ]);
+    }
+    // Last: once the app has this one, it has had every earlier request.
+    cases.push(Webhook {
+        id: "sentinel",
+        method: "POST",
+        path: "/ivr/done".into(),
+        params: base(&random_digits(8)),
+        sign: valid,
+        forwarded: true,
+    });
+    cases
 }
 
 /// Splits a query or form body into its raw `&`-separated segments.
@@ -1097,14 +1212,14 @@ enum Signer {
 /// Sends every [`webhooks`] case through a real ivrguard to `backend.py`
 /// and checks the whole chain; see the module docs.
 fn webhooks_signed_by_sdk_pass_through_and_validate_downstream(signer: Signer) {
-    let token = random_hex(16);
-    let key = random_hex(32);
+    let secrets = Secrets::generate();
+    let (token, key) = (&secrets.token, &secrets.key);
     let account = format!("AC{}", random_hex(16));
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut backend, backend_addr) = start_backend(&token, &key);
-    let (mut proxy, proxy_addr) = start_ivrguard(dir.path(), &token, &key, &backend_addr);
+    let (mut backend, backend_addr) = start_backend(token, key);
+    let (mut proxy, proxy_addr) = start_ivrguard(dir.path(), &secrets, &backend_addr);
 
-    let cases = webhooks(&account);
+    let cases = webhooks(&account, signer);
     let doc = json!({
         "target": proxy_addr,
         "public_url": PUBLIC_URL,
@@ -1114,7 +1229,10 @@ fn webhooks_signed_by_sdk_pass_through_and_validate_downstream(signer: Signer) {
         Signer::PythonSdk => python_script("twilio_client.py"),
         Signer::NodeSdk => node_script("twilio_client.js"),
     };
-    client.env("TWILIO_AUTH_TOKEN", &token);
+    client
+        .env("TWILIO_AUTH_TOKEN", token)
+        .env("TWILIO_AUTH_TOKEN_SECONDARY", &secrets.secondary)
+        .env("TWILIO_SHARED_KEY_SECRET", &secrets.shared);
     let out = run(
         client,
         doc.to_string().as_bytes(),
@@ -1319,7 +1437,9 @@ fn webhooks_signed_by_sdk_pass_through_and_validate_downstream(signer: Signer) {
         }
     }
     assert!(
-        !logs.contains(&token) && !logs.contains(&key),
+        [token, key, &secrets.secondary, &secrets.shared]
+            .iter()
+            .all(|secret| !logs.contains(secret.as_str())),
         "a secret in ivrguard's logs"
     );
     drop(backend);

@@ -6,7 +6,9 @@ A threaded http.server on 127.0.0.1:0 that, for every request it receives:
   (X-Forwarded-Proto + "://" + X-Forwarded-Host (else Host) + raw path);
 - validates X-Twilio-Signature with the real Twilio SDK
   (twilio.request_validator.RequestValidator, pinned in requirements.txt):
-  POST -> every form parameter (repeats kept, blanks kept), GET -> URL only;
+  POST -> every form parameter (repeats kept, blanks kept), GET -> URL only,
+  with the algorithm get_signature_algorithm() reads from the
+  X-Twilio-Webhooks-Signature-Settings header, if one was forwarded;
 - decrypts every configured sensitive field it finds, in the query and in the
   form body, with `cryptography`'s AESGCM (wire format: hex of
   nonce(12) || ciphertext || tag(16));
@@ -26,7 +28,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import (
+    SIGNATURE_SETTINGS_HEADER,
+    RequestValidator,
+    get_signature_algorithm,
+)
 
 TOKEN = os.environ["TWILIO_AUTH_TOKEN"]
 KEY = bytes.fromhex(os.environ["IVRGUARD_KEY"])
@@ -114,9 +120,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.command == "POST" and content_type.startswith("application/x-www-form-urlencoded"):
             form_params = parse_qsl(body_text, keep_blank_values=True)
 
-        # What the app would do: POST -> form params, GET -> the URL alone.
+        # What the app would do: POST -> form params, GET -> the URL alone;
+        # the algorithm as the 9.x SDK picks it (HMAC_SHA1 unless a
+        # X-Twilio-Webhooks-Signature-Settings header names another). The app
+        # knows only the auth token: ivrguard re-signs with it.
+        algorithm = get_signature_algorithm(self.headers.get(SIGNATURE_SETTINGS_HEADER))
         validator = RequestValidator(TOKEN)
-        sdk_valid = validator.validate(url, MultiDict(form_params), signature)
+        sdk_valid = validator.validate(url, MultiDict(form_params), signature, algorithm)
 
         decrypted = []
         for where, params in (("query", query_params), ("body", form_params)):

@@ -4,7 +4,9 @@
 //
 // Same stdin/stdout protocol as twilio_client.py: one JSON document with
 // {target, public_url, cases: [{id, method, path, params, sign}]} in, one JSON
-// line {id, status, body, signature, path, sent_body} per case out.
+// line {id, status, body, signature, path, sent_body} per case out; `sign`
+// takes token primary|secondary|wrong|none, origin, path, params (no SharedKey
+// signing: the Node SDK 6.2.0 does not implement it).
 //
 // Differences from the Python client, on purpose: the body and the GET query
 // are encoded with encodeURIComponent (space -> %20, not '+'), and the params
@@ -60,25 +62,31 @@ async function main() {
   const publicUrl = input.public_url;
   const publicHost = new URL(publicUrl).host;
   const token = process.env.TWILIO_AUTH_TOKEN;
-  const tokens = { primary: token, wrong: (token[0] === "0" ? "1" : "0") + token.slice(1) };
+  const tokens = {
+    primary: token,
+    secondary: process.env.TWILIO_AUTH_TOKEN_SECONDARY,
+    wrong: (token[0] === "0" ? "1" : "0") + token.slice(1),
+  };
 
   for (const c of input.cases) {
     const sign = c.sign || {};
+    const signedOrigin = sign.origin !== undefined ? sign.origin : publicUrl;
     const signedPath = sign.path !== undefined ? sign.path : c.path;
     const signedParams = sign.params !== undefined ? sign.params : c.params;
     let path, signedUrl, signParams, body;
     if (c.method === "GET") {
       path = withParamsInQuery(c.path, c.params);
-      signedUrl = publicUrl + withParamsInQuery(signedPath, signedParams);
+      signedUrl = signedOrigin + withParamsInQuery(signedPath, signedParams);
       signParams = {};
       body = "";
     } else {
       path = c.path;
-      signedUrl = publicUrl + signedPath;
+      signedUrl = signedOrigin + signedPath;
       signParams = toParamObject(signedParams);
       body = encodePairs(c.params);
     }
     const tokenChoice = sign.token || "primary";
+    if (tokenChoice !== "none" && !tokens[tokenChoice]) throw new Error(`case ${c.id}: no secret for token ${tokenChoice} (npm twilio 6.2.0 has no SharedKey signing)`);
     const signature = tokenChoice === "none" ? null : twilio.getExpectedTwilioSignature(tokens[tokenChoice], signedUrl, signParams);
 
     const headers = { "User-Agent": "TwilioProxy/1.1", Accept: "*/*" };

@@ -6,7 +6,10 @@ Reads one JSON document on stdin:
      "public_url": "https://ivr.example.com",
      "cases": [{"id": ..., "method": "POST"|"GET", "path": "/ivr?step=1",
                 "params": [[name, value], ...],
-                "sign": {"token": "primary"|"wrong"|"none",
+                "sign": {"token": "primary"|"secondary"|"shared"|"wrong"|"none",
+                         "algorithm": optional "HMAC_SHA1"|"HMAC_SHA256",
+                         "settings": optional X-Twilio-Webhooks-Signature-Settings value,
+                         "origin": optional other scheme://host[:port] to sign,
                          "path": optional other path to sign,
                          "params": optional other params to sign}}]}
 
@@ -21,7 +24,9 @@ twilio==9.13.0, the function Twilio's own docs use to explain the scheme:
 - GET: Twilio appends the form-encoded params to the action URL's query and
   signs that URL with no params.
 
-The primary token comes from TWILIO_AUTH_TOKEN.
+Secrets come from the environment: TWILIO_AUTH_TOKEN (primary),
+TWILIO_AUTH_TOKEN_SECONDARY and TWILIO_SHARED_KEY_SECRET (a SharedKey's
+secret, for "token": "shared"), the last two only if a case uses them.
 """
 
 import http.client
@@ -63,31 +68,40 @@ def main():
     public_url = doc["public_url"]
     public_host = urlsplit(public_url).netloc
     token = os.environ["TWILIO_AUTH_TOKEN"]
-    tokens = {"primary": token, "wrong": "0" + token[1:] if token[0] != "0" else "1" + token[1:]}
+    tokens = {
+        "primary": token,
+        "secondary": os.environ.get("TWILIO_AUTH_TOKEN_SECONDARY"),
+        "shared": os.environ.get("TWILIO_SHARED_KEY_SECRET"),
+        "wrong": ("1" if token[0] == "0" else "0") + token[1:],
+    }
 
     for case in doc["cases"]:
         method = case["method"]
         params = [tuple(p) for p in case["params"]]
         sign = case.get("sign", {})
+        signed_origin = sign.get("origin", public_url)
         signed_path = sign.get("path", case["path"])
         signed_params = [tuple(p) for p in sign.get("params", case["params"])]
 
         if method == "GET":
             path = with_params_in_query(case["path"], params)
-            signed_url = public_url + with_params_in_query(signed_path, signed_params)
+            signed_url = signed_origin + with_params_in_query(signed_path, signed_params)
             signature_params = {}
             body = b""
         else:
             path = case["path"]
-            signed_url = public_url + signed_path
+            signed_url = signed_origin + signed_path
             signature_params = MultiDict(signed_params)
             body = urlencode(params).encode("ascii")
 
         token_choice = sign.get("token", "primary")
         signature = None
         if token_choice != "none":
-            signature = RequestValidator(tokens[token_choice]).compute_signature(
-                signed_url, signature_params
+            secret = tokens[token_choice]
+            if secret is None:
+                sys.exit("case %s: no secret for token %r in the environment" % (case["id"], token_choice))
+            signature = RequestValidator(secret).compute_signature(
+                signed_url, signature_params, sign.get("algorithm")
             )
 
         conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT_SECONDS)
@@ -98,6 +112,8 @@ def main():
             conn.putheader("Accept", "*/*")
             if signature is not None:
                 conn.putheader("X-Twilio-Signature", signature)
+            if "settings" in sign:
+                conn.putheader("X-Twilio-Webhooks-Signature-Settings", sign["settings"])
             if method == "POST":
                 conn.putheader("Content-Type", "application/x-www-form-urlencoded; charset=utf-8")
                 conn.putheader("Content-Length", str(len(body)))
