@@ -112,7 +112,16 @@ impl FieldCipher {
             .aead
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", buf.as_mut_slice())
             .expect("AES-GCM encryption cannot fail for inputs under 64 GiB");
-        self.encryptions.fetch_add(1, Ordering::Relaxed);
+        let count = self.encryptions.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(share) = nonce_budget_milestone(count) {
+            // Exactly one thread sees each count, so each milestone logs once.
+            tracing::warn!(
+                encryptions = count,
+                share_of_limit = share,
+                "this key is approaching the AES-GCM random-nonce limit of 2^32 encryptions \
+                 (NIST SP 800-38D 8.3); rotate the encryption key"
+            );
+        }
         out.reserve(2 * (NONCE_LEN + buf.len() + TAG_LEN));
         push_hex(out, &nonce);
         push_hex(out, &buf);
@@ -158,6 +167,32 @@ impl fmt::Debug for FieldCipher {
         f.debug_struct("FieldCipher")
             .field("key", &REDACTED)
             .finish()
+    }
+}
+
+/// NIST SP 800-38D §8.3: at most 2^32 encryptions per key with random
+/// 96-bit nonces.
+pub const RANDOM_NONCE_LIMIT: u64 = 1 << 32;
+
+/// The share of [`RANDOM_NONCE_LIMIT`] reached when `count` is a milestone
+/// worth a warning: 1/16, then every further 1/8 of the limit, and at the
+/// limit itself. `None` otherwise.
+pub fn nonce_budget_milestone(count: u64) -> Option<&'static str> {
+    const SIXTEENTH: u64 = RANDOM_NONCE_LIMIT / 16;
+    const EIGHTH: u64 = RANDOM_NONCE_LIMIT / 8;
+    match count {
+        SIXTEENTH => Some("1/16"),
+        c if c >= EIGHTH && c % EIGHTH == 0 => match c / EIGHTH {
+            1 => Some("1/8"),
+            2 => Some("2/8"),
+            3 => Some("3/8"),
+            4 => Some("4/8"),
+            5 => Some("5/8"),
+            6 => Some("6/8"),
+            7 => Some("7/8"),
+            _ => Some("over the limit"),
+        },
+        _ => None,
     }
 }
 
@@ -228,6 +263,27 @@ mod tests {
         assert_eq!(c.decrypt_hex(b"zz"), Err(DecryptError::NotHex));
         assert_eq!(c.decrypt_hex(b"abc"), Err(DecryptError::NotHex));
         assert_eq!(c.decrypt_hex(b"00"), Err(DecryptError::TooShort));
+    }
+
+    #[test]
+    fn nonce_budget_warns_early_and_at_each_eighth() {
+        assert_eq!(nonce_budget_milestone(1), None);
+        assert_eq!(nonce_budget_milestone(RANDOM_NONCE_LIMIT / 16 - 1), None);
+        assert_eq!(
+            nonce_budget_milestone(RANDOM_NONCE_LIMIT / 16),
+            Some("1/16")
+        );
+        assert_eq!(nonce_budget_milestone(RANDOM_NONCE_LIMIT / 8), Some("1/8"));
+        assert_eq!(nonce_budget_milestone(RANDOM_NONCE_LIMIT / 8 + 1), None);
+        assert_eq!(nonce_budget_milestone(RANDOM_NONCE_LIMIT / 2), Some("4/8"));
+        assert_eq!(
+            nonce_budget_milestone(RANDOM_NONCE_LIMIT),
+            Some("over the limit")
+        );
+        assert_eq!(
+            nonce_budget_milestone(2 * RANDOM_NONCE_LIMIT),
+            Some("over the limit")
+        );
     }
 
     #[test]

@@ -95,19 +95,9 @@ const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_POOL_IDLE_TIMEOUT_MS: u64 = 4_000;
 const DEFAULT_POOL_MAX_IDLE_PER_HOST: u64 = 64;
 const DEFAULT_FALLBACK_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say>We are sorry, we cannot take your call right now. Please try again later.</Say><Hangup/></Response>";
-/// The sensitive parameters encrypted when `encryption.fields` is not set
-/// (the SPEC §2 list).
-const DEFAULT_FIELDS: &[&str] = &[
-    "Digits",
-    "SpeechResult",
-    "UnstableSpeechResult",
-    "StableSpeechResult",
-    "TranscriptionText",
-    "TranscriptionData",
-    "ExpirationDate",
-    "PaymentCardPostalCode",
-    "BankRoutingNumber",
-];
+/// The sensitive parameters encrypted when `encryption.fields` is not set:
+/// [`crate::form::DEFAULT_FIELDS`], where each is explained.
+use crate::form::DEFAULT_FIELDS;
 const DEFAULT_LOG_LEVEL: &str = "info";
 
 // ---------------------------------------------------------------------------

@@ -12,9 +12,6 @@ use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
 
-/// NIST SP 800-38D §8.3: at most 2^32 encryptions per key with random nonces.
-pub const GCM_RANDOM_NONCE_LIMIT: u64 = 1 << 32;
-
 pub struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,

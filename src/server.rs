@@ -43,6 +43,12 @@ impl Readiness {
     }
 }
 
+/// More request headers than this: 431. (hyper's default, made explicit.)
+pub const MAX_HEADERS: usize = 100;
+/// The HTTP/1 read buffer, which bounds the request head: a head that does
+/// not fit gets 431. Twilio's webhook heads are well under 2 KiB.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// The HTTP connection builder with ivrguard's limits.
 fn builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -50,14 +56,16 @@ fn builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .max_headers(100)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(settings.header_read_timeout))
         .keep_alive_timeout(settings.header_read_timeout)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
     builder
 }
 
