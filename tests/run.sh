@@ -81,8 +81,9 @@ cargo fmt --all -- --check || die "formatting differs: run 'cargo fmt --all'"
 phase "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings || die "clippy found problems (see above)"
 
-phase "cargo test --all-targets $*"
-cargo test --all-targets "$@" || die "tests failed (see above)"
+# --no-fail-fast: one run shows every failing test target, not just the first.
+phase "cargo test --all-targets --no-fail-fast $*"
+cargo test --all-targets --no-fail-fast "$@" || die "tests failed (see the summaries above)"
 
 phase "cargo test --doc"
 cargo test --doc || die "doc tests failed (see above)"
