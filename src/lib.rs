@@ -4,8 +4,22 @@
 //! byte-level components it calls — [`signature`], [`form`], [`cipher`] —
 //! do no I/O and are tested exhaustively on their own.
 
+pub mod access_log;
+pub mod admin;
+pub mod body;
 pub mod cipher;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod form;
+pub mod json_body;
+pub mod logging;
+pub mod metrics;
+pub mod pipeline;
+pub mod rejection;
+pub mod reload;
+pub mod run;
 pub mod secret;
+pub mod server;
 pub mod signature;
+pub mod upstream;
