@@ -12,8 +12,12 @@
 //!   (`tests/interop/backend.py`) that validates what it receives with the
 //!   Python SDK and decrypts the fields with `cryptography`; the same
 //!   forwarded requests are then validated again with the Node SDK
-//!   (`validate_requests.js`). Forged requests must get 403 and never reach
-//!   the app; no plaintext may reach ivrguard's logs.
+//!   (`validate_requests.js`). Covered: a POST whose action URL has a query,
+//!   a GET (fields in the query), repeated params, UTF-8 speech, a field in
+//!   the action URL, an empty value, the secondary token, a signature over
+//!   `:443`, and SharedKey signing (HMAC-SHA256/SHA1, Python SDK only).
+//!   Forged requests must get 403 and never reach the app; no plaintext or
+//!   secret may reach ivrguard's logs; SIGTERM exits 0.
 //!
 //! The scripts live in `tests/interop/`; their dependencies are installed
 //! project-locally by `./tests/run.sh` (a venv and `node_modules`). If they
