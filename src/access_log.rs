@@ -100,7 +100,8 @@ impl AccessRecord {
             peer = %self.peer.ip(),
             status,
             upstream_status = self.upstream_status,
-            latency_ms = latency.as_secs_f64() * 1000.0,
+            // Whole microseconds: short numbers, never a long digit run.
+            latency_ms = latency.as_micros() as f64 / 1000.0,
             signature = self.signature.label(),
             call_sid = self.call_sid.as_deref(),
             encrypted_fields = %fields,

@@ -10,6 +10,7 @@
 //! (`tracing-appender`), so a slow or blocked stdout cannot stall requests;
 //! lines that do not fit are dropped and counted.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use crate::secret::REDACTED;
 #[derive(Debug, Clone)]
 pub struct Scrubber {
     patterns: Vec<Regex>,
-    card_numbers: Option<Regex>,
+    card_numbers: bool,
 }
 
 impl Scrubber {
@@ -35,39 +36,66 @@ impl Scrubber {
             .iter()
             .map(|re| Regex::new(re.as_str()).expect("pattern compiled when config was loaded"))
             .collect();
-        let card_numbers = settings
-            .scrub_card_numbers
-            .then(|| Regex::new(r"\b[0-9]{13,19}\b").expect("static pattern"));
         Scrubber {
             patterns,
-            card_numbers,
+            card_numbers: settings.scrub_card_numbers,
         }
     }
 
     /// The line with every match replaced by `*REDACTED*`.
-    pub fn scrub<'a>(&self, line: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
-        let mut out = std::borrow::Cow::Borrowed(line);
-        if let Some(cards) = &self.card_numbers {
-            if cards.find_iter(&out).any(|m| luhn_valid(m.as_bytes())) {
-                let replaced = cards.replace_all(&out, |c: &regex::bytes::Captures<'_>| {
-                    let digits = &c[0];
-                    if luhn_valid(digits) {
-                        REDACTED.as_bytes().to_vec()
-                    } else {
-                        digits.to_vec()
-                    }
-                });
-                out = std::borrow::Cow::Owned(replaced.into_owned());
+    pub fn scrub<'a>(&self, line: &'a [u8]) -> Cow<'a, [u8]> {
+        let mut out = Cow::Borrowed(line);
+        if self.card_numbers {
+            if let Some(replaced) = redact_card_numbers(&out) {
+                out = Cow::Owned(replaced);
             }
         }
         for re in &self.patterns {
             if re.is_match(&out) {
                 let replaced = re.replace_all(&out, REDACTED.as_bytes()).into_owned();
-                out = std::borrow::Cow::Owned(replaced);
+                out = Cow::Owned(replaced);
             }
         }
         out
     }
+}
+
+/// Replaces each standalone run of 13–19 ASCII digits that passes the Luhn
+/// check; `None` if there is none. Standalone: not touching a letter, digit
+/// or `_` on either side (so a SID such as `CA4111…` is kept), and not the
+/// fraction of a decimal number such as `1.0805019999999999` (a run right
+/// after `<digit>.`). A `.` after the run (end of a sentence) is a boundary.
+fn redact_card_numbers(line: &[u8]) -> Option<Vec<u8>> {
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < line.len() {
+        if !line[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < line.len() && line[i].is_ascii_digit() {
+            i += 1;
+        }
+        let run = &line[start..i];
+        // A digit run right after `<digit>.` is the fraction of a decimal.
+        let after_decimal_point =
+            start >= 2 && line[start - 1] == b'.' && line[start - 2].is_ascii_digit();
+        let left_ok = start == 0 || !(is_word(line[start - 1]) || after_decimal_point);
+        let right_ok = line.get(i).is_none_or(|b| !is_word(*b));
+        if (13..=19).contains(&run.len()) && left_ok && right_ok && luhn_valid(run) {
+            let buf = out.get_or_insert_with(|| Vec::with_capacity(line.len()));
+            buf.extend_from_slice(&line[copied..start]);
+            buf.extend_from_slice(REDACTED.as_bytes());
+            copied = i;
+        }
+    }
+    out.map(|mut buf| {
+        buf.extend_from_slice(&line[copied..]);
+        buf
+    })
 }
 
 /// The Luhn (mod 10) check over ASCII digits.
@@ -185,7 +213,7 @@ mod tests {
     fn scrubber(patterns: &[&str]) -> Scrubber {
         Scrubber {
             patterns: patterns.iter().map(|p| Regex::new(p).unwrap()).collect(),
-            card_numbers: Some(Regex::new(r"\b[0-9]{13,19}\b").unwrap()),
+            card_numbers: true,
         }
     }
 
@@ -211,6 +239,20 @@ mod tests {
             // Too short / too long.
             ("123456789012", "123456789012"),
             ("41111111111111111111111", "41111111111111111111111"),
+            // The fraction of a decimal number is not a card number, even
+            // when its digits pass Luhn (a latency, a timestamp).
+            (
+                r#"{"latency_ms":1.4111111111111111}"#,
+                r#"{"latency_ms":1.4111111111111111}"#,
+            ),
+            // But a sentence may end right after one, and lines may start with one.
+            ("paid with 4111111111111111.", "paid with *REDACTED*."),
+            ("4111111111111111 at start", "*REDACTED* at start"),
+            (
+                "two 4111111111111111,378282246310005",
+                "two *REDACTED*,*REDACTED*",
+            ),
+            ("snake_4111111111111111", "snake_4111111111111111"),
         ];
         for (input, want) in cases {
             assert_eq!(

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             url,
             params,
         } => sign(token_env, url, params),
-        Command::Demo => Err("demo is not built yet".into()),
+        Command::Demo => ivrguard::demo::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -124,10 +124,10 @@ impl Pair {
 fn segments(pairs: &[Pair], trailing_amps: usize) -> Vec<Option<usize>> {
     let mut out = Vec::new();
     for (i, p) in pairs.iter().enumerate() {
-        out.extend(std::iter::repeat(None).take(p.extra_amps));
+        out.extend(std::iter::repeat_n(None, p.extra_amps));
         out.push(Some(i));
     }
-    out.extend(std::iter::repeat(None).take(trailing_amps));
+    out.extend(std::iter::repeat_n(None, trailing_amps));
     if out.is_empty() {
         // "" splits into one empty segment.
         out.push(None);
