@@ -1,0 +1,1781 @@
+//! Black-box tests of the real `ivrguard` binary.
+//!
+//! Each test starts its own capture backend (in-process, `127.0.0.1:0`) and
+//! its own `ivrguard run` with fresh random secrets, sends raw HTTP/1.1
+//! requests, and checks three things (notes/perf-reliability.md §B5): the
+//! status the caller got, exactly what the application received, and the
+//! access-log line. Signatures and ciphertexts are checked with code in
+//! `support::twilio` that does not use ivrguard's own signer or cipher.
+//!
+//! The last test, [`no_canary_or_secret_leaks_on_any_surface`], drives every
+//! path with per-run canaries and greps every byte ivrguard produced, and
+//! every byte the application received, for them and for the secrets.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::Value;
+
+use support::backend::{closed_port_url, Backend, Behaviour, Captured, BACKEND_TWIML};
+use support::canary::{assert_no_leak, find_leaks, luhn_valid, text_needles, Canaries};
+use support::client::{self, HttpResponse, RawRequest};
+use support::proxy::{
+    repair_scrubbed_fraction, run_check, Proxy, ProxyConfig, Secrets, FALLBACK_TWIML, HOST,
+    KEY_VAR, SHARED_KEY_ID, TOKEN_VAR,
+};
+use support::twilio::{
+    decrypt_field, form_decode, form_encode, join_raw, sha256_hex, signature, signature_sha256,
+};
+
+const FORM: &str = "application/x-www-form-urlencoded";
+const SENSITIVE: [&str; 2] = ["Digits", "SpeechResult"];
+
+// ---------------------------------------------------------------- helpers
+
+struct Harness {
+    backend: Backend,
+    proxy: Proxy,
+}
+
+async fn harness(behaviour: Behaviour, tweak: impl FnOnce(&mut ProxyConfig)) -> Harness {
+    let backend = Backend::start(behaviour).await;
+    let mut config = ProxyConfig::new(backend.url());
+    tweak(&mut config);
+    let proxy = Proxy::start(&config).await;
+    Harness { backend, proxy }
+}
+
+fn random_sid(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        hex::encode(rand::thread_rng().gen::<[u8; 16]>())
+    )
+}
+
+/// The raw (already encoded) pieces of a realistic `<Gather>` webhook, with
+/// non-sensitive values in deliberately mixed encodings that must reach the
+/// app byte for byte: `%2B`, a lower-case `%2b`, `+` and `%20` for spaces.
+fn gather_pieces(digits: &str, speech: &str, call_sid: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AccountSid", random_sid("AC")),
+        ("CallSid", call_sid.to_owned()),
+        ("From", "%2B15551230000".to_owned()),
+        ("To", "%2b15557654321".to_owned()),
+        ("Digits", form_encode(digits)),
+        ("CallerName", "Jane+Doe%20Jr".to_owned()),
+        ("SpeechResult", form_encode(speech)),
+        ("Confidence", "0.92".to_owned()),
+        ("Direction", "inbound".to_owned()),
+    ]
+}
+
+/// Twilio's signature for a form POST to `path_and_query` with `body`.
+fn sign_form(token: &str, path_and_query: &str, body: &str) -> String {
+    signature(token, &Proxy::public(path_and_query), &form_decode(body))
+}
+
+/// Twilio's signature for a request whose parameters are all in the URL
+/// (GET webhooks, and `bodySHA256` JSON bodies).
+fn sign_url(token: &str, path_and_query: &str) -> String {
+    signature(token, &Proxy::public(path_and_query), &[])
+}
+
+fn form_post(path_and_query: &str, body: &str, signature: Option<&str>) -> RawRequest {
+    let request = RawRequest::new("POST", path_and_query, HOST).header("Content-Type", FORM);
+    match signature {
+        Some(sig) => request.header("X-Twilio-Signature", sig),
+        None => request,
+    }
+    .body(body)
+}
+
+fn signed_post(token: &str, path_and_query: &str, body: &str) -> RawRequest {
+    form_post(
+        path_and_query,
+        body,
+        Some(&sign_form(token, path_and_query, body)),
+    )
+}
+
+fn signed_get(token: &str, path_and_query: &str) -> RawRequest {
+    RawRequest::new("GET", path_and_query, HOST)
+        .header("X-Twilio-Signature", sign_url(token, path_and_query))
+}
+
+fn split_pieces(raw: &str) -> Vec<(&str, &str)> {
+    raw.split('&')
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect()
+}
+
+/// The forwarded form (body or query) has the same names in the same
+/// order; sensitive values decrypt to the decoded original; every other
+/// piece is byte-identical.
+fn assert_rewritten(sent: &str, received: &str, key: &[u8; 32]) {
+    let sent = split_pieces(sent);
+    let got = split_pieces(received);
+    let names = |p: &[(&str, &str)]| p.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        names(&got),
+        names(&sent),
+        "names or order changed: {received}"
+    );
+    for ((name, sent_value), (_, got_value)) in sent.iter().zip(&got) {
+        if SENSITIVE.contains(name) {
+            assert_ne!(got_value, sent_value, "{name} forwarded in plaintext");
+            let plain = decrypt_field(key, got_value);
+            let expected = &form_decode(&format!("{name}={sent_value}"))[0].1;
+            assert_eq!(
+                String::from_utf8(plain).unwrap(),
+                *expected,
+                "{name} decrypts to what was sent"
+            );
+        } else {
+            assert_eq!(got_value, sent_value, "{name} not forwarded byte for byte");
+        }
+    }
+}
+
+/// The app got a signature it can verify: the primary token over the public
+/// URL of the rewritten target and the rewritten form parameters.
+fn assert_resigned(request: &Captured, token: &str) {
+    let params = if request
+        .header("content-type")
+        .is_some_and(|ct| ct.starts_with(FORM))
+    {
+        form_decode(request.body_str())
+    } else {
+        Vec::new()
+    };
+    let expected = signature(token, &Proxy::public(&request.target), &params);
+    assert_eq!(
+        request.header("x-twilio-signature"),
+        Some(expected.as_str()),
+        "re-signed with the primary token"
+    );
+}
+
+fn field<'a>(line: &'a Value, name: &str) -> &'a Value {
+    &line[name]
+}
+
+fn absent(line: &Value, name: &str) -> bool {
+    line.get(name).is_none_or(Value::is_null)
+}
+
+fn encrypted_fields(line: &Value) -> Vec<String> {
+    let mut fields: Vec<String> = line["encrypted_fields"]
+        .as_str()
+        .unwrap_or("")
+        .split(',')
+        .filter(|f| !f.is_empty())
+        .map(str::to_owned)
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// A refusal: status, a short body, nothing forwarded, and one access line
+/// with that status, the signature outcome and the reason.
+async fn assert_refused(
+    h: &Harness,
+    response: &HttpResponse,
+    status: u16,
+    signature: &str,
+    reason: &str,
+) {
+    assert_eq!(response.status, status, "body: {}", response.text());
+    assert!(
+        response.body.len() < 64,
+        "refusal body is short: {}",
+        response.text()
+    );
+    let line = h.proxy.only_access().await;
+    assert_eq!(h.backend.count(), 0, "nothing reaches the app");
+    assert_eq!(field(&line, "status"), status, "{line}");
+    assert_eq!(field(&line, "signature"), signature, "{line}");
+    assert_eq!(field(&line, "reason"), reason, "{line}");
+    assert!(absent(&line, "upstream_status"), "{line}");
+}
+
+// ------------------------------------------------------- forwarding a form
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_signed_form_with_fields_encrypted_and_resigned() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let canaries = Canaries::generate();
+    let sid = random_sid("CA");
+    let body = join_raw(&gather_pieces(&canaries.pin, &canaries.speech, &sid));
+    let path = "/ivr/gather?attempt=1";
+    let request = signed_post(&h.proxy.secrets.token, path, &body)
+        .header("Connection", "close, X-Hop")
+        .header("X-Hop", "hop-value")
+        .header("Keep-Alive", "timeout=5")
+        .header("Proxy-Connection", "keep-alive")
+        .header("X-Custom", "kept");
+
+    let response = client::send(h.proxy.addr, &request).await;
+
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.text(), BACKEND_TWIML);
+    let got = h.backend.requests();
+    assert_eq!(got.len(), 1, "exactly one request reaches the app");
+    let r = &got[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.target, path);
+    assert_rewritten(&body, r.body_str(), &h.proxy.secrets.key());
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str())
+    );
+    assert_resigned(r, &h.proxy.secrets.token);
+    assert_eq!(r.header("content-type"), Some(FORM));
+    assert_eq!(r.header("host"), Some(HOST));
+    assert_eq!(r.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(r.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(r.header("x-forwarded-host"), Some(HOST));
+    assert_eq!(r.header("x-custom"), Some("kept"));
+    for hop in ["x-hop", "keep-alive", "proxy-connection"] {
+        assert!(
+            r.header_all(hop).is_empty(),
+            "hop-by-hop header {hop} forwarded"
+        );
+    }
+    let plaintext = find_leaks(&h.backend.raw_bytes(), &canaries.needles());
+    assert!(
+        plaintext.is_empty(),
+        "plaintext reached the app: {plaintext:#?}"
+    );
+
+    let line = h.proxy.only_access().await;
+    assert_eq!(line["target"], "ivrguard::access");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/ivr/gather");
+    assert_eq!(line["query"], "attempt=1");
+    assert_eq!(line["peer"], "127.0.0.1");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["upstream_status"], 200);
+    assert_eq!(line["signature"], "valid");
+    assert_eq!(line["call_sid"], sid.as_str());
+    assert_eq!(encrypted_fields(&line), ["Digits", "SpeechResult"]);
+    assert!(line["latency_ms"].is_number(), "{line}");
+    assert!(absent(&line, "reason"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypts_sensitive_field_in_post_query_and_body() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let canaries = Canaries::generate();
+    let body = join_raw(&gather_pieces(
+        &canaries.card,
+        &canaries.speech,
+        &random_sid("CA"),
+    ));
+    let path = format!("/ivr/pay?Digits={}&step=card", canaries.pin);
+
+    let response = client::send(
+        h.proxy.addr,
+        &signed_post(&h.proxy.secrets.token, &path, &body),
+    )
+    .await;
+
+    assert_eq!(response.status, 200, "{}", response.text());
+    let r = &h.backend.wait_for_requests(1).await[0];
+    assert_eq!(r.path(), "/ivr/pay");
+    assert_rewritten(
+        path.split_once('?').unwrap().1,
+        r.query().expect("query kept"),
+        &h.proxy.secrets.key(),
+    );
+    assert_rewritten(&body, r.body_str(), &h.proxy.secrets.key());
+    assert_resigned(r, &h.proxy.secrets.token);
+    let line = h.proxy.only_access().await;
+    assert_eq!(line["query"], "Digits=*REDACTED*&step=card");
+    assert_eq!(encrypted_fields(&line), ["Digits", "SpeechResult"]);
+}
+
+// --------------------------------------------------------------- refusals
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_unsigned_request_and_forwards_nothing() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let canaries = Canaries::generate();
+    let body = join_raw(&gather_pieces(
+        &canaries.pin,
+        &canaries.speech,
+        &random_sid("CA"),
+    ));
+
+    let response = client::send(h.proxy.addr, &form_post("/ivr/gather", &body, None)).await;
+
+    assert_eq!(response.text().trim(), "Forbidden");
+    assert_refused(&h, &response, 403, "missing", "missing").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_body_tampered_by_one_byte() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    let sig = sign_form(&h.proxy.secrets.token, "/ivr/gather", &body);
+    let tampered = body.replace("Confidence=0.92", "Confidence=0.93");
+    assert_eq!(tampered.len(), body.len());
+
+    let response = client::send(
+        h.proxy.addr,
+        &form_post("/ivr/gather", &tampered, Some(&sig)),
+    )
+    .await;
+
+    assert_refused(&h, &response, 403, "mismatch", "mismatch").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_signature_made_with_another_token() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    let other = Secrets::generate().token;
+
+    let response = client::send(h.proxy.addr, &signed_post(&other, "/ivr/gather", &body)).await;
+
+    assert_refused(&h, &response, 403, "mismatch", "mismatch").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_signature_over_other_path() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    let sig = sign_form(&h.proxy.secrets.token, "/ivr/other", &body);
+
+    let response = client::send(h.proxy.addr, &form_post("/ivr/gather", &body, Some(&sig))).await;
+
+    assert_refused(&h, &response, 403, "mismatch", "mismatch").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_duplicate_signature_headers_in_any_order() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    let valid = sign_form(&h.proxy.secrets.token, "/ivr/gather", &body);
+    let invalid = sign_form(&Secrets::generate().token, "/ivr/gather", &body);
+
+    for (first, second) in [(&valid, &valid), (&valid, &invalid), (&invalid, &valid)] {
+        let request =
+            form_post("/ivr/gather", &body, Some(first)).header("X-Twilio-Signature", second);
+        let response = client::send(h.proxy.addr, &request).await;
+        assert_eq!(response.status, 403, "{}", response.text());
+    }
+
+    let lines = h.proxy.wait_access(3).await;
+    assert_eq!(h.backend.count(), 0, "nothing reaches the app");
+    for line in &lines {
+        assert_eq!(line["status"], 403, "{line}");
+        assert_eq!(line["signature"], "duplicate", "{line}");
+    }
+}
+
+// -------------------------------------------------------- accepted variants
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_secondary_token_and_resigns_with_primary() {
+    let h = harness(Behaviour::Twiml, |c| c.secondary = true).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+
+    let request = signed_post(&h.proxy.secrets.secondary, "/ivr/gather", &body);
+    let response = client::send(h.proxy.addr, &request).await;
+
+    assert_eq!(response.status, 200, "{}", response.text());
+    let r = &h.backend.wait_for_requests(1).await[0];
+    assert_resigned(r, &h.proxy.secrets.token);
+    let line = h.proxy.only_access().await;
+    assert_eq!(line["signature"], "valid_secondary");
+    assert_eq!(line["status"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_reordered_params_and_forwards_them_in_received_order() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let pieces = gather_pieces("1234", "yes please", &random_sid("CA"));
+    let in_order = join_raw(&pieces);
+    let reversed: Vec<_> = pieces.iter().rev().cloned().collect();
+    let reversed = join_raw(&reversed);
+    // One signature for both: Twilio's algorithm sorts the parameters.
+    let sig = sign_form(&h.proxy.secrets.token, "/ivr/gather", &in_order);
+    assert_eq!(
+        sig,
+        sign_form(&h.proxy.secrets.token, "/ivr/gather", &reversed)
+    );
+
+    for body in [&in_order, &reversed] {
+        let response =
+            client::send(h.proxy.addr, &form_post("/ivr/gather", body, Some(&sig))).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+
+    let got = h.backend.wait_for_requests(2).await;
+    assert_rewritten(&in_order, got[0].body_str(), &h.proxy.secrets.key());
+    assert_rewritten(&reversed, got[1].body_str(), &h.proxy.secrets.key());
+    assert_resigned(&got[0], &h.proxy.secrets.token);
+    assert_resigned(&got[1], &h.proxy.secrets.token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypts_digits_in_get_query_and_redacts_it_in_log() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let canaries = Canaries::generate();
+    let sid = random_sid("CA");
+    let query = format!("CallSid={sid}&Digits={}&From=%2B15551230000", canaries.pin);
+    let target = format!("/ivr/gather?{query}");
+
+    let response = client::send(h.proxy.addr, &signed_get(&h.proxy.secrets.token, &target)).await;
+
+    assert_eq!(response.status, 200, "{}", response.text());
+    let r = &h.backend.wait_for_requests(1).await[0];
+    assert_eq!(r.method, "GET");
+    assert_eq!(r.path(), "/ivr/gather");
+    assert_rewritten(
+        &query,
+        r.query().expect("query forwarded"),
+        &h.proxy.secrets.key(),
+    );
+    assert_resigned(r, &h.proxy.secrets.token);
+    assert!(r.body.is_empty());
+    let line = h.proxy.only_access().await;
+    assert_eq!(line["method"], "GET");
+    assert_eq!(
+        line["query"],
+        format!("CallSid={sid}&Digits=*REDACTED*&From=%2B15551230000").as_str()
+    );
+    assert_eq!(line["call_sid"], sid.as_str());
+    assert_eq!(line["signature"], "valid");
+    assert_eq!(encrypted_fields(&line), ["Digits"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypts_every_occurrence_of_a_repeated_field() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let sid = random_sid("CA");
+    // The same value twice (counted once by the signature) and another.
+    let body = format!("CallSid={sid}&Digits=4321&Digits=8765&Digits=4321&To=%2B1555");
+
+    let response = client::send(
+        h.proxy.addr,
+        &signed_post(&h.proxy.secrets.token, "/ivr/gather", &body),
+    )
+    .await;
+
+    assert_eq!(response.status, 200, "{}", response.text());
+    let r = &h.backend.wait_for_requests(1).await[0];
+    assert_rewritten(&body, r.body_str(), &h.proxy.secrets.key());
+    let ciphertexts: Vec<&str> = split_pieces(r.body_str())
+        .into_iter()
+        .filter(|(n, _)| *n == "Digits")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(ciphertexts.len(), 3);
+    assert_ne!(
+        ciphertexts[0], ciphertexts[2],
+        "equal values get fresh nonces"
+    );
+    assert_resigned(r, &h.proxy.secrets.token);
+    let line = h.proxy.only_access().await;
+    assert_eq!(encrypted_fields(&line), ["Digits"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypts_chunked_body_and_forwards_it_with_content_length() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let canaries = Canaries::generate();
+    let body = join_raw(&gather_pieces(
+        &canaries.pin,
+        &canaries.speech,
+        &random_sid("CA"),
+    ));
+    let (first, second) = body.split_at(body.find("Digits=").unwrap() + 9);
+    let chunked = format!(
+        "{:x}\r\n{first}\r\n{:x}\r\n{second}\r\n0\r\n\r\n",
+        first.len(),
+        second.len()
+    );
+    let request = RawRequest::new("POST", "/ivr/gather", HOST)
+        .header("Content-Type", FORM)
+        .header("Transfer-Encoding", "chunked")
+        .header(
+            "X-Twilio-Signature",
+            sign_form(&h.proxy.secrets.token, "/ivr/gather", &body),
+        )
+        .body(chunked);
+
+    let response = client::send(h.proxy.addr, &request).await;
+
+    assert_eq!(response.status, 200, "{}", response.text());
+    let r = &h.backend.wait_for_requests(1).await[0];
+    assert_rewritten(&body, r.body_str(), &h.proxy.secrets.key());
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str())
+    );
+    assert!(
+        r.header_all("transfer-encoding").is_empty(),
+        "forwarded with a Content-Length only"
+    );
+    assert_resigned(r, &h.proxy.secrets.token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_shared_key_signatures_and_strips_settings_header() {
+    let h = harness(Behaviour::Twiml, |c| c.shared_key = true).await;
+    let secrets = &h.proxy.secrets;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    let url = Proxy::public("/ivr/gather");
+    let params = form_decode(&body);
+    let settings = |key: &str, algorithm: &str| format!("key={key},algorithm={algorithm}");
+    let cases = [
+        (
+            settings(SHARED_KEY_ID, "HMAC_SHA256"),
+            signature_sha256(&secrets.shared_key, &url, &params),
+            200,
+            "valid_shared_key",
+        ),
+        (
+            settings(SHARED_KEY_ID, "HMAC_SHA1"),
+            signature(&secrets.shared_key, &url, &params),
+            200,
+            "valid_shared_key",
+        ),
+        (
+            settings("webhooks_sharedkey_9", "HMAC_SHA256"),
+            signature_sha256(&secrets.shared_key, &url, &params),
+            403,
+            "unknown_key_id",
+        ),
+        (
+            settings(SHARED_KEY_ID, "HMAC_MD5"),
+            signature_sha256(&secrets.shared_key, &url, &params),
+            403,
+            "unknown_algorithm",
+        ),
+        // With a settings header the auth token is never tried.
+        (
+            settings(SHARED_KEY_ID, "HMAC_SHA1"),
+            signature(&secrets.token, &url, &params),
+            403,
+            "mismatch",
+        ),
+    ];
+
+    for (settings, sig, status, _) in &cases {
+        let request = form_post("/ivr/gather", &body, Some(sig))
+            .header("X-Twilio-Webhooks-Signature-Settings", settings);
+        let response = client::send(h.proxy.addr, &request).await;
+        assert_eq!(response.status, *status, "{settings}: {}", response.text());
+    }
+
+    let lines = h.proxy.wait_access(cases.len()).await;
+    for (line, (settings, _, status, outcome)) in lines.iter().zip(&cases) {
+        assert_eq!(line["status"], *status, "{settings}: {line}");
+        assert_eq!(line["signature"], *outcome, "{settings}: {line}");
+    }
+    let got = h.backend.requests();
+    assert_eq!(got.len(), 2, "only the two valid requests reach the app");
+    for r in &got {
+        assert!(
+            r.header_all("x-twilio-webhooks-signature-settings")
+                .is_empty(),
+            "settings header forwarded"
+        );
+        assert_resigned(r, &secrets.token);
+    }
+}
+
+// ------------------------------------------------------ bodySHA256 (JSON)
+
+fn json_event() -> String {
+    format!(
+        r#"{{"AccountSid":"{}","CallSid":"{}","StatusCallbackEvent":"call-completed"}}"#,
+        random_sid("AC"),
+        random_sid("CA")
+    )
+}
+
+fn json_post(target: &str, body: &str, token: &str) -> RawRequest {
+    RawRequest::new("POST", target, HOST)
+        .header("Content-Type", "application/json")
+        .header("X-Twilio-Signature", sign_url(token, target))
+        .body(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_json_body_with_matching_body_sha256_unchanged() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = json_event();
+    let target = format!("/events?bodySHA256={}", sha256_hex(body.as_bytes()));
+
+    let response = client::send(
+        h.proxy.addr,
+        &json_post(&target, &body, &h.proxy.secrets.token),
+    )
+    .await;
+
+    assert_eq!(response.status, 200, "{}", response.text());
+    let r = &h.backend.wait_for_requests(1).await[0];
+    assert_eq!(r.target, target);
+    assert_eq!(r.body_str(), body, "JSON body forwarded unchanged");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        r.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    assert_resigned(r, &h.proxy.secrets.token);
+    let line = h.proxy.only_access().await;
+    assert_eq!(line["signature"], "valid");
+    assert_eq!(line["status"], 200);
+    assert!(encrypted_fields(&line).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypts_sensitive_keys_in_body_sha256_json_and_rehashes() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let canaries = Canaries::generate();
+    let sid = random_sid("CA");
+    let body = format!(
+        r#"{{"CallSid":"{sid}","Digits":"{}","nested":{{"SpeechResult":"{}","n":[1,2]}}}}"#,
+        canaries.pin, canaries.speech
+    );
+    let target = format!("/events?bodySHA256={}", sha256_hex(body.as_bytes()));
+
+    let response = client::send(
+        h.proxy.addr,
+        &json_post(&target, &body, &h.proxy.secrets.token),
+    )
+    .await;
+
+    assert_eq!(response.status, 200, "{}", response.text());
+    let r = &h.backend.wait_for_requests(1).await[0];
+    let got: Value = serde_json::from_slice(&r.body).expect("the app gets JSON");
+    let key = h.proxy.secrets.key();
+    let decrypt =
+        |v: &Value| String::from_utf8(decrypt_field(&key, v.as_str().expect("a string"))).unwrap();
+    assert_eq!(decrypt(&got["Digits"]), canaries.pin);
+    assert_eq!(decrypt(&got["nested"]["SpeechResult"]), canaries.speech);
+    assert_eq!(got["CallSid"], sid.as_str());
+    assert_eq!(got["nested"]["n"], serde_json::json!([1, 2]));
+    // The app can still check the body against a signed bodySHA256.
+    assert_eq!(r.path(), "/events");
+    assert_eq!(
+        r.query(),
+        Some(format!("bodySHA256={}", sha256_hex(&r.body)).as_str())
+    );
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str())
+    );
+    assert_resigned(r, &h.proxy.secrets.token);
+    let plaintext = find_leaks(&h.backend.raw_bytes(), &canaries.needles());
+    assert!(
+        plaintext.is_empty(),
+        "plaintext reached the app: {plaintext:#?}"
+    );
+    let line = h.proxy.only_access().await;
+    assert_eq!(line["signature"], "valid");
+    assert_eq!(encrypted_fields(&line), ["Digits", "SpeechResult"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_json_body_with_wrong_body_sha256() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = json_event();
+    let target = format!("/events?bodySHA256={}", sha256_hex(b"another body"));
+
+    let response = client::send(
+        h.proxy.addr,
+        &json_post(&target, &body, &h.proxy.secrets.token),
+    )
+    .await;
+
+    assert_refused(
+        &h,
+        &response,
+        403,
+        "body_hash_mismatch",
+        "body_hash_mismatch",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_duplicated_body_sha256_param() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = json_event();
+    let hash = sha256_hex(body.as_bytes());
+    let target = format!("/events?bodySHA256={hash}&bodySHA256={hash}");
+
+    let response = client::send(
+        h.proxy.addr,
+        &json_post(&target, &body, &h.proxy.secrets.token),
+    )
+    .await;
+
+    assert_refused(
+        &h,
+        &response,
+        403,
+        "duplicate_body_hash",
+        "duplicate_body_hash",
+    )
+    .await;
+}
+
+// ------------------------------------------------ bodies and methods refused
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_text_plain_body_with_415() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = "Digits=1234&CallSid=CA00000000000000000000000000000000";
+    let request = RawRequest::new("POST", "/ivr/gather", HOST)
+        .header("Content-Type", "text/plain")
+        .header(
+            "X-Twilio-Signature",
+            sign_url(&h.proxy.secrets.token, "/ivr/gather"),
+        )
+        .body(body);
+
+    let response = client::send(h.proxy.addr, &request).await;
+
+    assert_refused(&h, &response, 415, "not_checked", "unsupported_media_type").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_malformed_form_encoding_with_400() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    // A bad escape, and an escape that decodes to invalid UTF-8.
+    for body in ["Digits=1234&Note=%G1", "Digits=1234&Note=%FF"] {
+        let sig = signature(&h.proxy.secrets.token, &Proxy::public("/ivr/gather"), &[]);
+        let response =
+            client::send(h.proxy.addr, &form_post("/ivr/gather", body, Some(&sig))).await;
+        assert_eq!(response.status, 400, "{body}: {}", response.text());
+    }
+
+    let lines = h.proxy.wait_access(2).await;
+    assert_eq!(h.backend.count(), 0, "nothing reaches the app");
+    for line in &lines {
+        assert_eq!(line["status"], 400, "{line}");
+        assert_eq!(line["reason"], "malformed_form", "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_body_over_limit_with_413() {
+    let h = harness(Behaviour::Twiml, |c| c.max_body_bytes = 1024).await;
+    let mut pieces = gather_pieces("1234", "yes", &random_sid("CA"));
+    pieces.push(("Pad", "x".repeat(1100)));
+    let body = join_raw(&pieces);
+    let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
+
+    let response = client::send(h.proxy.addr, &request).await;
+
+    assert_refused(&h, &response, 413, "not_checked", "body_too_large").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_chunked_body_over_limit_with_413() {
+    let h = harness(Behaviour::Twiml, |c| c.max_body_bytes = 1024).await;
+    let mut pieces = gather_pieces("1234", "yes", &random_sid("CA"));
+    pieces.push(("Pad", "x".repeat(1100)));
+    let body = join_raw(&pieces);
+    // No Content-Length to refuse on: the limit must hold while reading.
+    let (first, second) = body.split_at(600);
+    let request = RawRequest::new("POST", "/ivr/gather", HOST)
+        .header("Content-Type", FORM)
+        .header("Transfer-Encoding", "chunked")
+        .header(
+            "X-Twilio-Signature",
+            sign_form(&h.proxy.secrets.token, "/ivr/gather", &body),
+        )
+        .body(format!(
+            "{:x}\r\n{first}\r\n{:x}\r\n{second}\r\n0\r\n\r\n",
+            first.len(),
+            second.len()
+        ));
+
+    let response = client::send(h.proxy.addr, &request).await;
+
+    assert_refused(&h, &response, 413, "not_checked", "body_too_large").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_form_content_type_variants() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    let variants = [
+        "application/x-www-form-urlencoded; charset=UTF-8",
+        "Application/X-WWW-Form-Urlencoded",
+        "application/x-www-form-urlencoded;charset=utf-8",
+    ];
+
+    for content_type in variants {
+        let request = RawRequest::new("POST", "/ivr/gather", HOST)
+            .header("Content-Type", content_type)
+            .header(
+                "X-Twilio-Signature",
+                sign_form(&h.proxy.secrets.token, "/ivr/gather", &body),
+            )
+            .body(&body);
+        let response = client::send(h.proxy.addr, &request).await;
+        assert_eq!(response.status, 200, "{content_type}: {}", response.text());
+    }
+
+    let got = h.backend.wait_for_requests(variants.len()).await;
+    for (r, content_type) in got.iter().zip(variants) {
+        assert_eq!(r.header("content-type"), Some(content_type));
+        assert_rewritten(&body, r.body_str(), &h.proxy.secrets.key());
+        let params = form_decode(r.body_str());
+        let expected = signature(&h.proxy.secrets.token, &Proxy::public(&r.target), &params);
+        assert_eq!(r.header("x-twilio-signature"), Some(expected.as_str()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_put_with_405() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    let mut request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
+    request.method = "PUT".to_owned();
+
+    let response = client::send(h.proxy.addr, &request).await;
+
+    assert_refused(&h, &response, 405, "not_checked", "method_not_allowed").await;
+}
+
+// ------------------------------------------------------- upstream failures
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_fallback_twiml_when_upstream_down() {
+    let mut config = ProxyConfig::new(closed_port_url());
+    config.upstream_timeout_ms = 5_000;
+    let proxy = Proxy::start(&config).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+
+    let response = client::send(
+        proxy.addr,
+        &signed_post(&proxy.secrets.token, "/ivr/gather", &body),
+    )
+    .await;
+
+    assert_eq!(response.status, 200);
+    assert!(
+        response
+            .header("content-type")
+            .is_some_and(|ct| ct.starts_with("text/xml")),
+        "{:?}",
+        response.headers
+    );
+    assert_eq!(response.text(), FALLBACK_TWIML);
+    let line = proxy.only_access().await;
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["signature"], "valid");
+    assert_eq!(line["reason"], "upstream_connect_error");
+    assert!(absent(&line, "upstream_status"), "{line}");
+    let metrics = client::get(proxy.admin_addr.expect("admin listener"), "/metrics")
+        .await
+        .text();
+    assert!(
+        metrics.contains(r#"ivrguard_upstream_errors_total{kind="connect"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_502_when_upstream_down_and_on_error_is_status() {
+    let mut config = ProxyConfig::new(closed_port_url());
+    config.on_error = "status";
+    let proxy = Proxy::start(&config).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+
+    let response = client::send(
+        proxy.addr,
+        &signed_post(&proxy.secrets.token, "/ivr/gather", &body),
+    )
+    .await;
+
+    assert_eq!(response.status, 502, "{}", response.text());
+    let line = proxy.only_access().await;
+    assert_eq!(line["status"], 502);
+    assert_eq!(line["reason"], "upstream_connect_error");
+}
+
+/// Sends one signed request to a backend that answers after `delay`, with
+/// `upstream.timeout_ms = 300`; returns the response, the backend's record
+/// of the request, when the response arrived, and the access line.
+async fn call_slow_upstream(
+    on_error: &'static str,
+    delay: Duration,
+) -> (HttpResponse, Captured, Instant, Value) {
+    let h = harness(Behaviour::Delay(delay), |c| {
+        c.upstream_timeout_ms = 300;
+        c.on_error = on_error;
+    })
+    .await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    let response = client::send(
+        h.proxy.addr,
+        &signed_post(&h.proxy.secrets.token, "/ivr/gather", &body),
+    )
+    .await;
+    let answered = Instant::now();
+    let arrived = h.backend.wait_for_requests(1).await.remove(0);
+    let line = h.proxy.only_access().await;
+    (response, arrived, answered, line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_fallback_before_slow_upstream_would_have_answered() {
+    let delay = Duration::from_secs(2);
+    let (response, request, answered, line) = call_slow_upstream("twiml", delay).await;
+
+    assert_eq!(response.status, 200);
+    assert_eq!(response.text(), FALLBACK_TWIML);
+    assert!(
+        answered < request.arrived + delay,
+        "the fallback came {:?} after the app got the request, not before its {delay:?} delay ended",
+        answered - request.arrived
+    );
+    assert_eq!(line["reason"], "upstream_timeout");
+    assert!(absent(&line, "upstream_status"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_504_when_upstream_slow_and_on_error_is_status() {
+    let delay = Duration::from_secs(2);
+    let (response, request, answered, line) = call_slow_upstream("status", delay).await;
+
+    assert_eq!(response.status, 504, "{}", response.text());
+    assert!(
+        answered < request.arrived + delay,
+        "504 only after the app's delay"
+    );
+    assert_eq!(line["reason"], "upstream_timeout");
+}
+
+// ------------------------------------------------------------- operations
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_health_and_metrics() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    assert_eq!(client::get(admin, "/healthz").await.status, 200);
+    assert_eq!(client::get(admin, "/readyz").await.status, 200);
+    let canaries = Canaries::generate();
+    let body = join_raw(&gather_pieces(
+        &canaries.pin,
+        &canaries.speech,
+        &random_sid("CA"),
+    ));
+    let ok = client::send(
+        h.proxy.addr,
+        &signed_post(&h.proxy.secrets.token, "/ivr/gather", &body),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    let refused = client::send(h.proxy.addr, &form_post("/ivr/gather", &body, None)).await;
+    assert_eq!(refused.status, 403);
+    h.proxy.wait_access(2).await;
+
+    let response = client::get(admin, "/metrics").await;
+
+    assert_eq!(response.status, 200);
+    let metrics = response.text();
+    for expected in [
+        r#"ivrguard_requests_total{outcome="forwarded"} 1"#,
+        r#"ivrguard_signature_failures_total{reason="missing"} 1"#,
+        "ivrguard_fields_encrypted_total 2",
+        "ivrguard_encryptions_current_key 2",
+        "ivrguard_request_duration_seconds_count",
+        "# TYPE ivrguard_upstream_errors counter",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "/metrics lacks {expected:?}:\n{metrics}"
+        );
+    }
+    assert_no_leak(
+        "/metrics",
+        response.raw.as_slice(),
+        &canaries,
+        &h.proxy.secrets,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: the log scrubber turns a latency_ms fraction of 13-19 digits that \
+            passes the Luhn check into `0.*REDACTED*`, so ~1 access line in 10 is not JSON"]
+async fn access_log_lines_are_valid_json() {
+    // 200 requests: with the bug (a few % of lines hit), all 200 pass only by luck.
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    for i in 0..200 {
+        let request = if i % 2 == 0 {
+            signed_post(&h.proxy.secrets.token, "/ivr/gather", &body)
+        } else {
+            form_post("/ivr/gather", &body, None)
+        };
+        client::send(h.proxy.addr, &request).await;
+    }
+    h.proxy.wait_access(200).await;
+
+    let invalid = h.proxy.invalid_json_lines();
+    assert!(
+        invalid.is_empty(),
+        "{} stdout lines are not JSON:\n{}",
+        invalid.len(),
+        invalid.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_completes_in_flight_request_and_exits_zero() {
+    let delay = Duration::from_millis(500);
+    let mut h = harness(Behaviour::Delay(delay), |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
+    let addr = h.proxy.addr;
+    let in_flight = tokio::spawn(async move { client::send(addr, &request).await });
+    let arrived = h.backend.wait_for_requests(1).await.remove(0).arrived;
+
+    h.proxy.signal("TERM");
+    let signalled = Instant::now();
+    let response = in_flight.await.expect("client task");
+
+    assert!(
+        signalled < arrived + delay,
+        "SIGTERM was sent while the request was in flight"
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        response.text(),
+        BACKEND_TWIML,
+        "the app's answer, not a fallback"
+    );
+    let status = h.proxy.wait_exit().await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM; stderr:\n{}",
+        h.proxy.stderr_text()
+    );
+    let line = h.proxy.only_access().await;
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["upstream_status"], 200);
+}
+
+// ------------------------------------------------------------ config check
+
+fn check_config() -> String {
+    ProxyConfig::new(closed_port_url()).toml()
+}
+
+fn stderr_lines(output: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn check_names_missing_key_variable() {
+    let secrets = Secrets::generate();
+    let output = run_check(&check_config(), &[(TOKEN_VAR, &secrets.token)]);
+
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let lines = stderr_lines(&output);
+    assert_eq!(lines.len(), 1, "one error line: {lines:#?}");
+    assert!(
+        lines[0].contains(KEY_VAR),
+        "the error names {KEY_VAR}: {}",
+        lines[0]
+    );
+}
+
+#[test]
+fn check_names_short_key_variable_without_its_value() {
+    let secrets = Secrets::generate();
+    let short = &secrets.key_hex[..63];
+    let output = run_check(
+        &check_config(),
+        &[(TOKEN_VAR, &secrets.token), (KEY_VAR, short)],
+    );
+
+    assert_eq!(output.status.code(), Some(1));
+    let lines = stderr_lines(&output);
+    assert_eq!(lines.len(), 1, "one error line: {lines:#?}");
+    assert!(
+        lines[0].contains(KEY_VAR),
+        "the error names {KEY_VAR}: {}",
+        lines[0]
+    );
+    let all = [output.stdout.as_slice(), output.stderr.as_slice()].concat();
+    let leaks = find_leaks(&all, &text_needles("the 63-character key", short));
+    assert!(leaks.is_empty(), "{leaks:#?}");
+    assert_no_leak("check output", &all, &Canaries::generate(), &secrets);
+}
+
+#[test]
+fn check_prints_effective_config_without_secrets() {
+    let secrets = Secrets::generate();
+    let config = check_config();
+    let upstream = config
+        .lines()
+        .find(|l| l.starts_with("url = "))
+        .unwrap()
+        .to_owned();
+    let upstream = upstream.trim_start_matches("url = ").trim_matches('"');
+    let env: Vec<(&str, String)> = secrets.env(false);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let output = run_check(&config, &env);
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(upstream),
+        "effective config shows upstream.url:\n{stdout}"
+    );
+    assert!(
+        stdout.contains(KEY_VAR),
+        "effective config names the key variable:\n{stdout}"
+    );
+    let all = [output.stdout.as_slice(), output.stderr.as_slice()].concat();
+    assert_no_leak("check output", &all, &Canaries::generate(), &secrets);
+}
+
+// ------------------------------------------------------------- the canaries
+
+#[test]
+fn canary_grep_finds_planted_canaries_in_every_encoding() {
+    let canaries = Canaries::generate();
+    let secrets = Secrets::generate();
+    assert_eq!(canaries.card.len(), 16);
+    assert!(
+        canaries.card.starts_with("4111") && luhn_valid(canaries.card.as_bytes()),
+        "{}",
+        canaries.card
+    );
+    assert!(luhn_valid(b"4111111111111111") && !luhn_valid(b"4111111111111112"));
+    assert_eq!(canaries.pin.len(), 4);
+    assert!(canaries.speech.starts_with("canary-"));
+
+    let needles = [canaries.needles(), secrets.needles()].concat();
+    // Each needle, planted in a log-like line, is found.
+    for needle in &needles {
+        let mut haystack = br#"{"level":"INFO","message":"x","value":""#.to_vec();
+        haystack.extend_from_slice(&needle.bytes);
+        haystack.extend_from_slice(br#""}"#);
+        assert!(
+            !find_leaks(&haystack, &needles).is_empty(),
+            "{} not found when planted",
+            needle.label
+        );
+    }
+
+    // Encodings produced independently of the needle list are found too.
+    let b64 =
+        |bytes: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
+    let speech_with_spaces = format!("my {} please", canaries.speech);
+    let mut planted: Vec<(String, Vec<u8>)> = vec![
+        (
+            "pin in a form body".into(),
+            format!("CallSid=CA1&Digits={}&x=1", canaries.pin).into_bytes(),
+        ),
+        (
+            "pin as a JSON string".into(),
+            format!(r#"{{"Digits":"{}"}}"#, canaries.pin).into_bytes(),
+        ),
+        (
+            "pin as a JSON number".into(),
+            format!(r#"{{"Digits":{}}}"#, canaries.pin).into_bytes(),
+        ),
+        (
+            "pin in a text log".into(),
+            format!("got digits {} from caller", canaries.pin).into_bytes(),
+        ),
+        (
+            "card in a query".into(),
+            format!("GET /x?Digits={}&y=2", canaries.card).into_bytes(),
+        ),
+        (
+            "card spaced".into(),
+            format!(
+                "card {} {} {} {}",
+                &canaries.card[..4],
+                &canaries.card[4..8],
+                &canaries.card[8..12],
+                &canaries.card[12..]
+            )
+            .into_bytes(),
+        ),
+        (
+            "speech form-encoded with +".into(),
+            format!("SpeechResult={}", form_encode(&speech_with_spaces)).into_bytes(),
+        ),
+        (
+            "speech URL-encoded with %20".into(),
+            format!(
+                "SpeechResult={}",
+                form_encode(&speech_with_spaces).replace('+', "%20")
+            )
+            .into_bytes(),
+        ),
+        (
+            "speech JSON".into(),
+            serde_json::json!({ "speech": speech_with_spaces })
+                .to_string()
+                .into_bytes(),
+        ),
+        (
+            "speech Debug".into(),
+            format!("{:?}", ("SpeechResult", &canaries.speech)).into_bytes(),
+        ),
+        (
+            "speech hex".into(),
+            format!("body={}", hex::encode(format!("x={}", canaries.speech))).into_bytes(),
+        ),
+        (
+            "token in an error".into(),
+            format!("invalid token {}", secrets.token).into_bytes(),
+        ),
+        (
+            "token hex".into(),
+            hex::encode(secrets.token.as_bytes()).into_bytes(),
+        ),
+        (
+            "key hex upper".into(),
+            format!("key={}", secrets.key_hex.to_ascii_uppercase()).into_bytes(),
+        ),
+        (
+            "key raw bytes".into(),
+            [b"\x00\x01".as_slice(), &secrets.key(), b"\xff"].concat(),
+        ),
+        (
+            "half a key".into(),
+            format!("key starts {}…", &secrets.key_hex[..32]).into_bytes(),
+        ),
+    ];
+    // Base64 of the value inside a longer blob, at every alignment.
+    for prefix in ["", "a", "ab", "abc"] {
+        for value in [
+            &canaries.card,
+            &canaries.pin,
+            &canaries.speech,
+            &secrets.token,
+            &secrets.key_hex,
+        ] {
+            // A 4-digit value spans too few base64 characters at the other
+            // two alignments to grep for without false positives.
+            if value == &canaries.pin && prefix.len() % 3 != 0 {
+                continue;
+            }
+            let blob = b64(format!("{prefix}{{\"v\":\"{value}\"}}").as_bytes());
+            planted.push((
+                format!("base64 after {prefix:?} of {value}"),
+                format!("x-data: {blob}").into_bytes(),
+            ));
+        }
+    }
+    for prefix in 0..3 {
+        let blob = b64(&[vec![7u8; prefix], secrets.key().to_vec(), vec![9u8; 5]].concat());
+        planted.push((
+            format!("base64 of the raw key at offset {prefix}"),
+            blob.into_bytes(),
+        ));
+    }
+    for (what, haystack) in &planted {
+        assert!(
+            !find_leaks(haystack, &needles).is_empty(),
+            "{what} not found in {:?}",
+            String::from_utf8_lossy(haystack)
+        );
+    }
+
+    // And what legitimately appears — ciphertexts of the canaries, an access
+    // line, SIDs, timestamps, latencies — is not a leak.
+    let clean = format!(
+        r#"{{"timestamp":"2026-11-23T10:22:33.123456Z","level":"INFO","message":"access","query":"Digits=*REDACTED*","latency_ms":12.3456,"call_sid":"{}","peer":"127.0.0.1"}}
+Digits={}&SpeechResult={}&X=4{}4"#,
+        random_sid("CA"),
+        seal(&secrets.key(), canaries.pin.as_bytes()),
+        seal(&secrets.key(), canaries.speech.as_bytes()),
+        canaries.pin,
+    );
+    let noise = find_leaks(clean.as_bytes(), &needles);
+    assert!(noise.is_empty(), "false positives: {noise:#?}");
+}
+
+/// AES-256-GCM in ivrguard's wire format, for the negative control only.
+fn seal(key: &[u8; 32], plaintext: &[u8]) -> String {
+    use aes_gcm::aead::Aead;
+    use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+    let nonce: [u8; 12] = rand::thread_rng().gen();
+    let sealed = Aes256Gcm::new_from_slice(key)
+        .unwrap()
+        .encrypt(Nonce::from_slice(&nonce), plaintext)
+        .unwrap();
+    hex::encode([nonce.as_slice(), &sealed].concat())
+}
+
+/// Every configured field's value the app received: in the query, in a
+/// form body, or under a JSON key at any depth.
+fn sensitive_values(r: &Captured) -> Vec<(String, String)> {
+    fn walk(v: &Value, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    match v {
+                        Value::String(s) if SENSITIVE.contains(&k.as_str()) => {
+                            out.push((k.clone(), s.clone()))
+                        }
+                        other => walk(other, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    let mut pieces = split_pieces(r.query().unwrap_or(""));
+    let content_type = r.header("content-type").unwrap_or("");
+    if content_type.starts_with(FORM) {
+        pieces.extend(split_pieces(r.body_str()));
+    } else if content_type.starts_with("application/json") {
+        walk(
+            &serde_json::from_slice(&r.body).expect("JSON body"),
+            &mut out,
+        );
+    }
+    for (name, value) in pieces {
+        if SENSITIVE.contains(&name) {
+            out.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    out
+}
+
+/// Everything one leak-test run collected, by surface.
+#[derive(Default)]
+struct Surfaces {
+    collected: Vec<(String, Vec<u8>)>,
+    sent: Vec<u8>,
+    /// Requests sent with [`Surfaces::expect`].
+    expected: usize,
+}
+
+impl Surfaces {
+    fn add(&mut self, name: impl Into<String>, bytes: impl Into<Vec<u8>>) {
+        self.collected.push((name.into(), bytes.into()));
+    }
+
+    /// Sends `request`, keeping both the request (for the positive control)
+    /// and the whole response (a surface).
+    async fn send(&mut self, proxy: &Proxy, what: &str, request: &RawRequest) -> HttpResponse {
+        self.sent.extend_from_slice(&request.to_bytes());
+        self.sent.push(b'\n');
+        let response = client::send(proxy.addr, request).await;
+        self.add(format!("response to {what}"), response.raw.clone());
+        response
+    }
+
+    /// [`Surfaces::send`], asserting the status.
+    async fn expect(&mut self, proxy: &Proxy, what: &str, request: RawRequest, status: u16) {
+        let response = self.send(proxy, what, &request).await;
+        assert_eq!(response.status, status, "{what}: {}", response.text());
+        self.expected += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_canary_or_secret_leaks_on_any_surface() {
+    let c = Canaries::generate();
+    let secrets = Secrets::generate();
+    let mut s = Surfaces::default();
+    let token = secrets.token.clone();
+    let sid = random_sid("CA");
+    let traced = |upstream: String| {
+        let mut config = ProxyConfig::new(upstream);
+        config.log_level = Some("trace");
+        config.secondary = true;
+        config.shared_key = true;
+        config.max_body_bytes = 4096;
+        config
+    };
+    let pin_form = join_raw(&gather_pieces(&c.pin, &c.speech, &sid));
+    let card_form = join_raw(&gather_pieces(
+        &c.card,
+        &format!("my card is {}", c.card),
+        &sid,
+    ));
+    let both_query = format!(
+        "/ivr/gather?CallSid={sid}&Digits={}&SpeechResult={}",
+        c.card,
+        form_encode(&c.speech)
+    );
+
+    // A: a healthy app, every path.
+    let backend = Backend::start(Behaviour::Twiml).await;
+    let mut a = Proxy::start_with(&traced(backend.url()), secrets.clone()).await;
+    s.expect(
+        &a,
+        "signed POST (pin)",
+        signed_post(&token, "/ivr/gather", &pin_form),
+        200,
+    )
+    .await;
+    s.expect(
+        &a,
+        "signed POST (card)",
+        signed_post(&token, "/ivr/pay?attempt=1", &card_form),
+        200,
+    )
+    .await;
+    s.expect(
+        &a,
+        "secondary-signed POST",
+        signed_post(&secrets.secondary, "/ivr/gather", &pin_form),
+        200,
+    )
+    .await;
+    let reordered = {
+        let mut pieces = gather_pieces(&c.pin, &c.speech, &sid);
+        pieces.reverse();
+        join_raw(&pieces)
+    };
+    s.expect(
+        &a,
+        "reordered POST",
+        signed_post(&token, "/ivr/gather", &reordered),
+        200,
+    )
+    .await;
+    s.expect(&a, "signed GET", signed_get(&token, &both_query), 200)
+        .await;
+    let json = json_event();
+    let json_target = format!("/events?bodySHA256={}", sha256_hex(json.as_bytes()));
+    s.expect(
+        &a,
+        "JSON bodySHA256",
+        json_post(&json_target, &json, &token),
+        200,
+    )
+    .await;
+    let json_canary = format!(
+        r#"{{"CallSid":"{sid}","Digits":"{}","SpeechResult":"{}"}}"#,
+        c.card, c.speech
+    );
+    let json_canary_target = format!("/events?bodySHA256={}", sha256_hex(json_canary.as_bytes()));
+    s.expect(
+        &a,
+        "JSON bodySHA256 with sensitive keys",
+        json_post(&json_canary_target, &json_canary, &token),
+        200,
+    )
+    .await;
+    let forwarded = 7;
+    s.expect(
+        &a,
+        "unsigned POST",
+        form_post("/ivr/gather", &card_form, None),
+        403,
+    )
+    .await;
+    let tampered = form_post(
+        "/ivr/gather",
+        &pin_form.replace("0.92", "0.93"),
+        Some(&sign_form(&token, "/ivr/gather", &pin_form)),
+    );
+    s.expect(&a, "tampered POST", tampered, 403).await;
+    s.expect(
+        &a,
+        "other token",
+        signed_post(&Secrets::generate().token, "/ivr/gather", &card_form),
+        403,
+    )
+    .await;
+    let other_path = form_post(
+        "/ivr/gather",
+        &pin_form,
+        Some(&sign_form(&token, "/ivr/other", &pin_form)),
+    );
+    s.expect(&a, "other path", other_path, 403).await;
+    let dup = signed_post(&token, "/ivr/gather", &card_form).header(
+        "X-Twilio-Signature",
+        sign_form(&token, "/ivr/gather", &card_form),
+    );
+    s.expect(&a, "duplicate signature", dup, 403).await;
+    s.expect(
+        &a,
+        "unsigned GET",
+        RawRequest::new("GET", &both_query, HOST),
+        403,
+    )
+    .await;
+    let bad_query = format!(
+        "/ivr/gather?Digits={}&SpeechResult={}&Note=%G1",
+        c.pin, c.speech
+    );
+    s.expect(&a, "malformed query", signed_get(&token, &bad_query), 400)
+        .await;
+    let json_canary = format!(r#"{{"Digits":"{}","SpeechResult":"{}"}}"#, c.card, c.speech);
+    let wrong_hash = format!("/events?bodySHA256={}", sha256_hex(b"other"));
+    s.expect(
+        &a,
+        "JSON wrong hash",
+        json_post(&wrong_hash, &json_canary, &token),
+        403,
+    )
+    .await;
+    let hash = sha256_hex(json_canary.as_bytes());
+    s.expect(
+        &a,
+        "JSON duplicate hash",
+        json_post(
+            &format!("/events?bodySHA256={hash}&bodySHA256={hash}"),
+            &json_canary,
+            &token,
+        ),
+        403,
+    )
+    .await;
+    let text_plain = RawRequest::new("POST", "/ivr/gather", HOST)
+        .header("Content-Type", "text/plain")
+        .header("X-Twilio-Signature", sign_url(&token, "/ivr/gather"))
+        .body(&pin_form);
+    s.expect(&a, "text/plain", text_plain, 415).await;
+    let malformed = format!("Digits={}&SpeechResult={}&Note=%G1", c.card, c.speech);
+    s.expect(
+        &a,
+        "malformed %G1",
+        form_post(
+            "/ivr/gather",
+            &malformed,
+            Some(&sign_url(&token, "/ivr/gather")),
+        ),
+        400,
+    )
+    .await;
+    let bad_utf8 = format!("Digits={}&SpeechResult={}%FF", c.pin, c.speech);
+    s.expect(
+        &a,
+        "invalid UTF-8",
+        form_post(
+            "/ivr/gather",
+            &bad_utf8,
+            Some(&sign_url(&token, "/ivr/gather")),
+        ),
+        400,
+    )
+    .await;
+    let mut oversized = gather_pieces(&c.card, &c.speech, &sid);
+    oversized.push((
+        "Pad",
+        format!("{}+", c.speech).repeat(4096 / c.speech.len() + 1),
+    ));
+    let oversized = join_raw(&oversized);
+    s.expect(
+        &a,
+        "oversized body",
+        signed_post(&token, "/ivr/gather", &oversized),
+        413,
+    )
+    .await;
+    let mut put = signed_post(&token, "/ivr/gather", &pin_form);
+    put.method = "PUT".into();
+    s.expect(&a, "PUT", put, 405).await;
+    let shared = |key_id: &str| {
+        let sig = signature_sha256(
+            &secrets.shared_key,
+            &Proxy::public("/ivr/gather"),
+            &form_decode(&card_form),
+        );
+        form_post("/ivr/gather", &card_form, Some(&sig)).header(
+            "X-Twilio-Webhooks-Signature-Settings",
+            format!("key={key_id},algorithm=HMAC_SHA256"),
+        )
+    };
+    s.expect(&a, "shared-key POST", shared(SHARED_KEY_ID), 200)
+        .await;
+    s.expect(&a, "unknown shared key id", shared("webhooks_x"), 403)
+        .await;
+    // Log injection: CR LF, a fake JSON line and an ANSI escape in the query.
+    let injection = format!(
+        "/ivr/gather?Note=%0D%0A%7B%22level%22%3A%22ERROR%22%7D%1B%5B31m%5C&Digits={}&SpeechResult={}",
+        c.pin, c.speech
+    );
+    s.expect(&a, "log injection GET", signed_get(&token, &injection), 200)
+        .await;
+    let (head, tail) = pin_form.split_at(pin_form.find("Digits=").unwrap() + 9);
+    let chunked = RawRequest::new("POST", "/ivr/gather", HOST)
+        .header("Content-Type", FORM)
+        .header("Transfer-Encoding", "chunked")
+        .header(
+            "X-Twilio-Signature",
+            sign_form(&token, "/ivr/gather", &pin_form),
+        )
+        .body(format!(
+            "{:x}\r\n{head}\r\n{:x}\r\n{tail}\r\n0\r\n\r\n",
+            head.len(),
+            tail.len()
+        ));
+    s.expect(&a, "chunked POST", chunked, 200).await;
+    let forwarded = forwarded + 3;
+    let sent_to_a = s.expected;
+    let admin = a.admin_addr.expect("admin listener");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let response = client::get(admin, path).await;
+        assert_eq!(response.status, 200, "{path}");
+        s.add(format!("A {path}"), response.raw);
+    }
+
+    // Every request reached the log; only the valid ones reached the app,
+    // and every sensitive value there decrypts to a canary.
+    let lines = a.wait_access(sent_to_a).await;
+    assert_eq!(lines.len(), sent_to_a, "one access line per request");
+    let received = backend.wait_for_requests(forwarded).await;
+    assert_eq!(
+        received.len(),
+        forwarded,
+        "only the validly signed requests reach the app"
+    );
+    let canary_values = [
+        c.pin.clone(),
+        c.card.clone(),
+        c.speech.clone(),
+        format!("my card is {}", c.card),
+    ];
+    let mut decrypted = 0;
+    for r in &received {
+        for (name, value) in sensitive_values(r) {
+            let plain = String::from_utf8(decrypt_field(&secrets.key(), &value)).unwrap();
+            assert!(
+                canary_values.contains(&plain),
+                "{name} decrypts to {plain:?}"
+            );
+            decrypted += 1;
+        }
+    }
+    assert_eq!(
+        decrypted,
+        2 * (forwarded - 1),
+        "two sensitive values in every forwarded request but the plain JSON event"
+    );
+
+    // B: the app is down (fallback TwiML). C: the app is too slow (504).
+    let mut b = Proxy::start_with(&traced(closed_port_url()), secrets.clone()).await;
+    let response = s
+        .send(
+            &b,
+            "B: POST, app down",
+            &signed_post(&token, "/ivr/gather", &card_form),
+        )
+        .await;
+    assert_eq!(response.text(), FALLBACK_TWIML);
+    let response = s
+        .send(&b, "B: GET, app down", &signed_get(&token, &both_query))
+        .await;
+    assert_eq!(response.text(), FALLBACK_TWIML);
+    b.wait_access(2).await;
+    s.add(
+        "B /metrics",
+        client::get(b.admin_addr.unwrap(), "/metrics").await.raw,
+    );
+
+    let slow = Backend::start(Behaviour::Delay(Duration::from_millis(1000))).await;
+    let mut slow_config = traced(slow.url());
+    slow_config.upstream_timeout_ms = 300;
+    slow_config.on_error = "status";
+    let mut cc = Proxy::start_with(&slow_config, secrets.clone()).await;
+    let response = s
+        .send(
+            &cc,
+            "C: POST, app slow",
+            &signed_post(&token, "/ivr/gather", &pin_form),
+        )
+        .await;
+    assert_eq!(response.status, 504);
+    cc.wait_access(1).await;
+    s.add(
+        "C /metrics",
+        client::get(cc.admin_addr.unwrap(), "/metrics").await.raw,
+    );
+
+    // Shut everything down so every log line is flushed, then collect.
+    for (name, proxy) in [("A", &mut a), ("B", &mut b), ("C", &mut cc)] {
+        let status = proxy.stop().await;
+        assert_eq!(status.code(), Some(0), "{name} exit status");
+        let stdout = proxy.stdout();
+        // Every line is one JSON object, apart from the known scrubber bug
+        // (`access_log_lines_are_valid_json`), which the repair undoes.
+        for line in stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let repaired = repair_scrubbed_fraction(line);
+            assert!(
+                serde_json::from_slice::<Value>(&repaired).is_ok_and(|v| v.is_object()),
+                "{name}: stdout line is not a JSON object: {}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        s.add(format!("{name} stdout"), stdout);
+        s.add(format!("{name} stderr"), proxy.stderr());
+    }
+    s.add("app A: every byte received", backend.raw_bytes());
+    s.add("app C: every byte received", slow.raw_bytes());
+
+    // `ivrguard check`: success, a missing key and a malformed key.
+    let check_env = secrets.env(true);
+    let check_env: Vec<(&str, &str)> = check_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let config = traced(closed_port_url()).toml();
+    let out = run_check(&config, &check_env);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.add("check (ok)", [out.stdout, out.stderr].concat());
+    let out = run_check(&config, &check_env[..1]);
+    assert_eq!(out.status.code(), Some(1));
+    s.add("check (missing key)", [out.stdout, out.stderr].concat());
+    let bad_key = [
+        (TOKEN_VAR, secrets.token.as_str()),
+        (KEY_VAR, &secrets.key_hex[..63]),
+    ];
+    let out = run_check(&config, &bad_key);
+    assert_eq!(out.status.code(), Some(1));
+    s.add("check (63-char key)", [out.stdout, out.stderr].concat());
+
+    // Positive control: the same grep finds every canary in what we sent.
+    let sent_hits = find_leaks(&s.sent, &c.needles()).join("\n");
+    for label in ["card raw", "pin raw", "speech raw"] {
+        assert!(
+            sent_hits.contains(label),
+            "the grep does not find {label} in the requests sent"
+        );
+    }
+    let total: usize = s.collected.iter().map(|(_, b)| b.len()).sum();
+    assert!(
+        total > 10_000,
+        "suspiciously little output collected ({total} bytes)"
+    );
+    for (surface, bytes) in &s.collected {
+        assert_no_leak(surface, bytes, &c, &secrets);
+    }
+}

@@ -1,0 +1,206 @@
+//! A raw HTTP/1.1 client: the request is written exactly as built (duplicate
+//! headers, odd methods, malformed bodies and all), one request per
+//! connection, and the whole response is read until the server closes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A request, serialised byte for byte as built.
+#[derive(Debug, Clone)]
+pub struct RawRequest {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl RawRequest {
+    /// A request with `Host: host` and nothing else yet.
+    pub fn new(method: &str, target: &str, host: &str) -> Self {
+        RawRequest {
+            method: method.to_owned(),
+            target: target.to_owned(),
+            headers: vec![("Host".to_owned(), host.as_bytes().to_vec())],
+            body: Vec::new(),
+        }
+    }
+
+    /// Adds a header (repeat the call for a repeated header).
+    pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        self.headers
+            .push((name.to_owned(), value.as_ref().to_vec()));
+        self
+    }
+
+    /// Sets the body; `Content-Length` is added when serialising.
+    pub fn body(mut self, body: impl AsRef<[u8]>) -> Self {
+        self.body = body.as_ref().to_vec();
+        self
+    }
+
+    /// The bytes on the wire. Adds `Content-Length` (for a body or a POST)
+    /// unless the request has its own framing header, and `Connection:
+    /// close` unless it has a `Connection` header.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let has = |name: &str| {
+            self.headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(name))
+        };
+        let mut out = format!("{} {} HTTP/1.1\r\n", self.method, self.target).into_bytes();
+        for (name, value) in &self.headers {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        let framed = has("content-length") || has("transfer-encoding");
+        if !framed && (!self.body.is_empty() || self.method != "GET") {
+            out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
+        }
+        if !has("connection") {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+/// A parsed response, plus every byte received.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub raw: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `request` on a fresh connection and reads the response until the
+/// server closes the connection (10 s at most).
+pub async fn send(addr: SocketAddr, request: &RawRequest) -> HttpResponse {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to ivrguard");
+    // The server may answer (413, 400) and close before reading a large
+    // body; a failed write is then not an error, the answer is what counts.
+    let _ = stream.write_all(&request.to_bytes()).await;
+    read_response(stream).await
+}
+
+/// Reads a whole response from `stream` until EOF (or a reset after bytes
+/// arrived) and parses it.
+pub async fn read_response(mut stream: TcpStream) -> HttpResponse {
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) if !raw.is_empty() => {
+                    eprintln!("read ended with {e} after {} bytes", raw.len());
+                    break;
+                }
+                Err(e) => panic!("reading the response: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "no complete response within 10 s; got so far: {:?}",
+        String::from_utf8_lossy(&raw)
+    );
+    parse_response(raw)
+}
+
+fn parse_response(raw: Vec<u8>) -> HttpResponse {
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "response has no header end: {:?}",
+                String::from_utf8_lossy(&raw)
+            )
+        });
+    let head = std::str::from_utf8(&raw[..head_end]).expect("response head is UTF-8");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .map(|line| {
+            let (n, v) = line.split_once(':').expect("header line has a colon");
+            (n.trim().to_owned(), v.trim().to_owned())
+        })
+        .collect();
+    let rest = &raw[head_end + 4..];
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    let body = if chunked {
+        dechunk(rest)
+    } else if let Some((_, len)) = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+    {
+        let len: usize = len.parse().expect("numeric Content-Length");
+        assert!(
+            rest.len() >= len,
+            "body shorter ({}) than Content-Length {len}",
+            rest.len()
+        );
+        rest[..len].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+        raw,
+    }
+}
+
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size line");
+        let size_text = std::str::from_utf8(&rest[..line_end]).expect("chunk size is ASCII");
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .expect("hex chunk size");
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+/// `GET path` (for the admin listener).
+pub async fn get(addr: SocketAddr, path: &str) -> HttpResponse {
+    send(addr, &RawRequest::new("GET", path, &addr.to_string())).await
+}
