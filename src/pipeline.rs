@@ -239,7 +239,10 @@ impl Proxy {
             .await
             .map_err(Rejection::Upstream)?;
         log.upstream_status = Some(response.status().as_u16());
-        Ok(response.map(|incoming| body::with_deadline(incoming, deadline)))
+        let mut response = response.map(|incoming| body::with_deadline(incoming, deadline));
+        // The app's hop-by-hop headers describe its connection to us, not ours to Twilio.
+        upstream::strip_hop_by_hop(response.headers_mut());
+        Ok(response)
     }
 
     fn origin(&self, parts: &Parts) -> Result<Origin, Rejection> {
