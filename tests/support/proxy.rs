@@ -303,28 +303,18 @@ impl Proxy {
         String::from_utf8_lossy(&self.stderr()).into_owned()
     }
 
-    /// The complete stdout lines as JSON objects.
-    ///
-    /// Lines that are not valid JSON only because the log scrubber replaced
-    /// the digits after a number's decimal point (`"latency_ms":0.*REDACTED*`,
-    /// a known product bug, see [`Proxy::invalid_json_lines`]) are repaired
-    /// (`0.0`) so that tests about other behaviour can still read them; any
-    /// other invalid line is skipped here and reported by
-    /// [`Proxy::invalid_json_lines`].
+    /// The complete stdout lines that parse as JSON objects (see
+    /// [`Proxy::invalid_json_lines`] for the others).
     pub fn log_lines(&self) -> Vec<Value> {
         let out = self.stdout();
         out.split(|b| *b == b'\n')
-            .filter_map(|line| {
-                serde_json::from_slice::<Value>(line)
-                    .or_else(|_| serde_json::from_slice::<Value>(&repair_scrubbed_fraction(line)))
-                    .ok()
-            })
+            .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
             .filter(Value::is_object)
             .collect()
     }
 
     /// The complete, non-empty stdout lines that are not a JSON object as
-    /// written (before any repair).
+    /// written.
     pub fn invalid_json_lines(&self) -> Vec<String> {
         let out = self.stdout();
         let complete = match out.iter().rposition(|b| *b == b'\n') {
@@ -421,24 +411,6 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `<digit>.*REDACTED*` → `<digit>.0`: undoes the scrubber's damage to a
-/// JSON number's fraction so the rest of the line can be read.
-pub fn repair_scrubbed_fraction(line: &[u8]) -> Vec<u8> {
-    const MARK: &[u8] = b".*REDACTED*";
-    let mut out = Vec::with_capacity(line.len());
-    let mut i = 0;
-    while i < line.len() {
-        if line[i..].starts_with(MARK) && out.last().is_some_and(u8::is_ascii_digit) {
-            out.extend_from_slice(b".0");
-            i += MARK.len();
-        } else {
-            out.push(line[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 fn pump(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
