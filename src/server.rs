@@ -136,13 +136,18 @@ async fn guarded(
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
-    match AssertUnwindSafe(proxy.handle(request, peer))
-        .catch_unwind()
-        .await
-    {
+    catch_panic(proxy.handle(request, peer), proxy.metrics()).await
+}
+
+/// `handler`'s response, or a 500 (counted in `metrics`) if it panics.
+pub async fn catch_panic(
+    handler: impl Future<Output = Response<ProxyBody>>,
+    metrics: &crate::metrics::Metrics,
+) -> Response<ProxyBody> {
+    match AssertUnwindSafe(handler).catch_unwind().await {
         Ok(response) => response,
         Err(_) => {
-            proxy.metrics().panic();
+            metrics.panic();
             tracing::error!(reason = "panic", "request handler panicked; answered 500");
             crate::rejection::plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n")
         }
@@ -168,5 +173,27 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_becomes_a_counted_500_without_its_message() {
+        let metrics = crate::metrics::Metrics::new();
+        let handler = async {
+            if std::hint::black_box(true) {
+                panic!("request data canary-4111111111111111");
+            }
+            crate::rejection::plain(StatusCode::OK, "ok")
+        };
+        let response = catch_panic(handler, &metrics).await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(!String::from_utf8_lossy(&body).contains("canary"));
+        assert!(metrics.render(0, 0).contains("ivrguard_panics_total 1"));
     }
 }
