@@ -75,6 +75,60 @@ else
   echo "twilio $(cd "$INTEROP" && node -p 'require("twilio/package.json").version')"
 fi
 
+# --- examples/: legacy apps behind ivrguard (tests/legacy_apps.rs) and the
+# --- README's Java/Go decrypt snippets (tests/decrypt_snippets.rs) ----------
+EXAMPLES="$ROOT/examples"
+
+phase "system tools for the example tests (nginx, openssl, JDK, Go)"
+APT_NEEDED=()
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || APT_NEEDED+=(nginx)
+command -v openssl >/dev/null 2>&1 || APT_NEEDED+=(openssl)
+command -v javac >/dev/null 2>&1 || APT_NEEDED+=(default-jdk-headless)
+command -v go >/dev/null 2>&1 || APT_NEEDED+=(golang-go)
+if ((${#APT_NEEDED[@]})); then
+  [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 \
+    || die "missing ${APT_NEEDED[*]}: install them (Debian/Ubuntu: apt-get install ${APT_NEEDED[*]})"
+  echo "apt-get install ${APT_NEEDED[*]}"
+  # The tests run nginx themselves; keep the package from starting a service.
+  POLICY=/usr/sbin/policy-rc.d
+  if [[ ! -e "$POLICY" ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$POLICY" && chmod +x "$POLICY"
+    trap 'rm -f "$POLICY"' EXIT
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${APT_NEEDED[@]}" >/dev/null \
+    || die "apt-get install ${APT_NEEDED[*]} failed"
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+echo "$("$NGINX" -v 2>&1), $(openssl version | cut -d' ' -f1-2), $(javac -version 2>&1), $(go version | cut -d' ' -f3)"
+
+phase "example apps' dependencies (examples/*/node_modules, examples/legacy-python/.venv)"
+for dir in "$EXAMPLES"/*/; do
+  [[ -f "$dir/package-lock.json" ]] || continue
+  stamp="$dir/node_modules/.installed-lock"
+  want="$(fingerprint "$dir/package.json" "$dir/package-lock.json")"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    echo "${dir#"$ROOT/"}: up to date"
+  else
+    (cd "$dir" && npm ci --no-audit --no-fund) || die "npm ci in ${dir#"$ROOT/"} failed"
+    echo "$want" >"$stamp"
+  fi
+done
+APP_VENV="$EXAMPLES/legacy-python/.venv"
+APP_STAMP="$APP_VENV/.installed-requirements"
+APP_WANT="$(fingerprint "$EXAMPLES/legacy-python/requirements.txt")"
+if [[ -x "$APP_VENV/bin/python" && -f "$APP_STAMP" && "$(cat "$APP_STAMP")" == "$APP_WANT" ]]; then
+  echo "examples/legacy-python/.venv: up to date"
+else
+  rm -rf "$APP_VENV"
+  "$PYTHON" -m venv "$APP_VENV" || die "could not create $APP_VENV"
+  "$APP_VENV/bin/python" -m pip install --disable-pip-version-check --quiet \
+    --requirement "$EXAMPLES/legacy-python/requirements.txt" \
+    || die "pip install -r examples/legacy-python/requirements.txt failed"
+  echo "$APP_WANT" >"$APP_STAMP"
+fi
+# --- end of examples/ ---------------------------------------------------------
+
 phase "cargo fmt --all -- --check"
 cargo fmt --all -- --check || die "formatting differs: run 'cargo fmt --all'"
 
