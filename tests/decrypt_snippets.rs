@@ -80,7 +80,11 @@ fn run(mut cmd: Command, input: &str, what: &str) -> String {
 /// The tool, or a failure that says how to get it.
 fn tool(name: &str, package: &str) -> Command {
     let found = Command::new(name)
-        .arg(if name == "go" { "version" } else { "-version" })
+        .arg(match name {
+            "go" => "version",
+            "node" => "--version",
+            _ => "-version",
+        })
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(
@@ -227,5 +231,37 @@ fn go_snippet_decrypts_what_ivrguard_encrypts() {
         run(cmd, input, "decrypt-cli (Go)")
     };
     check_driver(go, "Go");
+    assert_in_readme(&snippet);
+}
+
+#[test]
+fn node_snippet_decrypts_what_ivrguard_encrypts() {
+    let snippet = root().join("examples/decrypt/node/decrypt.js");
+    let node = |key: &str, input: &str| {
+        let mut cmd = tool("node", "nodejs");
+        cmd.arg(root().join("tests/snippets/decrypt_cli.js"))
+            .env("SNIPPET_KEY", key);
+        run(cmd, input, "node decrypt_cli.js")
+    };
+    check_driver(node, "Node");
+    assert_in_readme(&snippet);
+}
+
+#[test]
+fn python_snippet_decrypts_what_ivrguard_encrypts() {
+    let snippet = root().join("examples/decrypt/python/decrypt.py");
+    let python = root().join("tests/interop/.venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run ./tests/run.sh (it installs `cryptography` there)",
+        python.display()
+    );
+    let py = |key: &str, input: &str| {
+        let mut cmd = Command::new(&python);
+        cmd.arg(root().join("tests/snippets/decrypt_cli.py"))
+            .env("SNIPPET_KEY", key);
+        run(cmd, input, "python decrypt_cli.py")
+    };
+    check_driver(py, "Python");
     assert_in_readme(&snippet);
 }
