@@ -204,3 +204,79 @@ fn dechunk(mut rest: &[u8]) -> Vec<u8> {
 pub async fn get(addr: SocketAddr, path: &str) -> HttpResponse {
     send(addr, &RawRequest::new("GET", path, &addr.to_string())).await
 }
+
+/// Splits `raw` into the complete responses it holds, in order, and returns
+/// them with the bytes left over (an incomplete response). Responses are
+/// framed by `Content-Length` or chunked encoding; one with neither runs to
+/// the end of `raw`. For pipelined requests on one connection.
+pub fn split_responses(raw: &[u8]) -> (Vec<HttpResponse>, &[u8]) {
+    let mut responses = Vec::new();
+    let mut rest = raw;
+    while let Some((response, used)) = parse_one(rest) {
+        responses.push(response);
+        rest = &rest[used..];
+    }
+    (responses, rest)
+}
+
+/// One complete response at the start of `raw` and its length on the wire;
+/// `None` if `raw` does not start with a complete, well-formed response.
+fn parse_one(raw: &[u8]) -> Option<(HttpResponse, usize)> {
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..head_end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .map(|line| {
+            line.split_once(':')
+                .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        })
+        .collect::<Option<_>>()?;
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let start = head_end + 4;
+    let (body, end) =
+        if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            let mut body = Vec::new();
+            let mut at = start;
+            loop {
+                let line_len = raw[at..].windows(2).position(|w| w == b"\r\n")?;
+                let size_text = std::str::from_utf8(&raw[at..at + line_len]).ok()?;
+                let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+                at += line_len + 2;
+                if size == 0 {
+                    // No trailers in these tests: the final CRLF follows.
+                    if raw.len() < at + 2 {
+                        return None;
+                    }
+                    break (body, at + 2);
+                }
+                if raw.len() < at + size + 2 {
+                    return None;
+                }
+                body.extend_from_slice(&raw[at..at + size]);
+                at += size + 2;
+            }
+        } else if let Some(len) = find("content-length") {
+            let len: usize = len.parse().ok()?;
+            if raw.len() < start + len {
+                return None;
+            }
+            (raw[start..start + len].to_vec(), start + len)
+        } else {
+            (raw[start..].to_vec(), raw.len())
+        };
+    Some((
+        HttpResponse {
+            status,
+            headers,
+            body,
+            raw: raw[..end].to_vec(),
+        },
+        end,
+    ))
+}

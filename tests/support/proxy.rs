@@ -7,8 +7,9 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -117,6 +118,17 @@ pub struct ProxyConfig {
     pub shared_key: bool,
     pub log_level: Option<&'static str>,
     pub fields: Vec<&'static str>,
+    /// `server.request_timeout_ms` (must stay above `upstream_timeout_ms`).
+    pub request_timeout_ms: u64,
+    /// Extra `key = value` lines for `[server]`, e.g.
+    /// `"header_read_timeout_ms = 500"` (keys not set above only).
+    pub server_extra: Vec<String>,
+    /// Extra `key = value` lines for `[upstream]`, e.g.
+    /// `"pool_idle_timeout_ms = 1000"`.
+    pub upstream_extra: Vec<String>,
+    /// Read the primary auth token from this file
+    /// (`twilio.auth_token_file`) instead of [`TOKEN_VAR`].
+    pub auth_token_file: Option<PathBuf>,
 }
 
 impl ProxyConfig {
@@ -132,11 +144,18 @@ impl ProxyConfig {
             shared_key: false,
             log_level: None,
             fields: vec!["Digits", "SpeechResult"],
+            request_timeout_ms: 14_000,
+            server_extra: Vec::new(),
+            upstream_extra: Vec::new(),
+            auth_token_file: None,
         }
     }
 
     pub fn toml(&self) -> String {
-        let mut twilio = format!("auth_token_env = \"{TOKEN_VAR}\"\n");
+        let mut twilio = match &self.auth_token_file {
+            Some(path) => format!("auth_token_file = {:?}\n", path.display().to_string()),
+            None => format!("auth_token_env = \"{TOKEN_VAR}\"\n"),
+        };
         if self.secondary {
             twilio.push_str(&format!("secondary_auth_token_env = \"{SECONDARY_VAR}\"\n"));
         }
@@ -159,16 +178,16 @@ listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 trust_forwarded_headers = false
 max_body_bytes = {max_body}
-request_timeout_ms = 14000
+request_timeout_ms = {request_timeout}
 drain_timeout_ms = {drain}
-
+{server_extra}
 [upstream]
 url = "{upstream}"
 timeout_ms = {timeout}
 connect_timeout_ms = {connect}
 on_error = "{on_error}"
 fallback_twiml = "{FALLBACK_TWIML}"
-
+{upstream_extra}
 [twilio]
 {twilio}
 [encryption]
@@ -179,7 +198,10 @@ fields = [{fields}]
 format = "json"
 {level}"#,
             max_body = self.max_body_bytes,
+            request_timeout = self.request_timeout_ms,
             drain = self.drain_timeout_ms,
+            server_extra = extra_lines(&self.server_extra),
+            upstream_extra = extra_lines(&self.upstream_extra),
             upstream = self.upstream_url,
             timeout = self.upstream_timeout_ms,
             // Config requires connect_timeout_ms <= timeout_ms.
@@ -190,6 +212,15 @@ format = "json"
     }
 }
 
+fn extra_lines(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// What the reader of ivrguard's stdout does (see [`Proxy::pause_stdout`]).
+const STDOUT_READ: u8 = 0;
+const STDOUT_PAUSED: u8 = 1;
+const STDOUT_CLOSED: u8 = 2;
+
 /// A running `ivrguard run`.
 pub struct Proxy {
     child: Child,
@@ -199,6 +230,8 @@ pub struct Proxy {
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     readers: Vec<JoinHandle<()>>,
+    stdout_mode: Arc<AtomicU8>,
+    config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -226,8 +259,13 @@ impl Proxy {
             .expect("spawn ivrguard");
         let stdout: Arc<Mutex<Vec<u8>>> = Arc::default();
         let stderr: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let stdout_mode: Arc<AtomicU8> = Arc::default();
         let readers = vec![
-            pump(child.stdout.take().expect("piped stdout"), stdout.clone()),
+            pump_controlled(
+                child.stdout.take().expect("piped stdout"),
+                stdout.clone(),
+                stdout_mode.clone(),
+            ),
             pump(child.stderr.take().expect("piped stderr"), stderr.clone()),
         ];
         let mut proxy = Proxy {
@@ -238,6 +276,8 @@ impl Proxy {
             stdout,
             stderr,
             readers,
+            stdout_mode,
+            config_path: path,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -280,6 +320,31 @@ impl Proxy {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The config file the process was started with (rewrite it, then
+    /// SIGHUP, to test a reload).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Stops reading ivrguard's stdout (after the read in progress), so the
+    /// pipe fills up and its writes block: a stalled log consumer. Until
+    /// [`Proxy::resume_stdout`], [`Proxy::log_lines`] sees nothing new and
+    /// [`Proxy::wait_exit`] cannot finish.
+    pub fn pause_stdout(&self) {
+        self.stdout_mode.store(STDOUT_PAUSED, Ordering::SeqCst);
+    }
+
+    pub fn resume_stdout(&self) {
+        self.stdout_mode.store(STDOUT_READ, Ordering::SeqCst);
+    }
+
+    /// Closes the read end of ivrguard's stdout once the read in progress
+    /// returns (at ivrguard's next write), so later writes fail with EPIPE:
+    /// a log consumer that went away.
+    pub fn close_stdout(&self) {
+        self.stdout_mode.store(STDOUT_CLOSED, Ordering::SeqCst);
     }
 
     /// `PUBLIC_URL` + `path_and_query`: the URL Twilio signs.
@@ -417,6 +482,32 @@ fn pump(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> Join
     std::thread::spawn(move || {
         let mut buf = [0u8; 8192];
         loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+}
+
+/// Like [`pump`], but obeys `mode`: paused (stop reading, keep the pipe
+/// open) or closed (drop the read end).
+fn pump_controlled(
+    mut from: impl Read + Send + 'static,
+    into: Arc<Mutex<Vec<u8>>>,
+    mode: Arc<AtomicU8>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match mode.load(Ordering::SeqCst) {
+                STDOUT_CLOSED => break,
+                STDOUT_PAUSED => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                _ => {}
+            }
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
