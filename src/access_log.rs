@@ -48,6 +48,8 @@ pub struct AccessRecord {
     pub encrypted_fields: Vec<String>,
     pub upstream_status: Option<u16>,
     pub reason: Option<&'static str>,
+    /// The app answered 401/403 to a verified, re-signed request.
+    pub app_refused: bool,
 }
 
 impl AccessRecord {
@@ -68,6 +70,7 @@ impl AccessRecord {
             encrypted_fields: Vec::new(),
             upstream_status: None,
             reason: None,
+            app_refused: false,
         }
     }
 

@@ -149,6 +149,8 @@ pub struct UpstreamSettings {
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Send the signed URL's host as `Host` instead of the received one.
+    pub rewrite_host: bool,
     pub on_error: OnUpstreamError,
     pub fallback_twiml: String,
 }
@@ -355,6 +357,7 @@ impl Settings {
             "pool_max_idle_per_host = {}",
             u.pool_max_idle_per_host
         ));
+        out.push(format!("rewrite_host = {}", u.rewrite_host));
         let on_error = match u.on_error {
             OnUpstreamError::Twiml => "twiml",
             OnUpstreamError::Status => "status",
@@ -653,6 +656,7 @@ struct RawUpstream {
     timeout_ms: Option<u64>,
     pool_idle_timeout_ms: Option<u64>,
     pool_max_idle_per_host: Option<u64>,
+    rewrite_host: Option<bool>,
     on_error: Option<String>,
     fallback_twiml: Option<String>,
 }
@@ -1006,6 +1010,7 @@ fn upstream_settings(raw: RawUpstream) -> Result<UpstreamSettings, ConfigError> 
             raw.pool_max_idle_per_host
                 .unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
         )?,
+        rewrite_host: raw.rewrite_host.unwrap_or(false),
         on_error,
         fallback_twiml: non_empty(raw.fallback_twiml)
             .unwrap_or_else(|| DEFAULT_FALLBACK_TWIML.to_string()),

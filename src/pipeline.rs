@@ -54,6 +54,7 @@ pub struct Proxy {
     origin: OriginRule,
     max_body_bytes: usize,
     request_timeout: Duration,
+    rewrite_host: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -100,6 +101,7 @@ impl Proxy {
             origin,
             max_body_bytes: settings.server.max_body_bytes,
             request_timeout: settings.server.request_timeout,
+            rewrite_host: settings.upstream.rewrite_host,
             metrics,
         }
     }
@@ -146,7 +148,11 @@ impl Proxy {
             }
         };
         let latency = started.elapsed();
-        let outcome = log.reason.unwrap_or("forwarded");
+        let outcome = match (log.reason, log.app_refused) {
+            (Some(reason), _) => reason,
+            (None, true) => "app_refused",
+            (None, false) => "forwarded",
+        };
         self.metrics.request(outcome, latency.as_secs_f64());
         log.emit(response.status().as_u16(), latency);
         response
@@ -163,6 +169,44 @@ impl Proxy {
         // 1. receive
         check_head(&parts)?;
         let body = read_body(body, &parts, self.max_body_bytes).await?;
+
+        // 2.–4. verify, rewrite, re-sign
+        let request = self.prepare(parts, body, peer, log)?;
+
+        // 5. forward
+        let response = self
+            .upstream
+            .send(request)
+            .await
+            .map_err(Rejection::Upstream)?;
+        log.upstream_status = Some(response.status().as_u16());
+        if matches!(response.status().as_u16(), 401 | 403) {
+            // The request was Twilio's and was re-signed: the app refusing it
+            // is a configuration mismatch between ivrguard and the app.
+            log.app_refused = true;
+            tracing::warn!(
+                status = response.status().as_u16(),
+                "the app refused a request ivrguard verified and re-signed: the app must validate with \
+                 the same primary token as twilio.auth_token_env/_file and rebuild the URL ivrguard \
+                 signed (X-Forwarded-Proto + X-Forwarded-Host + path; see upstream.rewrite_host)"
+            );
+        }
+        let mut response = response.map(|incoming| body::with_deadline(incoming, deadline));
+        // The app's hop-by-hop headers describe its connection to us, not ours to Twilio.
+        upstream::strip_hop_by_hop(response.headers_mut());
+        Ok(response)
+    }
+
+    /// Stages 2–4 on a received request: verify, rewrite, re-sign, and the
+    /// request to forward. Pure CPU work, no I/O (`benches/pipeline.rs`
+    /// measures it on its own).
+    pub fn prepare(
+        &self,
+        parts: Parts,
+        body: Bytes,
+        peer: SocketAddr,
+        log: &mut AccessRecord,
+    ) -> Result<Request<Full<Bytes>>, Rejection> {
         let signed = SignedContent::classify(&parts, &body)?;
 
         // 2. verify
@@ -224,25 +268,14 @@ impl Proxy {
             .verifier
             .sign(&format!("{}{}", origin.origin, path_and_query), &params);
 
-        // 5. forward
-        let request = self.upstream_request(
+        self.upstream_request(
             parts,
             &path_and_query,
             forwarded_body,
             &signature,
             peer,
             &origin,
-        )?;
-        let response = self
-            .upstream
-            .send(request)
-            .await
-            .map_err(Rejection::Upstream)?;
-        log.upstream_status = Some(response.status().as_u16());
-        let mut response = response.map(|incoming| body::with_deadline(incoming, deadline));
-        // The app's hop-by-hop headers describe its connection to us, not ours to Twilio.
-        upstream::strip_hop_by_hop(response.headers_mut());
-        Ok(response)
+        )
     }
 
     fn origin(&self, parts: &Parts) -> Result<Origin, Rejection> {
@@ -350,7 +383,11 @@ impl Proxy {
         if !body.is_empty() || headers.contains_key(header::CONTENT_LENGTH) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        if !headers.contains_key(header::HOST) {
+        if self.rewrite_host {
+            if let Ok(v) = HeaderValue::try_from(origin.host.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        } else if !headers.contains_key(header::HOST) {
             // HTTP/2 carries the host in :authority; the app gets it as Host.
             if let Ok(v) = HeaderValue::try_from(origin.host.as_str()) {
                 headers.insert(header::HOST, v);

@@ -134,6 +134,7 @@ fn shipped_example_mentions_every_key() {
         "timeout_ms",
         "pool_idle_timeout_ms",
         "pool_max_idle_per_host",
+        "rewrite_host",
         "on_error",
         "fallback_twiml",
         "auth_token_env",

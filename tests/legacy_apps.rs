@@ -1073,6 +1073,21 @@ fn app_refuses_a_different_token(kind: AppKind) {
     assert_eq!(line["signature"], "valid", "{line}");
     assert_eq!(line["status"], 403, "{line}");
     assert_eq!(line["upstream_status"], 403, "{line}");
+    // ...and says what to fix, in a WARN line written before the access line.
+    let warning = guard
+        .proc
+        .output()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["level"] == "WARN")
+        .unwrap_or_else(|| panic!("no WARN line:\n{}", guard.proc.output()));
+    let message = warning["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("the app refused a request ivrguard verified and re-signed")
+            && message.contains("twilio.auth_token_env"),
+        "{warning}"
+    );
+    assert_eq!(warning["status"], 403, "{warning}");
 }
 
 #[test]
