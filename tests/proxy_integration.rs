@@ -1773,3 +1773,36 @@ async fn no_canary_or_secret_leaks_on_any_surface() {
         assert_no_leak(surface, bytes, &c, &secrets);
     }
 }
+
+/// Behind an ingress that rewrites `Host`, an app that rebuilds the URL
+/// from `Host` (Express with `twilio.webhook()`) needs the signed host.
+#[tokio::test]
+async fn rewrite_host_sends_the_signed_host_and_default_keeps_the_received_one() {
+    for (rewrite, expected_host) in [(false, "app-internal.svc:8080"), (true, HOST)] {
+        let h = harness(Behaviour::Twiml, |c| {
+            c.upstream_extra.push(format!("rewrite_host = {rewrite}"))
+        })
+        .await;
+        let path = "/ivr?step=1";
+        let body = "CallSid=CA0123456789abcdef0123456789abcdef&Digits=1234";
+        let request = RawRequest::new("POST", path, "app-internal.svc:8080")
+            .header("Content-Type", FORM)
+            .header(
+                "X-Twilio-Signature",
+                sign_form(&h.proxy.secrets.token, path, body),
+            )
+            .body(body);
+        let response = client::send(h.proxy.addr, &request).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        let got = h.backend.requests();
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0].header("host"),
+            Some(expected_host),
+            "rewrite_host = {rewrite}"
+        );
+        // Either way the signature is over public_url, which the app can rebuild.
+        assert_eq!(got[0].header("x-forwarded-host"), Some(HOST));
+        assert_resigned(&got[0], &h.proxy.secrets.token);
+    }
+}
