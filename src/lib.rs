@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod rejection;
 pub mod reload;
+pub mod resolve;
 pub mod run;
 pub mod secret;
 pub mod server;

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{self, ProxyBody};
 use crate::config::{OnUpstreamError, UpstreamSettings};
+use crate::resolve::Resolver;
 
 /// How the upstream failed. Fixed labels; no upstream bytes.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +95,7 @@ impl Fallback {
 
 /// The pooled client and where it sends requests.
 pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector<Resolver>, Full<Bytes>>,
     base: String,
     timeout: Duration,
 }
@@ -109,7 +110,8 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     pub fn new(settings: &UpstreamSettings) -> Self {
-        let mut connector = HttpConnector::new();
+        // Host names go through our resolver, not getaddrinfo: see resolve.rs.
+        let mut connector = HttpConnector::new_with_resolver(Resolver::new());
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
         connector.enforce_http(true);

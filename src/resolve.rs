@@ -1,0 +1,316 @@
+//! Upstream host names, resolved without the C library.
+//!
+//! The container image is one statically linked glibc binary in an empty
+//! (`scratch`) image. Static glibc cannot load the NSS modules behind
+//! `getaddrinfo` (`/etc/hosts`, DNS), so hyper-util's default resolver fails
+//! there for every name — `http://app:3000` as a compose service, a
+//! Kubernetes Service name — exactly the deployments a sidecar is for.
+//! [`Resolver`] does what a libc in the container would do, in Rust
+//! (hickory): `/etc/hosts` first, then the name servers, search domains and
+//! `ndots` of `/etc/resolv.conf`, answers cached for their TTL.
+//!
+//! - IP-literal upstreams never get here: hyper-util's connector parses an
+//!   IP host itself, so `http://127.0.0.1:3000` costs no lookup and no
+//!   resolver set-up.
+//! - The resolver is set up on the first lookup. If `/etc/resolv.conf`
+//!   cannot be read, lookups go through `getaddrinfo` as before this module
+//!   existed (fine with a dynamic libc; inside `scratch` it fails, and the
+//!   request gets the upstream fallback answer).
+//! - Name servers are asked one at a time, in the order of
+//!   `/etc/resolv.conf`, as the C library does; an answer that the name does
+//!   not exist ends the lookup. hickory's default — two servers at once,
+//!   fastest first — broke a container on two podman networks: each
+//!   network's DNS knows only its own containers, and the one that did not
+//!   know the app's name answered first.
+//! - The connection pool reuses connections, so lookups happen only when a
+//!   new connection to the app is opened.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use hickory_resolver::config::{ResolverOpts, ServerOrderingStrategy};
+use hickory_resolver::TokioResolver;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
+use tower::Service;
+
+/// Resolves host names for the upstream connector
+/// (`HttpConnector::new_with_resolver`). Cheap to clone; clones share the
+/// resolver and its cache.
+#[derive(Clone, Default)]
+pub struct Resolver {
+    backend: Arc<OnceLock<Backend>>,
+}
+
+enum Backend {
+    /// `/etc/hosts` and `/etc/resolv.conf`, read by hickory.
+    Hickory(Box<TokioResolver>),
+    /// `getaddrinfo` on a blocking thread: only when the system
+    /// configuration could not be read.
+    Gai(GaiResolver),
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let backend = match self.backend.get() {
+            None => "not set up yet",
+            Some(Backend::Hickory(_)) => "hickory (/etc/hosts, /etc/resolv.conf)",
+            Some(Backend::Gai(_)) => "getaddrinfo",
+        };
+        f.debug_struct("Resolver")
+            .field("backend", &backend)
+            .finish()
+    }
+}
+
+impl Resolver {
+    /// A resolver reading the system configuration on its first lookup.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A resolver with a given hickory configuration (tests: a hosts file
+    /// and no name servers).
+    pub fn with_hickory(resolver: TokioResolver) -> Self {
+        let backend = OnceLock::new();
+        let _ = backend.set(Backend::Hickory(Box::new(resolver)));
+        Resolver {
+            backend: Arc::new(backend),
+        }
+    }
+
+    /// The addresses of `host`, in the order to try them. An IP literal is
+    /// returned as is.
+    pub async fn lookup(&self, host: &str) -> io::Result<Vec<IpAddr>> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        let ips: Vec<IpAddr> = match self.backend() {
+            Backend::Hickory(resolver) => resolver
+                .lookup_ip(host)
+                .await
+                .map_err(|e| io::Error::other(format!("resolving {host}: {e}")))?
+                .iter()
+                .collect(),
+            Backend::Gai(gai) => {
+                let name = Name::from_str(host).map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}"))
+                })?;
+                gai.clone().call(name).await?.map(|a| a.ip()).collect()
+            }
+        };
+        if ips.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("resolving {host}: no addresses"),
+            ));
+        }
+        Ok(ips)
+    }
+
+    fn backend(&self) -> &Backend {
+        self.backend.get_or_init(|| {
+            let system = TokioResolver::builder_tokio().and_then(|mut builder| {
+                one_server_at_a_time(builder.options_mut());
+                builder.build()
+            });
+            match system {
+                Ok(resolver) => Backend::Hickory(Box::new(resolver)),
+                Err(_) => Backend::Gai(GaiResolver::new()),
+            }
+        })
+    }
+}
+
+/// Name servers in `/etc/resolv.conf` order, one at a time, as the C
+/// library asks them (see the module docs for why).
+fn one_server_at_a_time(options: &mut ResolverOpts) {
+    options.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
+    options.num_concurrent_reqs = 1;
+}
+
+/// The shape hyper-util's connector asks for: a `Service<Name>` returning
+/// socket addresses (the connector puts the port in).
+impl Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let resolver = self.clone();
+        Box::pin(async move {
+            let ips = resolver.lookup(name.as_str()).await?;
+            let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect();
+            Ok(addrs.into_iter())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::Arc;
+
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    use hickory_resolver::proto::op::{Message, ResponseCode};
+    use hickory_resolver::proto::rr::rdata::A;
+    use hickory_resolver::proto::rr::{RData, Record, RecordType};
+    use hickory_resolver::Hosts;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UdpSocket;
+
+    /// A resolver that knows only the names in `hosts` (hosts-file syntax)
+    /// and has no name server: nothing leaves the machine.
+    fn hosts_only(hosts: &str) -> Resolver {
+        let mut table = Hosts::default();
+        table.read_hosts_conf(hosts.as_bytes()).unwrap();
+        let mut resolver = TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], vec![]),
+            TokioRuntimeProvider::default(),
+        )
+        .build()
+        .unwrap();
+        resolver.set_hosts(Arc::new(table));
+        Resolver::with_hickory(resolver)
+    }
+
+    #[tokio::test]
+    async fn resolves_a_name_from_the_hosts_table() {
+        let r = hosts_only("10.1.2.3 legacy-app legacy-app.internal\n");
+        let ips = r.lookup("legacy-app").await.unwrap();
+        assert_eq!(ips, ["10.1.2.3".parse::<IpAddr>().unwrap()]);
+        let ips = r.lookup("legacy-app.internal").await.unwrap();
+        assert_eq!(ips, ["10.1.2.3".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn unknown_name_is_an_error_naming_the_host() {
+        let r = hosts_only("10.1.2.3 legacy-app\n");
+        let err = r.lookup("other-app").await.unwrap_err();
+        assert!(err.to_string().contains("other-app"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn ip_literals_are_returned_without_a_lookup() {
+        // No hosts, no name servers: only the literal path can answer.
+        let r = hosts_only("");
+        assert_eq!(
+            r.lookup("127.0.0.1").await.unwrap(),
+            ["127.0.0.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            r.lookup("::1").await.unwrap(),
+            ["::1".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    /// A DNS server on 127.0.0.1 (UDP) that knows `known` (A 10.1.2.3),
+    /// answering it after `delay`, and says NXDOMAIN at once to anything
+    /// else: one podman network's DNS.
+    async fn network_dns(known: &'static str, delay: Duration) -> SocketAddr {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    let mut answer = Message::response(query.metadata.id, query.metadata.op_code);
+                    answer.metadata.recursion_desired = query.metadata.recursion_desired;
+                    answer.metadata.recursion_available = true;
+                    let question = query.queries[0].clone();
+                    answer.add_query(question.clone());
+                    if question.name().to_ascii() == format!("{known}.") {
+                        tokio::time::sleep(delay).await;
+                        if question.query_type() == RecordType::A {
+                            let ip = A(Ipv4Addr::new(10, 1, 2, 3));
+                            answer.add_answer(Record::from_rdata(
+                                question.name().clone(),
+                                60,
+                                RData::A(ip),
+                            ));
+                        }
+                    } else {
+                        answer.metadata.response_code = ResponseCode::NXDomain;
+                    }
+                    let _ = socket.send_to(&answer.to_vec().unwrap(), peer).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A container on two podman networks gets both networks' DNS servers;
+    /// only the first knows the app. The second's quick NXDOMAIN must not
+    /// win: servers are asked in order, as glibc does.
+    #[tokio::test]
+    async fn asks_name_servers_in_order_like_the_c_library() {
+        let knows_app = network_dns("legacy-app", Duration::from_millis(100)).await;
+        let other_network = network_dns("ivrguard", Duration::ZERO).await;
+        let servers = [knows_app, other_network]
+            .into_iter()
+            .map(|addr| {
+                let mut server = NameServerConfig::udp(addr.ip());
+                server.connections[0].port = addr.port();
+                server
+            })
+            .collect();
+        let mut builder = TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], servers),
+            TokioRuntimeProvider::default(),
+        );
+        one_server_at_a_time(builder.options_mut());
+        let resolver = Resolver::with_hickory(builder.build().unwrap());
+        for _ in 0..3 {
+            let ips = resolver.lookup("legacy-app").await.unwrap();
+            assert_eq!(ips, [IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]);
+        }
+    }
+
+    /// The wiring `upstream.rs` relies on: the connector asks this resolver
+    /// for a name and connects to the answer, on the URL's port.
+    #[tokio::test]
+    async fn connector_reaches_a_named_upstream_through_the_resolver() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await.unwrap();
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                .await
+                .unwrap();
+        });
+        let connector = HttpConnector::new_with_resolver(hosts_only("127.0.0.1 legacy-app\n"));
+        let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
+        let response = client
+            .get(format!("http://legacy-app:{port}/ivr").parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+}
