@@ -1,5 +1,5 @@
 //! The command line (SPEC §1, a contract): `run`, `check`, `keygen`,
-//! `encrypt`, `decrypt`, `sign`, `demo`. Plain `ivrguard --config FILE` runs.
+//! `encrypt`, `decrypt`, `sign`, `demo`, `health`. Plain `ivrguard --config FILE` runs.
 
 use std::path::PathBuf;
 
@@ -54,6 +54,12 @@ pub enum Command {
     },
     /// Zero-setup tour: sample IVR backend + ivrguard + a simulated Twilio caller
     Demo,
+    /// Exit 0 if the admin listener's /healthz answers 200 within 2 s (container health checks)
+    Health {
+        /// Probe this URL instead of http://<server.admin_listen>/healthz from the config
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
 }
 
 impl Cli {

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod form;
+pub mod health;
 pub mod json_body;
 pub mod logging;
 pub mod metrics;

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             params,
         } => sign(token_env, url, params),
         Command::Demo => ivrguard::demo::run(),
+        Command::Health { url } => ivrguard::health::run(&cli.config_path(), url.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
