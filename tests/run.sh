@@ -141,5 +141,6 @@ cargo test --all-targets --no-fail-fast "$@" || die "tests failed (see the summa
 
 phase "cargo test --doc"
 cargo test --doc || die "doc tests failed (see above)"
+"$ROOT/docker/test.sh" || die "container tests failed (docker/test.sh, see above)"
 
 phase "all checks passed in $((SECONDS - START))s"
