@@ -110,13 +110,23 @@ pub async fn serve(
             let proxy = proxy.load_full();
             async move { Ok::<_, Infallible>(guarded(&proxy, request, peer).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let first_bytes_timeout = settings.header_read_timeout;
         tokio::spawn(async move {
-            // Client resets and timeouts end here; they are not our errors.
-            let _ = conn.await;
+            // hyper-util's auto builder first reads the bytes that tell
+            // HTTP/1 from HTTP/2 with no timeout of its own, so a client that
+            // connects and sends nothing would hold a connection slot for
+            // ever. Those bytes get the header-read timeout too. (A drain
+            // waits for this watcher: at most that timeout.)
+            let known = tokio::time::timeout(first_bytes_timeout, protocol_known(&stream)).await;
+            if known.unwrap_or(false) {
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                // Client resets and timeouts end here; they are not our errors.
+                let _ = watcher.watch(conn).await;
+            }
             drop(permit);
         });
     }
@@ -126,6 +136,23 @@ pub async fn serve(
     tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
         .await
         .is_ok()
+}
+
+/// Waits, without consuming anything, until the client has sent enough to
+/// tell HTTP/1 from the HTTP/2 preface: a byte that differs from it, or all
+/// of it. False if the connection ends first.
+async fn protocol_known(stream: &tokio::net::TcpStream) -> bool {
+    const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n == buf.len() || buf[..n] != H2_PREFACE[..n] => return true,
+            // A prefix of the preface: peek returns at once while those
+            // bytes sit unread, so wait a little before looking again.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
 }
 
 /// Runs the pipeline; a panic becomes a 500 and a metric, never a crash.
