@@ -490,6 +490,13 @@ fn check_head(parts: &Parts) -> Result<(), Rejection> {
     if parts.version <= http::Version::HTTP_11 && parts.uri.scheme().is_some() {
         return Err(Rejection::AbsoluteTarget);
     }
+    // RFC 9112 §3.2: 400 for an HTTP/1.1 request without `Host` and for any
+    // request with more than one, even when `public_url` makes the signed
+    // URL independent of it: the app must not get an ambiguous request.
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && parts.version == http::Version::HTTP_11) {
+        return Err(Rejection::MissingHost);
+    }
     Ok(())
 }
 
