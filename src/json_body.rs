@@ -4,7 +4,8 @@
 //! A JSON body is forwarded byte for byte unless it contains a configured
 //! field name as an object key, at any depth, with a string or number value.
 //! Then each such value becomes its ciphertext (a JSON string), the body is
-//! re-serialised (key order kept, whitespace compacted), and the pipeline
+//! re-serialised (key order kept, whitespace compacted, numbers with the
+//! digits they were sent with), and the pipeline
 //! replaces `bodySHA256` in the query with the new body's hash before
 //! re-signing, so an app using `validateRequestWithBody` still accepts it.
 
@@ -126,6 +127,21 @@ mod tests {
         );
         assert_eq!(out.fields, ["Digits", "SpeechResult"]);
         assert_eq!(out.count, 3);
+    }
+
+    #[test]
+    fn encrypts_a_sensitive_number_as_the_text_that_was_sent() {
+        // Found by fuzzing (json_rewrite): `2.5e3` was encrypted as "2500.0"
+        // and a 23-digit number as "1.2345678901234568e22", so the app
+        // decrypted digits the caller never sent. Other numbers keep their
+        // digits too. Only an exponent's spelling is normalised (`E3` is
+        // `e+3`), by serde_json.
+        let body = br#"{"Digits":12345678901234567890123,"SpeechResult":2.50E3,"x":[1.50,-0]}"#;
+        let out = rewrite(body, &fields(), fake).unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(out.bytes).unwrap(),
+            r#"{"Digits":"enc(12345678901234567890123)","SpeechResult":"enc(2.50e+3)","x":[1.50,-0]}"#
+        );
     }
 
     #[test]
