@@ -460,6 +460,12 @@ impl Proxy {
         status
     }
 
+    /// The exit status if the process has already exited; `None` while it
+    /// runs. Does not wait.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("poll ivrguard")
+    }
+
     /// Sends `SIG<name>` with kill(1) (no libc in the dev-dependencies).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
