@@ -1,0 +1,469 @@
+#!/usr/bin/env bash
+# bench/run.sh — ivrguard against nginx, HAProxy and the backend alone, on
+# loopback, in one run, so every ratio compares numbers taken minutes apart
+# on the same (shared, noisy) machine. See bench/RESULTS.md for how to read
+# the output.
+#
+#   bench/run.sh                 # ~8 min after the build, root for apt-get
+#   ROUNDS=3 DURATION=5 bench/run.sh
+#
+# What it does:
+#  1. installs wrk, nginx and haproxy from Debian if missing; builds
+#     ivrguard and the open-loop generator (bench/openloop.rs) --release;
+#  2. starts a static-TwiML backend (nginx, 1 worker, `return 200`) and, in
+#     front of it: nginx proxy_pass (worker_processes auto, upstream
+#     keep-alive), HAProxy (nbthread 2, http-reuse always) and ivrguard
+#     (verify + encrypt Digits + re-sign + JSON access log; stdout appended
+#     to a file in the work directory, counted and truncated after each run);
+#  3. sends the same signed 1 KB <Gather> webhook (bench/webhook.form, signed
+#     once with `ivrguard sign`) through each:
+#       a. saturation, closed loop: wrk -t1 -c32, ROUNDS x DURATION s per
+#          target, the order rotated every round; req/s, p50, p99, and the
+#          CPU each target used per request (from /proc/<pid>/stat);
+#       b. fixed rate, open loop (bench/openloop.rs, no coordinated
+#          omission): RATES req/s, FIXED_ROUNDS x FIXED_SECONDS s per target;
+#  4. ivrguard's memory: idle RSS, RSS while 1,000 keep-alive connections
+#     are held open, and peak RSS after 1,000 connections under load;
+#     start-up to ready (/readyz answers 200), median of 5;
+#  5. prints per-target min/median/max and the per-round ratios.
+#
+# Nothing is pinned by default: all four targets share both cores with the
+# generator, as a sidecar shares its pod. PIN=1 runs the generator on CPU 0
+# and the servers on CPU 1 (a per-core view; every proxy then gets one
+# worker/thread).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-32}
+RATES=${RATES:-"2000 10000"}
+FIXED_ROUNDS=${FIXED_ROUNDS:-2}
+FIXED_SECONDS=${FIXED_SECONDS:-10}
+PIN=${PIN:-0}
+BASE_PORT=${BASE_PORT:-27100}
+KEEP=${KEEP:-0}
+
+P_BACKEND=$((BASE_PORT + 1))
+P_NGINX=$((BASE_PORT + 2))
+P_HAPROXY=$((BASE_PORT + 3))
+P_IVRGUARD=$((BASE_PORT + 4))
+P_ADMIN=$((BASE_PORT + 5))
+P_STARTUP=$((BASE_PORT + 6))
+P_STARTUP_ADMIN=$((BASE_PORT + 7))
+PUBLIC_ORIGIN=https://ivr.example.com
+PATH_AND_QUERY='/ivr/gather?step=card'
+BODY_FILE=$ROOT/bench/webhook.form
+
+say() { printf '\n== %s\n' "$*"; }
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# ---------------------------------------------------------------- 1. tools
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]}"
+    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+fi
+export PATH=$PATH:/usr/sbin
+say "building ivrguard and bench/openloop.rs (--release)"
+cargo build --release --bin ivrguard --example openloop
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+IVRGUARD=$TARGET_DIR/release/ivrguard
+OPENLOOP=$TARGET_DIR/release/examples/openloop
+
+for port in $(seq "$P_BACKEND" "$P_STARTUP_ADMIN"); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "port $port is in use; set BASE_PORT to another range" >&2
+        exit 1
+    fi
+done
+
+WORK=$(mktemp -d /tmp/ivrguard-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [ "$KEEP" = 1 ]; then echo "work directory kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ "$PIN" = 1 ]; then
+    LOAD=(taskset -c 0)
+    SERVE=(taskset -c 1)
+    WORKERS=1
+else
+    LOAD=()
+    SERVE=()
+    WORKERS=auto
+fi
+
+wait_port() {
+    for _ in $(seq 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listening on port $1" >&2
+    exit 1
+}
+
+# The CPU time (µs) used so far by a process and its children threads/processes.
+cpu_us() {
+    local total=0 pid
+    for pid in "$@" $(for p in "$@"; do pgrep -P "$p" || true; done); do
+        [ -r "/proc/$pid/stat" ] || continue
+        total=$((total + $(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat")))
+    done
+    echo $((total * 1000000 / $(getconf CLK_TCK)))
+}
+
+rss_kib() { awk -v f="$2" '$1 == f":" { print $2 }' "/proc/$1/status"; }
+
+# ------------------------------------------------------------- 2. servers
+TOKEN=bench-auth-token-not-a-secret-0001
+export BENCH_TWILIO_TOKEN=$TOKEN
+export BENCH_IVRGUARD_KEY=a154eb4c759711bc2538a7cc021e9e9f17dd8aa63151c62ca28a82a4a404203d
+
+# `ivrguard sign` takes decoded values: undo the form encoding of the body.
+sign_args=()
+IFS="&" read -r -a pairs <"$BODY_FILE" || true # no newline at the end
+for pair in "${pairs[@]}"; do
+    value=${pair#*=}
+    value=${value//+/ }
+    printf -v value '%b' "${value//%/\\x}"
+    sign_args+=(--param "${pair%%=*}=$value")
+done
+SIGNATURE=$("$IVRGUARD" sign --token-env BENCH_TWILIO_TOKEN \
+    --url "$PUBLIC_ORIGIN$PATH_AND_QUERY" "${sign_args[@]}")
+
+TWIML='<?xml version="1.0" encoding="UTF-8"?><Response><Gather input="dtmf" numDigits="4" action="/ivr/gather?step=pin"><Say>Thank you. Now enter your four digit PIN.</Say></Gather></Response>'
+
+nginx_conf() { # name workers body
+    mkdir -p "$WORK/$1/logs"
+    cat >"$WORK/$1/nginx.conf" <<EOF
+daemon off;
+user root;
+worker_processes $2;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 65s;
+    client_body_temp_path $WORK/$1/body;
+    proxy_temp_path $WORK/$1/proxy;
+    fastcgi_temp_path $WORK/$1/fastcgi;
+    uwsgi_temp_path $WORK/$1/uwsgi;
+    scgi_temp_path $WORK/$1/scgi;
+$3
+}
+EOF
+}
+
+nginx_conf backend 1 "
+    server {
+        listen 127.0.0.1:$P_BACKEND;
+        location / {
+            default_type text/xml;
+            return 200 '$TWIML';
+        }
+    }"
+nginx_conf nginx "$WORKERS" "
+    upstream app {
+        server 127.0.0.1:$P_BACKEND;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host \$host;
+        }
+    }"
+
+HAPROXY_THREADS=2
+[ "$PIN" = 1 ] && HAPROXY_THREADS=1
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread $HAPROXY_THREADS
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$P_HAPROXY
+    default_backend app
+backend app
+    server app1 127.0.0.1:$P_BACKEND
+EOF
+
+ivrguard_conf() { # file listen admin
+    cat >"$1" <<EOF
+[server]
+listen = "127.0.0.1:$2"
+admin_listen = "127.0.0.1:$3"
+[upstream]
+url = "http://127.0.0.1:$P_BACKEND"
+[twilio]
+auth_token_env = "BENCH_TWILIO_TOKEN"
+public_url = "$PUBLIC_ORIGIN"
+[encryption]
+key_env = "BENCH_IVRGUARD_KEY"
+[log]
+format = "json"
+level = "info"
+EOF
+}
+ivrguard_conf "$WORK/ivrguard.toml" "$P_IVRGUARD" "$P_ADMIN"
+ivrguard_conf "$WORK/startup.toml" "$P_STARTUP" "$P_STARTUP_ADMIN"
+
+say "starting the backend, nginx, HAProxy and ivrguard (work dir $WORK)"
+"${SERVE[@]}" nginx -c "$WORK/backend/nginx.conf" -p "$WORK/backend" &
+PID_BACKEND=$!
+PIDS+=("$PID_BACKEND")
+wait_port "$P_BACKEND"
+"${SERVE[@]}" nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+PID_NGINX=$!
+PIDS+=("$PID_NGINX")
+"${SERVE[@]}" haproxy -db -f "$WORK/haproxy.cfg" &
+PID_HAPROXY=$!
+PIDS+=("$PID_HAPROXY")
+IVRGUARD_LOG=$WORK/ivrguard.stdout
+"${SERVE[@]}" "$IVRGUARD" run --config "$WORK/ivrguard.toml" >>"$IVRGUARD_LOG" 2>"$WORK/ivrguard.stderr" &
+PID_IVRGUARD=$!
+PIDS+=("$PID_IVRGUARD")
+wait_port "$P_NGINX"
+wait_port "$P_HAPROXY"
+wait_port "$P_IVRGUARD"
+sleep 0.5
+IDLE_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
+
+declare -A PORT=([backend]=$P_BACKEND [nginx]=$P_NGINX [haproxy]=$P_HAPROXY [ivrguard]=$P_IVRGUARD)
+declare -A PID=([backend]=$PID_BACKEND [nginx]=$PID_NGINX [haproxy]=$PID_HAPROXY [ivrguard]=$PID_IVRGUARD)
+TARGETS=(backend nginx haproxy ivrguard)
+
+HEADERS=(
+    "Content-Type: application/x-www-form-urlencoded"
+    "X-Twilio-Signature: $SIGNATURE"
+    "Host: ivr.example.com"
+    "User-Agent: TwilioProxy/1.1"
+    "I-Twilio-Idempotency-Token: 5f2c1a9e-3b7d-4c21-9a0e-8d6f4b2c1e07"
+)
+
+# Correctness first: each target answers 200 with the TwiML, and ivrguard
+# forwarded it (valid signature, Digits encrypted).
+for t in "${TARGETS[@]}"; do
+    curl_args=(-sS -o "$WORK/answer" -w '%{http_code}' --data-binary "@$BODY_FILE")
+    for h in "${HEADERS[@]}"; do curl_args+=(-H "$h"); done
+    code=$(curl "${curl_args[@]}" "http://127.0.0.1:${PORT[$t]}$PATH_AND_QUERY")
+    if [ "$code" != 200 ] || ! grep -q '<Gather' "$WORK/answer"; then
+        echo "$t answered $code, not the TwiML; see $WORK" >&2
+        KEEP=1
+        exit 1
+    fi
+done
+sleep 0.2
+if ! grep -q '"signature":"valid".*"encrypted_fields":"Digits"\|"encrypted_fields":"Digits".*"signature":"valid"' "$IVRGUARD_LOG"; then
+    echo "ivrguard did not verify and encrypt the bench request; see $IVRGUARD_LOG" >&2
+    KEEP=1
+    exit 1
+fi
+: >"$IVRGUARD_LOG"
+
+cat >"$WORK/webhook.lua" <<EOF
+local f = assert(io.open("$BODY_FILE", "rb"))
+wrk.body = f:read("*a")
+f:close()
+wrk.method = "POST"
+wrk.path = "$PATH_AND_QUERY"
+EOF
+for h in "${HEADERS[@]}"; do
+    printf 'wrk.headers["%s"] = "%s"\n' "${h%%: *}" "${h#*: }" >>"$WORK/webhook.lua"
+done
+cat >>"$WORK/webhook.lua" <<'EOF'
+function done(summary, latency, requests)
+    local e = summary.errors
+    io.write(string.format(
+        "RESULT requests=%d rps=%.0f p50_us=%d p99_us=%d non2xx=%d sockerr=%d\n",
+        summary.requests, summary.requests / (summary.duration / 1e6),
+        latency:percentile(50), latency:percentile(99), e.status,
+        e.connect + e.read + e.write + e.timeout))
+end
+EOF
+
+field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p" <<<"$2"; }
+
+# ------------------------------------------------- 3a. saturation (closed)
+RESULTS=$WORK/saturation.txt
+: >"$RESULTS"
+say "warm-up: 3 s per target"
+for t in "${TARGETS[@]}"; do
+    "${LOAD[@]}" wrk -t1 -c"$CONNS" -d3s -s "$WORK/webhook.lua" "http://127.0.0.1:${PORT[$t]}" >/dev/null
+done
+: >"$IVRGUARD_LOG"
+say "saturation: wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds, load average $(loadavg)"
+LOAD_START=$(loadavg)
+for round in $(seq "$ROUNDS"); do
+    order=()
+    for i in 0 1 2 3; do order+=("${TARGETS[$(((i + round - 1) % 4))]}"); done
+    for t in "${order[@]}"; do
+        before=$(cpu_us "${PID[$t]}")
+        out=$("${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$WORK/webhook.lua" \
+            "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')
+        after=$(cpu_us "${PID[$t]}")
+        requests=$(field requests "$out")
+        cpu=$(((after - before) / (requests > 0 ? requests : 1)))
+        lines=-
+        if [ "$t" = ivrguard ]; then
+            sleep 0.3
+            lines=$(wc -l <"$IVRGUARD_LOG")
+            : >"$IVRGUARD_LOG"
+        fi
+        echo "round=$round target=$t ${out#RESULT } cpu_us_per_req=$cpu log_lines=$lines" | tee -a "$RESULTS"
+    done
+done
+LOAD_END=$(loadavg)
+SATURATION_RSS_PEAK=$(rss_kib "$PID_IVRGUARD" VmHWM)
+
+# ---------------------------------------------------- 3b. fixed rate (open)
+FIXED=$WORK/fixed.txt
+: >"$FIXED"
+for rate in $RATES; do
+    say "fixed rate $rate req/s: openloop, $CONNS connections, $FIXED_ROUNDS x ${FIXED_SECONDS}s, load average $(loadavg)"
+    for round in $(seq "$FIXED_ROUNDS"); do
+        order=()
+        for i in 0 1 2 3; do order+=("${TARGETS[$(((i + round - 1) % 4))]}"); done
+        for t in "${order[@]}"; do
+            out=$("${LOAD[@]}" "$OPENLOOP" rate "http://127.0.0.1:${PORT[$t]}$PATH_AND_QUERY" \
+                "$BODY_FILE" "$rate" "$CONNS" "$FIXED_SECONDS" "${HEADERS[@]}" | grep '^RESULT')
+            echo "rate=$rate round=$round target=$t ${out#RESULT }" | tee -a "$FIXED"
+        done
+    done
+done
+: >"$IVRGUARD_LOG"
+
+# ------------------------------------------------------------- 4. memory
+say "memory: 1,000 keep-alive connections held open, then 1,000 under load"
+"${LOAD[@]}" "$OPENLOOP" hold "http://127.0.0.1:$P_IVRGUARD$PATH_AND_QUERY" "$BODY_FILE" 1000 4 \
+    "${HEADERS[@]}" >"$WORK/hold.txt" &
+HOLD_PID=$!
+PIDS+=("$HOLD_PID")
+for _ in $(seq 100); do
+    grep -q HELD "$WORK/hold.txt" 2>/dev/null && break
+    sleep 0.1
+done
+sleep 1
+HELD_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
+HELD=$(cat "$WORK/hold.txt")
+wait "$HOLD_PID" || true
+"${LOAD[@]}" wrk -t1 -c1000 -d5s -s "$WORK/webhook.lua" "http://127.0.0.1:$P_IVRGUARD" |
+    grep '^RESULT' >"$WORK/c1000.txt" || true
+PEAK_RSS=$(rss_kib "$PID_IVRGUARD" VmHWM)
+declare -A PROXY_RSS
+for t in nginx haproxy ivrguard; do
+    total=0
+    for pid in ${PID[$t]} $(pgrep -P "${PID[$t]}" || true); do
+        total=$((total + $(rss_kib "$pid" VmHWM)))
+    done
+    PROXY_RSS[$t]=$total
+done
+
+say "start-up to ready (/readyz 200), 5 runs"
+STARTUPS=()
+for _ in 1 2 3 4 5; do
+    out=$("$OPENLOOP" startup "http://127.0.0.1:$P_STARTUP_ADMIN/readyz" 5000 \
+        "$IVRGUARD" run --config "$WORK/startup.toml")
+    STARTUPS+=("$(field ms " $out")")
+done
+
+# -------------------------------------------------------------- 5. report
+say "results"
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+minmax() { sort -g | awk 'NR == 1 { min = $1 } { max = $1 } END { print min " " max }'; }
+col() { # file filter-regex key
+    grep -E "$2" "$1" | sed -n "s/.* $3=\([^ ]*\).*/\1/p"
+}
+ratio_rounds() { # key numerator denominator-expression(awk over a b c)
+    local key=$1
+    for round in $(seq "$ROUNDS"); do
+        local i n h b
+        i=$(col "$RESULTS" "^round=$round target=ivrguard " "$key")
+        n=$(col "$RESULTS" "^round=$round target=nginx " "$key")
+        h=$(col "$RESULTS" "^round=$round target=haproxy " "$key")
+        b=$(col "$RESULTS" "^round=$round target=backend " "$key")
+        awk -v i="$i" -v n="$n" -v h="$h" -v b="$b" "BEGIN { print $2 }"
+    done
+}
+
+echo "machine: $(nproc) CPUs, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), Linux $(uname -r)"
+echo "load average: before saturation $LOAD_START, after $LOAD_END, now $(loadavg)"
+echo "pinning: $([ "$PIN" = 1 ] && echo 'generator CPU 0, servers CPU 1' || echo none)"
+echo
+echo "saturation (wrk -t1 -c$CONNS, ${DURATION}s x $ROUNDS): min / median / max across rounds"
+printf '%-9s %26s %22s %22s %14s\n' target req/s p50_ms p99_ms cpu_us/req
+for t in "${TARGETS[@]}"; do
+    rps=$(col "$RESULTS" "target=$t " rps)
+    p50=$(col "$RESULTS" "target=$t " p50_us | awk '{ print $1 / 1000 }')
+    p99=$(col "$RESULTS" "target=$t " p99_us | awk '{ print $1 / 1000 }')
+    cpu=$(col "$RESULTS" "target=$t " cpu_us_per_req)
+    printf '%-9s %8s / %6s / %6s %6s / %5s / %5s %6s / %5s / %5s %14s\n' "$t" \
+        $(minmax <<<"$rps" | cut -d' ' -f1) "$(median <<<"$rps")" $(minmax <<<"$rps" | cut -d' ' -f2) \
+        $(minmax <<<"$p50" | cut -d' ' -f1) "$(median <<<"$p50")" $(minmax <<<"$p50" | cut -d' ' -f2) \
+        $(minmax <<<"$p99" | cut -d' ' -f1) "$(median <<<"$p99")" $(minmax <<<"$p99" | cut -d' ' -f2) \
+        "$(median <<<"$cpu")"
+done
+bad=$(grep -Ev 'non2xx=0 sockerr=0' "$RESULTS" || true)
+[ -n "$bad" ] && echo "INVALID: non-2xx or socket errors in: $bad"
+echo
+echo "ratios, per round (same minutes), min / median / max:"
+show_ratio() {
+    local r
+    r=$(ratio_rounds "$2" "$3")
+    printf '  %-44s %s / %s / %s\n' "$1" $(minmax <<<"$r" | cut -d' ' -f1) "$(median <<<"$r")" $(minmax <<<"$r" | cut -d' ' -f2)
+}
+show_ratio "throughput ivrguard / nginx" rps "i / n"
+show_ratio "throughput ivrguard / HAProxy" rps "i / h"
+show_ratio "throughput ivrguard / better of the two" rps "i / (n > h ? n : h)"
+show_ratio "throughput ivrguard / backend alone" rps "i / b"
+show_ratio "p99 ivrguard / better (lower) of the two" p99_us "i / (n < h ? n : h)"
+show_ratio "cpu/request ivrguard / nginx" cpu_us_per_req "i / n"
+echo "  access-log lines = requests (ivrguard): $(grep 'target=ivrguard' "$RESULTS" |
+    awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+           d = v["log_lines"] - v["requests"]; print (d >= 0 && d <= '"$CONNS"') ? "ok" : "MISMATCH(" v["log_lines"] "/" v["requests"] ")" }' |
+    sort | uniq -c | tr '\n' ' ')"
+echo
+echo "fixed rate, open loop (bench/openloop.rs, $CONNS connections, latency from the intended send time when the connection was busy):"
+printf '%-7s %-9s %10s %9s %9s %9s %9s %12s\n' rate target achieved p50_ms p99_ms p999_ms errors client_us/req
+for rate in $RATES; do
+    for t in "${TARGETS[@]}"; do
+        sel="^rate=$rate .*target=$t "
+        printf '%-7s %-9s %10s %9s %9s %9s %9s %12s\n' "$rate" "$t" \
+            "$(col "$FIXED" "$sel" achieved_rps | median)" \
+            "$(col "$FIXED" "$sel" p50_ms | median)" \
+            "$(col "$FIXED" "$sel" p99_ms | median)" \
+            "$(col "$FIXED" "$sel" p999_ms | median)" \
+            "$(col "$FIXED" "$sel" errors | awk '{ s += $1 } END { print s + 0 }')" \
+            "$(col "$FIXED" "$sel" client_cpu_us_per_req | median)"
+    done
+done
+echo "  (median across $FIXED_ROUNDS rounds; every round: $(awk '{print $3}' "$FIXED" | sort | uniq -c | tr '\n' ' '))"
+echo
+echo "memory and start-up (ivrguard):"
+echo "  idle RSS after start-up:                     $((IDLE_RSS / 1024)) MiB ($IDLE_RSS KiB)"
+echo "  peak RSS after the saturation rounds:        $((SATURATION_RSS_PEAK / 1024)) MiB ($SATURATION_RSS_PEAK KiB)"
+echo "  RSS with 1,000 keep-alive connections held:  $((HELD_RSS / 1024)) MiB ($HELD_RSS KiB) [$HELD]"
+echo "  peak RSS (VmHWM) after 1,000 conns under load: $((PEAK_RSS / 1024)) MiB ($PEAK_RSS KiB) [$(cat "$WORK/c1000.txt")]"
+echo "  peak RSS of the whole run, for comparison:   nginx $((PROXY_RSS[nginx] / 1024)) MiB (master+workers, never 1k conns), HAProxy $((PROXY_RSS[haproxy] / 1024)) MiB, ivrguard $((PROXY_RSS[ivrguard] / 1024)) MiB"
+echo "  start-up to ready (ms, 5 runs):              ${STARTUPS[*]} (median $(printf '%s\n' "${STARTUPS[@]}" | median))"

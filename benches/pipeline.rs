@@ -1,0 +1,232 @@
+//! Criterion benchmarks of the pure request path: no sockets, no runtime.
+//!
+//! Every stage runs on the same realistic input the load test sends
+//! (`bench/webhook.form`: a 1,024-byte, 30-parameter `<Gather>` callback
+//! with `Digits`, a `CallToken` and a dozen `%`-escapes), so the numbers
+//! add up to the `pipeline/prepare` total:
+//!
+//! ```text
+//! cargo bench --bench pipeline              # all of them
+//! cargo bench --bench pipeline -- prepare   # one
+//! ```
+//!
+//! Results and how to read them: `bench/RESULTS.md`.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use http::request::Parts;
+use http::Request;
+
+use ivrguard::access_log::AccessRecord;
+use ivrguard::cipher::{FieldCipher, FieldKey};
+use ivrguard::config::Settings;
+use ivrguard::form::{self, FieldSet, DEFAULT_FIELDS};
+use ivrguard::logging::{Scrubber, ScrubbingMakeWriter};
+use ivrguard::metrics::Metrics;
+use ivrguard::pipeline::Proxy;
+use ivrguard::secret::Secret;
+use ivrguard::signature::Verifier;
+
+/// The webhook body; the load test (`bench/run.sh`) sends the same bytes.
+const BODY: &[u8] = include_bytes!("../bench/webhook.form");
+const TOKEN: &str = "bench-auth-token-not-a-secret-0001";
+/// The seed document's published test key.
+const KEY_HEX: &str = "a154eb4c759711bc2538a7cc021e9e9f17dd8aa63151c62ca28a82a4a404203d";
+const ORIGIN: &str = "https://ivr.example.com";
+const PATH_AND_QUERY: &str = "/ivr/gather?step=card";
+
+fn settings() -> Settings {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ivrguard.toml");
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[upstream]
+url = "http://127.0.0.1:9"
+[twilio]
+auth_token_env = "BENCH_TOKEN"
+public_url = "{ORIGIN}"
+[encryption]
+key_env = "BENCH_KEY"
+"#
+    );
+    std::fs::write(&path, toml).expect("write config");
+    let env = HashMap::from([
+        ("BENCH_TOKEN".to_string(), TOKEN.to_string()),
+        ("BENCH_KEY".to_string(), KEY_HEX.to_string()),
+    ]);
+    Settings::load(&path, &env).expect("bench config is valid")
+}
+
+fn verifier() -> Verifier {
+    Verifier::new(&Secret::from(TOKEN.to_string()), None, &[])
+}
+
+fn cipher() -> FieldCipher {
+    FieldCipher::new(&FieldKey::from_hex(KEY_HEX).expect("key"))
+}
+
+fn params<'p>(pairs: &'p [form::FormPair<'_>]) -> Vec<(&'p str, &'p str)> {
+    pairs
+        .iter()
+        .map(|p| (p.name.as_ref(), p.value.as_ref()))
+        .collect()
+}
+
+/// The signature Twilio would send for `BODY` to `ORIGIN + PATH_AND_QUERY`.
+fn twilio_signature() -> String {
+    let pairs = form::parse(BODY).expect("body parses");
+    verifier().sign(&format!("{ORIGIN}{PATH_AND_QUERY}"), &params(&pairs))
+}
+
+/// The request head as Twilio sends it.
+fn parts(signature: &str) -> Parts {
+    let (parts, ()) = Request::post(PATH_AND_QUERY)
+        .header("host", "ivr.example.com")
+        .header("user-agent", "TwilioProxy/1.1")
+        .header("accept", "*/*")
+        .header("cache-control", "max-age=259200")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-length", BODY.len())
+        .header("x-home-region", "us1")
+        .header(
+            "i-twilio-idempotency-token",
+            "5f2c1a9e-3b7d-4c21-9a0e-8d6f4b2c1e07",
+        )
+        .header("x-twilio-signature", signature)
+        .body(())
+        .expect("valid request head")
+        .into_parts();
+    parts
+}
+
+fn peer() -> SocketAddr {
+    "127.0.0.1:40000".parse().expect("address")
+}
+
+/// Each stage on its own.
+fn stages(c: &mut Criterion) {
+    let verifier = verifier();
+    let cipher = cipher();
+    let fields = FieldSet::new(DEFAULT_FIELDS.iter().copied());
+    let url = format!("{ORIGIN}{PATH_AND_QUERY}");
+    let signature = twilio_signature();
+    let head = parts(&signature);
+    let pairs = form::parse(BODY).expect("body parses");
+
+    let mut group = c.benchmark_group("stage");
+    group.throughput(Throughput::Elements(1));
+
+    group.bench_function("form_parse", |b| {
+        b.iter(|| form::parse(black_box(BODY)).expect("parses"))
+    });
+
+    let decoded = params(&pairs);
+    group.bench_function("signature_verify", |b| {
+        b.iter(|| {
+            verifier
+                .verify(black_box(&url), black_box(&decoded), &head.headers)
+                .expect("valid")
+        })
+    });
+
+    let mut out = Vec::with_capacity(128);
+    group.bench_function("cipher_encrypt_one_field", |b| {
+        b.iter(|| {
+            out.clear();
+            cipher.encrypt_hex_into(black_box(b"4242424242424242"), &mut out);
+        })
+    });
+
+    group.bench_function("form_rewrite", |b| {
+        b.iter_batched(
+            || form::parse(BODY).expect("parses"),
+            |mut pairs| {
+                form::rewrite(BODY, &mut pairs, &fields, |plain, out| {
+                    cipher.encrypt_hex_into(plain, out)
+                })
+                .expect("Digits is sensitive")
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    let mut rewritten_pairs = form::parse(BODY).expect("parses");
+    let rewritten = form::rewrite(BODY, &mut rewritten_pairs, &fields, |plain, out| {
+        cipher.encrypt_hex_into(plain, out)
+    })
+    .expect("Digits is sensitive");
+    let resign_params = params(&rewritten_pairs);
+    group.bench_function("re_sign", |b| {
+        b.iter(|| verifier.sign(black_box(&url), black_box(&resign_params)))
+    });
+    drop(rewritten);
+
+    group.bench_function("access_record_start", |b| {
+        b.iter(|| AccessRecord::start(black_box(&head), peer(), &fields))
+    });
+    // A GET webhook carries all 30 parameters in the query.
+    group.bench_function("redacted_query_30_params", |b| {
+        b.iter(|| form::redacted(black_box(BODY), &fields))
+    });
+
+    // One access line: tracing's JSON formatter and the scrubber, into a
+    // sink (the queue to the writer thread is not included).
+    let settings = settings();
+    let scrubber = Arc::new(Scrubber::new(&settings.log));
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_writer(ScrubbingMakeWriter::new(std::io::sink, scrubber))
+        .finish();
+    let mut record = AccessRecord::start(&head, peer(), &fields);
+    record.set_call_sid("CA9f8e7d6c5b4a39281706f5e4d3c2b1a0");
+    record.add_encrypted(vec!["Digits".to_string()]);
+    record.upstream_status = Some(200);
+    tracing::subscriber::with_default(subscriber, || {
+        group.bench_function("access_log_line", |b| {
+            b.iter(|| record.emit(200, std::time::Duration::from_micros(412)))
+        });
+    });
+    group.finish();
+}
+
+/// The whole pure path: `AccessRecord::start` (redacted query) and
+/// `Proxy::prepare` (classify, parse, verify, encrypt, rewrite, re-sign,
+/// build the upstream request).
+fn pipeline(c: &mut Criterion) {
+    let settings = settings();
+    let cipher = Arc::new(FieldCipher::new(&settings.encryption.key));
+    let proxy = Proxy::new(&settings, cipher, Arc::new(Metrics::new()));
+    let fields = FieldSet::new(settings.encryption.fields.iter().cloned());
+    let head = parts(&twilio_signature());
+    let body = Bytes::from_static(BODY);
+
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("prepare", |b| {
+        b.iter_batched(
+            || head.clone(),
+            |parts| {
+                let mut log = AccessRecord::start(&parts, peer(), &fields);
+                let request = proxy
+                    .prepare(parts, body.clone(), peer(), &mut log)
+                    .expect("the bench request is valid");
+                (request, log)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, stages, pipeline);
+criterion_main!(benches);
