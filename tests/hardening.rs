@@ -436,6 +436,54 @@ async fn log_injection_in_names_values_and_path_keeps_one_json_line_per_request(
     assert_quiet(&h.proxy, &canaries);
 }
 
+// ===================================================== I9 content types
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_multipart_and_untyped_bodies_with_415() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let canaries = Canaries::generate();
+    let form = gather_body(&canaries.pin, &canaries.speech);
+    let multipart = format!(
+        "--XyZ\r\nContent-Disposition: form-data; name=\"Digits\"\r\n\r\n{}\r\n--XyZ--\r\n",
+        canaries.pin
+    );
+    let sig = sign_form(&h.proxy.secrets.token, "/ivr/gather", &form);
+    let cases = [
+        (
+            "multipart/form-data carrying Digits",
+            Some("multipart/form-data; boundary=XyZ"),
+            &multipart,
+        ),
+        ("no Content-Type, a form body", None, &form),
+        (
+            "application/octet-stream",
+            Some("application/octet-stream"),
+            &form,
+        ),
+        (
+            "form type misspelt",
+            Some("application/x-www-form-urlencode"),
+            &form,
+        ),
+    ];
+    for (label, content_type, body) in cases {
+        let mut request = RawRequest::new("POST", "/ivr/gather", HOST)
+            .header("X-Twilio-Signature", &sig)
+            .body(body);
+        if let Some(ct) = content_type {
+            request = request.header("Content-Type", ct);
+        }
+        let response = client::send(h.proxy.addr, &request).await;
+        assert_eq!(response.status, 415, "{label}: {}", response.text());
+    }
+    let lines = h.proxy.wait_access(cases.len()).await;
+    for line in &lines {
+        assert_eq!(line["reason"], "unsupported_media_type", "{line}");
+    }
+    assert_eq!(h.backend.count(), 0, "never passed through with plaintext");
+    assert_quiet(&h.proxy, &canaries);
+}
+
 // ============================================== I10, I11 framing, smuggling
 
 /// One framing case: bytes written on one connection, and what must happen.
@@ -480,6 +528,7 @@ async fn ambiguous_framing_never_smuggles_a_request_to_the_app() {
     let cl = |n: usize| ("Content-Length", n.to_string());
     let te = |v: &str| ("Transfer-Encoding", v.to_owned());
     let keep = ("Connection", "keep-alive".to_owned());
+    let close = ("Connection", "close".to_owned());
     let tail_len = chunked.len() + smuggled.len();
 
     let cases = vec![
@@ -613,6 +662,48 @@ async fn ambiguous_framing_never_smuggles_a_request_to_the_app() {
             closes: true,
             forwarded: 1,
         },
+        // Chunk extensions and trailer fields are read and dropped: the app
+        // gets the decoded body with a Content-Length, no trailer.
+        Framing {
+            label: "chunk extensions",
+            bytes: with(
+                head(post, &common(&[te("chunked"), close.clone()])),
+                &[format!("{:x};ext=\"v\"\r\n{body}\r\n0;last\r\n\r\n", body.len()).as_bytes()],
+            ),
+            statuses: vec![200],
+            closes: true,
+            forwarded: 1,
+        },
+        Framing {
+            label: "trailer fields after the last chunk",
+            bytes: with(
+                head(post, &common(&[te("chunked"), close.clone()])),
+                &[format!(
+                    "{:x}\r\n{body}\r\n0\r\nX-Trailer: smuggled\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes()],
+            ),
+            statuses: vec![200],
+            closes: true,
+            forwarded: 1,
+        },
+        // httparse accepts a bare LF as a line ending; ivrguard then sends
+        // the app its own CRLF serialisation, so no parser differential
+        // reaches it.
+        Framing {
+            label: "bare LF line endings",
+            bytes: with(
+                String::from_utf8(head(post, &common(&[cl(body.len()), close.clone()])))
+                    .unwrap()
+                    .replace("\r\n", "\n")
+                    .into_bytes(),
+                &[body.as_bytes()],
+            ),
+            statuses: vec![200],
+            closes: true,
+            forwarded: 1,
+        },
         // HTTP/1.0 has no chunked encoding and this request no length: its
         // body is zero bytes, the signature (over the body's parameters)
         // fails, and HTTP/1.0 closes after the response.
@@ -701,6 +792,7 @@ async fn ambiguous_framing_never_smuggles_a_request_to_the_app() {
     for r in got.iter().filter(|r| r.path() == "/ivr/frame") {
         assert!(r.header("transfer-encoding").is_none(), "TE forwarded");
         assert!(r.header("upgrade").is_none(), "Upgrade forwarded");
+        assert!(r.header("x-trailer").is_none(), "a trailer became a header");
         assert_eq!(
             r.header("content-length"),
             Some(r.body.len().to_string().as_str())
@@ -886,6 +978,13 @@ async fn header_limits_answer_431_and_nothing_is_forwarded() {
     let (responses, end) = exchange(h.proxy.addr, &big.to_bytes(), Duration::from_secs(5)).await;
     assert_eq!(statuses(&responses), [431], "one 100 KB header");
     assert_ne!(end, End::Open);
+
+    let mut wide = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
+    for i in 0..60 {
+        wide = wide.header(&format!("X-Wide-{i}"), "w".repeat(1200));
+    }
+    let (responses, _) = exchange(h.proxy.addr, &wide.to_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(statuses(&responses), [431], "72 KB of headers in total");
 
     // Control: 90 headers in all are fine.
     let mut fine = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
@@ -1102,6 +1201,36 @@ async fn chunked_body_dribbled_after_full_headers_is_answered_at_the_request_dea
     assert_eq!(line["reason"], "deadline", "{line}");
 }
 
+/// I15 (d): a caller that stops reading (zero window) while a large answer
+/// streams does not hold the connection past the request deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_window_reader_is_cut_at_the_request_deadline() {
+    const LEN: usize = 10 * 1024 * 1024;
+    let upstream = big_upstream(LEN).await;
+    let proxy = proxy_for(upstream.url(), |c| {
+        c.request_timeout_ms = 1500;
+        c.upstream_timeout_ms = 1000;
+    })
+    .await;
+    let body = gather_body("1234", "yes");
+    let request = signed_post(&proxy.secrets.token, "/ivr/audio", &body).to_bytes();
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+
+    // Read nothing for twice the deadline, then take what is there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (raw, end) = read_for(&mut stream, Duration::from_secs(5)).await;
+
+    assert_ne!(end, End::Open, "still streaming to a reader that stopped");
+    assert!(
+        raw.len() < LEN,
+        "all {} bytes were delivered: the test did not stall the reader",
+        raw.len()
+    );
+    let line = proxy.only_access().await;
+    assert_eq!(line["status"], 200, "{line}");
+}
+
 // ===================================================== I16 HTTP oddities
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1175,6 +1304,29 @@ async fn odd_paths_are_signed_and_forwarded_exactly_as_sent() {
         );
         assert_eq!(r.header("x-twilio-signature"), Some(expected.as_str()));
     }
+
+    // A fragment is never sent by Twilio; http's URI parser drops one from
+    // the target, so it is neither signed nor forwarded: the signature over
+    // the fragment-less URL passes and the app gets that URL.
+    let mut fragment = form_post(
+        "/ivr/gather",
+        &body,
+        Some(&sign_form(&token, "/ivr/gather", &body)),
+    );
+    fragment.target = "/ivr/gather#rc=3".to_owned();
+    assert_eq!(client::send(h.proxy.addr, &fragment).await.status, 200);
+    let r = h
+        .backend
+        .wait_for_requests(paths.len() + 1)
+        .await
+        .remove(paths.len());
+    assert_eq!(r.target, "/ivr/gather");
+    fragment.headers.retain(|(n, _)| n != "X-Twilio-Signature");
+    let with_fragment = fragment.header(
+        "X-Twilio-Signature",
+        sign_form(&token, "/ivr/gather#rc=3", &body),
+    );
+    assert_eq!(client::send(h.proxy.addr, &with_fragment).await.status, 403);
 }
 
 // ======================================================== I17 Unicode
@@ -1549,29 +1701,35 @@ async fn upstream_error_and_redirect_statuses_are_forwarded_unchanged() {
 
 // ================================================ F7 big and stalled bodies
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_megabyte_response_is_streamed_with_flat_memory() {
-    const LEN: usize = 10 * 1024 * 1024;
-    let upstream = RawBackend::start(|_, mut stream| async move {
+/// An application that answers every request with `len` bytes of
+/// [`pattern`], written 64 KiB at a time as the socket takes them.
+async fn big_upstream(len: usize) -> RawBackend {
+    RawBackend::start(move |_, mut stream| async move {
         if read_request(&mut stream).await.is_none() {
             return;
         }
         let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: audio/x-raw\r\nContent-Length: {LEN}\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nContent-Type: audio/x-raw\r\nContent-Length: {len}\r\n\r\n"
         );
         if stream.write_all(head.as_bytes()).await.is_err() {
             return;
         }
         let mut at = 0;
-        while at < LEN {
-            let n = (LEN - at).min(64 * 1024);
+        while at < len {
+            let n = (len - at).min(64 * 1024);
             if stream.write_all(&pattern(at, n)).await.is_err() {
                 return;
             }
             at += n;
         }
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_megabyte_response_is_streamed_with_flat_memory() {
+    const LEN: usize = 10 * 1024 * 1024;
+    let upstream = big_upstream(LEN).await;
     let proxy = proxy_for(upstream.url(), |_| {}).await;
     let pid = proxy.pid();
     let baseline = rss_kib(pid);
@@ -1679,32 +1837,53 @@ async fn status_with(proxy: &Proxy, token: &str) -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_poll_reload_swaps_the_token_and_refuses_a_broken_config() {
+async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
     let backend = Backend::start(Behaviour::Twiml).await;
     let dir = tempfile::tempdir().unwrap();
     let token_path = dir.path().join("auth_token");
-    let old = Secrets::generate().token;
-    let new = Secrets::generate().token;
-    write_token(&token_path, &old);
+    let key_path = dir.path().join("key");
+    let old = Secrets::generate();
+    let new = Secrets::generate();
+    write_token(&token_path, &old.token);
+    write_token(&key_path, &old.key_hex);
     let mut config = ProxyConfig::new(backend.url());
     config.auth_token_file = Some(token_path.clone());
+    config.key_file = Some(key_path.clone());
     config
         .server_extra
         .push("reload_poll_interval_ms = 100".into());
-    let proxy = Proxy::start(&config).await;
+    let proxy = Proxy::start_with(&config, old.clone()).await;
+    let digits_of = |r: &support::backend::Captured| {
+        let params = form_decode(r.body_str());
+        params.into_iter().find(|(n, _)| n == "Digits").unwrap().1
+    };
 
-    assert_eq!(status_with(&proxy, &old).await, 200);
-    write_token(&token_path, &new);
+    assert_eq!(status_with(&proxy, &old.token).await, 200);
+    let r = &backend.wait_for_requests(1).await[0];
+    assert_eq!(decrypt_field(&old.key(), &digits_of(r)), b"1234");
+
+    // Key first, token last: once the new token is accepted, both are in.
+    write_token(&key_path, &new.key_hex);
+    write_token(&token_path, &new.token);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_with(&proxy, &new.token).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "new token refused 5 s after the change"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     wait_log(&proxy, "configuration reloaded", 1).await;
+    let r = backend.requests().pop().unwrap();
     assert_eq!(
-        status_with(&proxy, &old).await,
-        403,
-        "old token after reload"
+        decrypt_field(&new.key(), &digits_of(&r)),
+        b"1234",
+        "encrypted with the new key after the reload"
     );
     assert_eq!(
-        status_with(&proxy, &new).await,
-        200,
-        "new token after reload"
+        status_with(&proxy, &old.token).await,
+        403,
+        "old token after reload"
     );
 
     std::fs::write(proxy.config_path(), "[server\nthis is not toml").unwrap();
@@ -1714,19 +1893,19 @@ async fn file_poll_reload_swaps_the_token_and_refuses_a_broken_config() {
         1,
     )
     .await;
+    let before = backend.count();
     assert_eq!(
-        status_with(&proxy, &new).await,
+        status_with(&proxy, &new.token).await,
         200,
         "the running config stays"
     );
-    assert_eq!(backend.count(), 3);
+    let r = &backend.wait_for_requests(before + 1).await[before];
+    assert_eq!(decrypt_field(&new.key(), &digits_of(r)), b"1234");
 
     let canaries = Canaries::generate();
-    for token in [&old, &new] {
-        let mut secrets = proxy.secrets.clone();
-        secrets.token = token.clone();
-        assert_no_leak("stdout", &proxy.stdout(), &canaries, &secrets);
-        assert_no_leak("stderr", &proxy.stderr(), &canaries, &secrets);
+    for secrets in [&old, &new] {
+        assert_no_leak("stdout", &proxy.stdout(), &canaries, secrets);
+        assert_no_leak("stderr", &proxy.stderr(), &canaries, secrets);
     }
 }
 
@@ -2089,4 +2268,124 @@ async fn connection_limit_queues_excess_connections_and_fds_return_to_baseline()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// F12: the process runs out of file descriptors (its limit lowered with
+/// prlimit(1) to a few above what it uses idle) under 40 concurrent
+/// requests. Accepting backs off on EMFILE, an upstream connect that fails
+/// gets the fallback; every caller is answered, and once the load is gone
+/// requests reach the app again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_exhaustion_is_survived_and_service_recovers() {
+    let h = harness(Behaviour::Delay(Duration::from_millis(200)), |c| {
+        c.upstream_timeout_ms = 3000;
+        c.upstream_extra.push("pool_idle_timeout_ms = 300".into());
+    })
+    .await;
+    let pid = h.proxy.pid();
+    let body = gather_body("1234", "yes");
+    let send = |addr, token: String, body: String| async move {
+        client::send(addr, &signed_post(&token, "/ivr/gather", &body)).await
+    };
+    let token = h.proxy.secrets.token.clone();
+    assert_eq!(
+        send(h.proxy.addr, token.clone(), body.clone()).await.status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let idle = fd_count(pid);
+    let limit = idle + 6;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+
+    let tasks: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(send(h.proxy.addr, token.clone(), body.clone())))
+        .collect();
+    let mut from_app = 0;
+    for task in tasks {
+        let response = task.await.unwrap();
+        assert_eq!(response.status, 200, "{}", response.text());
+        if response.text() == BACKEND_TWIML {
+            from_app += 1;
+        } else {
+            assert_eq!(response.text(), FALLBACK_TWIML);
+        }
+    }
+    assert!(from_app > 0, "no request reached the app at all");
+    let emfile = h
+        .proxy
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "accept failed")
+        .count();
+    assert!(
+        emfile > 0,
+        "the limit was never hit: no \"accept failed\" line"
+    );
+    assert!(!h.proxy.stderr_text().contains("panicked"));
+
+    // The load is gone: descriptors come back and so does the app.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fd_count(pid) > idle + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} fds, {idle} idle",
+            fd_count(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let response = send(h.proxy.addr, token.clone(), body.clone()).await;
+    assert_eq!(response.text(), BACKEND_TWIML, "the app is reached again");
+}
+
+// ======================================================= F8 port in use
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_port_in_use_exits_1_naming_the_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let secrets = Secrets::generate();
+    let toml = ProxyConfig::new(support::backend::closed_port_url())
+        .toml()
+        .replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            &format!("\nlisten = \"{addr}\""),
+            1,
+        );
+    assert!(toml.contains(&format!("\nlisten = \"{addr}\"")));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ivrguard.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ivrguard"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env_clear()
+        .envs(secrets.env(false))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ivrguard kept running with its port taken");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let output = child.wait_with_output().unwrap();
+
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("server.listen"), "{stderr}");
+    let canaries = Canaries::generate();
+    assert_no_leak("stderr", &output.stderr, &canaries, &secrets);
+    assert_no_leak("stdout", &output.stdout, &canaries, &secrets);
+    drop(taken);
 }

@@ -129,6 +129,9 @@ pub struct ProxyConfig {
     /// Read the primary auth token from this file
     /// (`twilio.auth_token_file`) instead of [`TOKEN_VAR`].
     pub auth_token_file: Option<PathBuf>,
+    /// Read the AES key from this file (`encryption.key_file`) instead of
+    /// [`KEY_VAR`].
+    pub key_file: Option<PathBuf>,
 }
 
 impl ProxyConfig {
@@ -148,6 +151,7 @@ impl ProxyConfig {
             server_extra: Vec::new(),
             upstream_extra: Vec::new(),
             auth_token_file: None,
+            key_file: None,
         }
     }
 
@@ -191,7 +195,7 @@ fallback_twiml = "{FALLBACK_TWIML}"
 [twilio]
 {twilio}
 [encryption]
-key_env = "{KEY_VAR}"
+{key_source}
 fields = [{fields}]
 
 [log]
@@ -208,6 +212,10 @@ format = "json"
             connect = self.upstream_timeout_ms.min(2000),
             on_error = self.on_error,
             fields = fields.join(", "),
+            key_source = match &self.key_file {
+                Some(path) => format!("key_file = {:?}", path.display().to_string()),
+                None => format!("key_env = \"{KEY_VAR}\""),
+            },
         )
     }
 }
