@@ -138,7 +138,7 @@ impl FieldCipher {
     /// Decrypts the hex wire format (either case) back to the plaintext bytes.
     pub fn decrypt_hex(&self, text: &[u8]) -> Result<Zeroizing<Vec<u8>>, DecryptError> {
         let text = text.trim_ascii();
-        if text.len() % 2 != 0 {
+        if !text.len().is_multiple_of(2) {
             return Err(DecryptError::NotHex);
         }
         let mut raw = Zeroizing::new(vec![0u8; text.len() / 2]);
