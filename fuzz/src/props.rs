@@ -1,0 +1,796 @@
+//! The properties the fuzz targets check, one public function per target.
+//!
+//! Each function takes arbitrary bytes and panics (an `assert!`) when a
+//! property is violated; "it did not panic" is the least it checks. The same
+//! functions run in two places:
+//!
+//! - `fuzz/fuzz_targets/<name>.rs`, under `cargo +nightly fuzz run <name>`;
+//! - `tests/fuzz_corpus.rs` in the main crate (stable `cargo test`), which
+//!   replays every file under `fuzz/corpus/<name>/`.
+//!
+//! So this file uses only what both builds have: `ivrguard` and its own
+//! dependencies (`serde_json`, `sha2`) plus `tempfile`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use ivrguard::cipher::{FieldCipher, FieldKey};
+use ivrguard::config::Settings;
+use ivrguard::form::{self, FieldSet};
+use ivrguard::json_body;
+use ivrguard::secret::REDACTED;
+use ivrguard::signature::{self, Algorithm, SignatureError, SignatureSettings};
+use sha2::{Digest, Sha256};
+
+/// A fixed key: the properties hold for any key, and a fixed one keeps the
+/// fuzzer deterministic apart from the random nonces.
+const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+fn cipher() -> &'static FieldCipher {
+    static CIPHER: OnceLock<FieldCipher> = OnceLock::new();
+    CIPHER.get_or_init(|| {
+        FieldCipher::new(&FieldKey::from_hex(KEY_HEX).expect("KEY_HEX is 64 hex digits"))
+    })
+}
+
+/// Sensitive names: two real ones, and short or unusual ones a fuzzer finds
+/// quickly (`a`), that only match after decoding (`x y` from `x+y` or
+/// `x%20y`), or that are not ASCII.
+fn fields() -> &'static FieldSet {
+    static FIELDS: OnceLock<FieldSet> = OnceLock::new();
+    FIELDS.get_or_init(|| FieldSet::new(["Digits", "SpeechResult", "a", "x y", "\u{e9}"]))
+}
+
+// ---------------------------------------------------------------------------
+// form_rewrite
+// ---------------------------------------------------------------------------
+
+/// `form::parse` → `form::rewrite` (real cipher) → `form::redacted`:
+///
+/// - `redacted` equals a naive reference on every input, and never contains
+///   a sensitive value that does not also occur in a non-sensitive part;
+/// - for a form that parses: the rewritten bytes parse again, into the same
+///   number of pairs with the same names; every non-sensitive `&`-segment is
+///   byte-identical and in place; every sensitive one is its raw name, `=`
+///   and lowercase hex that decrypts to the decoded original; the pairs
+///   handed back hold exactly what the application will parse; `count` and
+///   `fields` are right; `None` only when nothing is sensitive;
+/// - `signature::string_to_sign` over the decoded pairs equals a reference.
+pub fn form_rewrite(data: &[u8]) {
+    let fields = fields();
+    check_redacted(data, fields);
+
+    let Ok(mut pairs) = form::parse(data) else {
+        return;
+    };
+    let original: Vec<(String, String)> = pairs
+        .iter()
+        .map(|p| (p.name.to_string(), p.value.to_string()))
+        .collect();
+    check_string_to_sign(&original);
+    let sensitive: Vec<bool> = original.iter().map(|(n, _)| fields.contains(n)).collect();
+
+    let cipher = cipher();
+    let rewritten = form::rewrite(data, &mut pairs, fields, |plain, out| {
+        cipher.encrypt_hex_into(plain, out)
+    });
+    let Some(rw) = rewritten else {
+        assert!(
+            !sensitive.contains(&true),
+            "rewrite returned None for a form with a sensitive pair"
+        );
+        return;
+    };
+
+    assert_eq!(rw.count, sensitive.iter().filter(|s| **s).count(), "count");
+    let mut expected_fields: Vec<&str> = Vec::new();
+    for ((name, _), _) in original.iter().zip(&sensitive).filter(|(_, s)| **s) {
+        if !expected_fields.contains(&name.as_str()) {
+            expected_fields.push(name);
+        }
+    }
+    assert_eq!(rw.fields, expected_fields, "fields");
+
+    let again = form::parse(&rw.bytes).expect("the rewritten form parses");
+    assert_eq!(again.len(), original.len(), "pair count after rewrite");
+    for (((name, value), sent), held) in original.iter().zip(&again).zip(&pairs) {
+        assert_eq!(sent.name, *name, "names are kept");
+        assert_eq!(
+            (held.name.as_ref(), held.value.as_ref()),
+            (sent.name.as_ref(), sent.value.as_ref()),
+            "the pairs handed back hold what is forwarded"
+        );
+        if fields.contains(name) {
+            assert!(is_lower_hex(sent.value.as_bytes()), "ciphertext is hex");
+            let plain = cipher
+                .decrypt_hex(sent.value.as_bytes())
+                .expect("the ciphertext decrypts");
+            assert_eq!(
+                plain.as_slice(),
+                value.as_bytes(),
+                "decrypts to the original"
+            );
+        } else {
+            assert_eq!(sent.value, *value, "non-sensitive values are kept");
+        }
+    }
+
+    // Byte for byte, segment by segment (hex has no '&', so the segments of
+    // input and output correspond one to one, empty ones included).
+    let segments_in: Vec<&[u8]> = data.split(|b| *b == b'&').collect();
+    let segments_out: Vec<&[u8]> = rw.bytes.split(|b| *b == b'&').collect();
+    assert_eq!(segments_in.len(), segments_out.len(), "segment count");
+    let mut names = original.iter().map(|(n, _)| n);
+    for (raw_in, raw_out) in segments_in.iter().zip(&segments_out) {
+        if raw_in.is_empty() {
+            assert!(raw_out.is_empty(), "empty segments stay empty");
+            continue;
+        }
+        let name = names
+            .next()
+            .expect("one decoded pair per non-empty segment");
+        if fields.contains(name) {
+            let raw_name = raw_in.split(|b| *b == b'=').next().unwrap_or_default();
+            let value = raw_out
+                .strip_prefix(raw_name)
+                .and_then(|rest| rest.strip_prefix(b"="))
+                .expect("a sensitive segment keeps its raw name, then '='");
+            assert!(is_lower_hex(value), "a sensitive segment ends in hex");
+        } else {
+            assert_eq!(raw_in, raw_out, "non-sensitive segments are byte-identical");
+        }
+    }
+}
+
+fn is_lower_hex(bytes: &[u8]) -> bool {
+    !bytes.is_empty() && bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// `+` → space, `%XX` → byte, then UTF-8; `None` for a bad `%` or bad UTF-8.
+fn reference_decode(raw: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = raw.get(i + 1..i + 3)?;
+                let text = std::str::from_utf8(hex).ok()?;
+                if !text.bytes().all(|c| c.is_ascii_hexdigit()) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(text, 16).ok()?);
+                i += 2;
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// What `form::redacted` promises, written the naive way: split on `&`, then
+/// on the first `=`; a value is shown (lossily) only when its name is
+/// harmless.
+fn reference_redacted(input: &[u8], fields: &FieldSet) -> String {
+    let mut out = String::new();
+    for (k, segment) in input.split(|b| *b == b'&').enumerate() {
+        if k > 0 {
+            out.push('&');
+        }
+        let (name, value) = split_eq(segment);
+        out.push_str(&String::from_utf8_lossy(name));
+        if let Some(value) = value {
+            out.push('=');
+            if harmless_name(name, fields) {
+                out.push_str(&String::from_utf8_lossy(value));
+            } else {
+                out.push_str(REDACTED);
+            }
+        }
+    }
+    out
+}
+
+fn split_eq(segment: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match segment.iter().position(|b| *b == b'=') {
+        Some(eq) => (&segment[..eq], Some(&segment[eq + 1..])),
+        None => (segment, None),
+    }
+}
+
+/// A name is harmless when its raw bytes are UTF-8 (as `form::parse`
+/// requires of the whole input) and decode to a name that is not sensitive.
+fn harmless_name(raw_name: &[u8], fields: &FieldSet) -> bool {
+    std::str::from_utf8(raw_name).is_ok()
+        && reference_decode(raw_name).is_some_and(|name| !fields.contains(&name))
+}
+
+/// `redacted` equals the reference, and leaks no sensitive value.
+///
+/// The leak check does not lean on the reference. The output is made of the
+/// input's names, its harmless values, `&`, `=` and the marker, so a value
+/// can show up legitimately only inside one of those pieces, or across
+/// pieces if it contains `&`, `=` or `*`, or inside the marker itself. Such
+/// values are skipped (as are values under 4 characters); any other
+/// sensitive value — raw or decoded — must not appear anywhere.
+fn check_redacted(input: &[u8], fields: &FieldSet) {
+    let out = form::redacted(input, fields);
+    assert_eq!(out, reference_redacted(input, fields), "redacted");
+
+    let mut harmless_pieces: Vec<String> = Vec::new();
+    let mut secrets: Vec<String> = Vec::new();
+    for segment in input.split(|b| *b == b'&') {
+        let (name, value) = split_eq(segment);
+        harmless_pieces.push(String::from_utf8_lossy(name).into_owned());
+        let Some(value) = value else { continue };
+        if harmless_name(name, fields) {
+            harmless_pieces.push(String::from_utf8_lossy(value).into_owned());
+        } else {
+            secrets.push(String::from_utf8_lossy(value).into_owned());
+            secrets.extend(reference_decode(value));
+        }
+    }
+    for secret in &secrets {
+        let checkable = secret.chars().count() >= 4
+            && !secret.contains(['&', '=', '*'])
+            && !REDACTED.contains(secret.as_str())
+            && !harmless_pieces.iter().any(|p| p.contains(secret.as_str()));
+        if checkable {
+            assert!(
+                !out.contains(secret.as_str()),
+                "redacted() shows a sensitive value"
+            );
+        }
+    }
+}
+
+/// The string-to-sign is the URL, then each distinct (name, value) pair in
+/// byte order, name then value.
+fn check_string_to_sign(pairs: &[(String, String)]) {
+    const URL: &str = "https://example.com/ivr?x=1";
+    let mut got = Vec::new();
+    signature::string_to_sign(URL, pairs, &mut got);
+    let distinct: BTreeSet<(&str, &str)> = pairs
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let mut expected = URL.as_bytes().to_vec();
+    for (name, value) in distinct {
+        expected.extend_from_slice(name.as_bytes());
+        expected.extend_from_slice(value.as_bytes());
+    }
+    assert_eq!(got, expected, "string_to_sign");
+}
+
+// ---------------------------------------------------------------------------
+// signature_settings
+// ---------------------------------------------------------------------------
+
+/// `signature::parse_settings_header`, `body_sha256_param` and
+/// `body_hash_matches` on arbitrary bytes:
+///
+/// - the settings parser agrees with a reference written from its doc
+///   comment, error kind included; an accepted header round-trips (written
+///   back in either element order, with optional spaces, it parses to the
+///   same settings) and its key id has no `,`, `=`, space or tab;
+/// - `body_sha256_param` agrees with a reference (none / one / more than one
+///   `bodySHA256` segment);
+/// - `body_hash_matches` accepts the input's own SHA-256 and refuses the
+///   input itself as a hash (unless it is that hash).
+pub fn signature_settings(data: &[u8]) {
+    let parsed = signature::parse_settings_header(data);
+    assert_eq!(parsed, reference_settings(data), "parse_settings_header");
+    if let Ok(settings) = parsed {
+        assert!(!settings.key_id.is_empty());
+        assert!(!settings.key_id.contains([',', '=', ' ', '\t']));
+        let (id, alg) = (settings.key_id, settings.algorithm.as_str());
+        let mut spellings = vec![
+            format!("key={id},algorithm={alg}"),
+            format!("algorithm={alg},key={id}"),
+            format!(" key={id} ,\talgorithm={alg} "),
+        ];
+        if settings.algorithm == Algorithm::HmacSha1 {
+            spellings.push(format!("key={id}"));
+        }
+        for header in &spellings {
+            assert_eq!(
+                signature::parse_settings_header(header.as_bytes()),
+                Ok(settings),
+                "settings round-trip"
+            );
+        }
+    }
+
+    let query = String::from_utf8_lossy(data);
+    assert_eq!(
+        signature::body_sha256_param(&query),
+        reference_body_sha256(&query),
+        "body_sha256_param"
+    );
+
+    let digest = hex_lower(&Sha256::digest(data));
+    assert!(signature::body_hash_matches(data, &digest));
+    assert!(signature::body_hash_matches(data, &query) == (query == digest));
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The settings grammar of `parse_settings_header`'s doc comment.
+fn reference_settings(value: &[u8]) -> Result<SignatureSettings<'_>, SignatureError> {
+    use SignatureError::{MalformedSettings, UnknownAlgorithm};
+    let text = std::str::from_utf8(value).map_err(|_| MalformedSettings)?;
+    let mut key: Option<&str> = None;
+    let mut algorithm: Option<&str> = None;
+    for element in text.split(',') {
+        let element = element.trim_matches(|c| c == ' ' || c == '\t');
+        let Some(eq) = element.find('=') else {
+            return Err(MalformedSettings);
+        };
+        let (name, value) = (&element[..eq], &element[eq + 1..]);
+        if value.is_empty() || value.contains(['=', ' ', '\t']) {
+            return Err(MalformedSettings);
+        }
+        let slot = match name {
+            "key" => &mut key,
+            "algorithm" => &mut algorithm,
+            _ => return Err(MalformedSettings),
+        };
+        if slot.is_some() {
+            return Err(MalformedSettings);
+        }
+        *slot = Some(value);
+    }
+    let key_id = key.ok_or(MalformedSettings)?;
+    let algorithm = match algorithm {
+        None | Some("HMAC_SHA1") => Algorithm::HmacSha1,
+        Some("HMAC_SHA256") => Algorithm::HmacSha256,
+        Some(_) => return Err(UnknownAlgorithm),
+    };
+    Ok(SignatureSettings { key_id, algorithm })
+}
+
+fn reference_body_sha256(query: &str) -> Result<Option<&str>, SignatureError> {
+    let values: Vec<&str> = query
+        .split('&')
+        .filter_map(|segment| match segment.find('=') {
+            Some(eq) => {
+                (&segment[..eq] == signature::BODY_SHA256_PARAM).then(|| &segment[eq + 1..])
+            }
+            None => (segment == signature::BODY_SHA256_PARAM).then_some(""),
+        })
+        .collect();
+    match values.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        _ => Err(SignatureError::DuplicateBodyHash),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// url_candidates
+// ---------------------------------------------------------------------------
+
+/// `signature::url_candidates` on the input as a string, and on
+/// `https://` + input when the input has no `://`:
+///
+/// - the first candidate is the URL itself, there are at most two, and they
+///   differ;
+/// - a second candidate differs from the URL only in the authority's port:
+///   the same scheme, userinfo and host bytes before it, the same path,
+///   query and fragment bytes after it, and either the port removed or
+///   `:443` (https) / `:80` added where there was none;
+/// - the result equals a reference implementation.
+pub fn url_candidates(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    check_url(&text);
+    if !text.contains("://") {
+        check_url(&format!("https://{text}"));
+    }
+}
+
+fn check_url(url: &str) {
+    let candidates = signature::url_candidates(url);
+    let first = candidates.first().expect("at least the URL itself");
+    assert_eq!(first, url, "first candidate is the URL as given");
+    assert!(candidates.len() <= 2, "at most two candidates");
+
+    let reference = reference_port_variant(url);
+    match (candidates.get(1), &reference) {
+        (None, None) => {}
+        (None, Some(variant)) => assert_eq!(variant.joined(), url, "missing port variant"),
+        (Some(_), None) => panic!("a port variant of a URL without a recognisable authority"),
+        (Some(second), Some(variant)) => {
+            assert_ne!(second, url, "duplicate candidate");
+            assert_eq!(*second, variant.joined(), "port variant");
+            // Only the port changed: prefix and tail are the URL's own bytes.
+            let (old_port, new_port) = (variant.old_port, variant.new_port);
+            assert_eq!(url, format!("{}{old_port}{}", variant.head, variant.tail));
+            assert!(old_port.is_empty() != new_port.is_empty());
+            assert!(old_port.is_empty() || old_port.starts_with(':'));
+            assert!(matches!(new_port, "" | ":443" | ":80"));
+            assert!(second.starts_with(variant.head) && second.ends_with(variant.tail));
+        }
+    }
+}
+
+/// A URL cut around its port: `head` (scheme, `://`, userinfo, host),
+/// `old_port` (`:…` or empty), `tail` (path, query, fragment); and the port
+/// the other candidate has instead.
+struct PortVariant<'a> {
+    head: &'a str,
+    old_port: &'a str,
+    new_port: &'static str,
+    tail: &'a str,
+}
+
+impl PortVariant<'_> {
+    fn joined(&self) -> String {
+        format!("{}{}{}", self.head, self.new_port, self.tail)
+    }
+}
+
+/// RFC 3986 shapes, written independently of `signature::split_port`.
+fn reference_port_variant(url: &str) -> Option<PortVariant<'_>> {
+    let scheme_end = url.find("://")?;
+    let scheme = &url[..scheme_end];
+    let mut scheme_chars = scheme.chars();
+    if !scheme_chars.next()?.is_ascii_alphabetic()
+        || !scheme_chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        return None;
+    }
+    let authority_start = scheme_end + 3;
+    let rest = &url[authority_start..];
+    let authority_end = authority_start + rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &url[authority_start..authority_end];
+    let host_start = authority_start + authority.rfind('@').map_or(0, |at| at + 1);
+    let host_port = &url[host_start..authority_end];
+    let host_len = if host_port.starts_with('[') {
+        let close = host_port.find(']')?;
+        let after = &host_port[close + 1..];
+        if !after.is_empty() && !after.starts_with(':') {
+            return None;
+        }
+        close + 1
+    } else {
+        host_port.find(':').unwrap_or(host_port.len())
+    };
+    let port_start = host_start + host_len;
+    let old_port = &url[port_start..authority_end];
+    let new_port = match (old_port.is_empty(), scheme.eq_ignore_ascii_case("https")) {
+        (false, _) => "",
+        (true, true) => ":443",
+        (true, false) => ":80",
+    };
+    Some(PortVariant {
+        head: &url[..port_start],
+        old_port,
+        new_port,
+        tail: &url[authority_end..],
+    })
+}
+
+// ---------------------------------------------------------------------------
+// config_load
+// ---------------------------------------------------------------------------
+
+/// Secret values in the fixed environment, and override values that are
+/// always invalid: none may ever appear in an error, in `Debug` of the
+/// settings, or in `describe()`. Lower case and `-` make them neither a
+/// quotable variable name nor (without `/` or `.`) a quotable path.
+const CANARIES: &[&str] = &[
+    "tok-canary-yx81q",
+    "tok2-canary-kp4w",
+    "shk-canary-vb6z",
+    "pad-canary-mm3j",
+    "nl-canary-rt5s",
+    "keycanary-not-hex-wq2",
+    "c0ffee15c0ffee15c0ffee",
+    KEY_CANARY,
+    "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1A0",
+    "level-canary-hd2",
+    "bytes-canary-jf9",
+    "literal-canary-lc7",
+    "unknown-canary-np8",
+    "url-canary-pu3",
+    "regex-canary-rg1",
+];
+
+/// A valid key (so configs can load), and a canary: its hex must never show.
+const KEY_CANARY: &str = "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0";
+
+/// The environment: secrets always; `IVRGUARD__…` overrides chosen by the
+/// bits of `selector` (the input's first byte), the good ones so that small
+/// files can load, the bad ones to check that errors do not quote them.
+fn config_env(selector: u8) -> HashMap<String, String> {
+    let mut env: Vec<(&str, &str)> = vec![
+        ("TWILIO_AUTH_TOKEN", "tok-canary-yx81q"),
+        ("TWILIO_AUTH_TOKEN_SECONDARY", "tok2-canary-kp4w"),
+        ("TWILIO_WEBHOOK_KEY_1", "shk-canary-vb6z"),
+        ("PADDED_TOKEN", " pad-canary-mm3j "),
+        ("NEWLINE_TOKEN", "nl-canary-rt5s\n"),
+        ("EMPTY_TOKEN", ""),
+        ("IVRGUARD_KEY", KEY_CANARY),
+        (
+            "UPPER_KEY",
+            "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1A0",
+        ),
+        ("BAD_KEY", "keycanary-not-hex-wq2"),
+        ("SHORT_KEY", "c0ffee15c0ffee15c0ffee"),
+    ];
+    let overrides: [&[(&str, &str)]; 8] = [
+        &[("IVRGUARD__UPSTREAM__URL", "http://127.0.0.1:3000")],
+        &[("IVRGUARD__ENCRYPTION__FIELDS", "Digits, SpeechResult")],
+        &[
+            ("IVRGUARD__TWILIO__AUTH_TOKEN_ENV", "TWILIO_AUTH_TOKEN"),
+            ("IVRGUARD__ENCRYPTION__KEY_ENV", "IVRGUARD_KEY"),
+        ],
+        &[("IVRGUARD__LOG__LEVEL", "level-canary-hd2")],
+        &[("IVRGUARD__SERVER__MAX_BODY_BYTES", "bytes-canary-jf9")],
+        &[("IVRGUARD__TWILIO__AUTH_TOKEN", "literal-canary-lc7")],
+        &[("IVRGUARD__NOPE__KEY", "unknown-canary-np8")],
+        &[
+            ("IVRGUARD__TWILIO__PUBLIC_URL", "ftp://url-canary-pu3"),
+            ("IVRGUARD__LOG__SCRUB_PATTERNS", "(regex-canary-rg1"),
+        ],
+    ];
+    for (bit, vars) in overrides.iter().enumerate() {
+        if selector & (1 << bit) != 0 {
+            env.extend_from_slice(vars);
+        }
+    }
+    env.into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Inputs the harness will not run: a file can name secret *files*, and
+/// reading `/dev/zero` or `/dev/stdin` would exhaust memory or hang the
+/// fuzzer rather than find anything. TOML escapes (`\u…`, `\x…`) and
+/// line-ending backslashes could spell such a path, or a canary, without the
+/// bytes appearing in the input, so those are skipped too.
+fn hazardous(toml: &[u8]) -> bool {
+    let has = |needle: &[u8]| toml.windows(needle.len()).any(|w| w == needle);
+    has(b"/dev")
+        || has(b"/proc")
+        || has(b"/sys")
+        || toml.windows(2).any(|w| {
+            w[0] == b'\\' && matches!(w[1], b'u' | b'U' | b'x' | b' ' | b'\t' | b'\r' | b'\n')
+        })
+}
+
+/// Whether the input itself spells (part of) `canary`: then it may show up
+/// legitimately, e.g. as a path in "cannot read …".
+fn input_mentions(input: &[u8], canary: &str) -> bool {
+    let canary = canary.to_ascii_lowercase();
+    let input = input.to_ascii_lowercase();
+    canary
+        .as_bytes()
+        .windows(6)
+        .any(|w| input.windows(6).any(|i| i == w))
+}
+
+fn scratch_path(name: &str) -> PathBuf {
+    thread_local! {
+        static DIR: tempfile::TempDir = tempfile::Builder::new()
+            .prefix("ivrguard-fuzz-")
+            .tempdir()
+            .expect("a scratch directory");
+    }
+    DIR.with(|dir| dir.path().join(name))
+}
+
+/// `config::Settings::load` on the input (after its first byte, which picks
+/// the environment overrides) as the TOML file:
+///
+/// - it returns (no panic), and an error's `Display` is one line: no
+///   control characters;
+/// - no canary — a secret's value, or a bad override's value — appears in an
+///   error's `Display` or `Debug`, or in `Debug`/`describe()` of loaded
+///   settings, unless the input itself spells it;
+/// - loaded settings round-trip: `describe()` loads back, under the same
+///   environment, into settings that describe themselves identically.
+pub fn config_load(data: &[u8]) {
+    let Some((&selector, toml)) = data.split_first() else {
+        return;
+    };
+    if hazardous(toml) {
+        return;
+    }
+    let env = config_env(selector);
+    let canaries: Vec<&str> = CANARIES
+        .iter()
+        .copied()
+        .filter(|c| !input_mentions(toml, c))
+        .collect();
+    let assert_clean = |what: &str, text: &str| {
+        for canary in &canaries {
+            assert!(
+                !text
+                    .to_ascii_lowercase()
+                    .contains(&canary.to_ascii_lowercase()),
+                "{what} contains a secret or an override's value"
+            );
+        }
+    };
+
+    let path = scratch_path("ivrguard.toml");
+    std::fs::write(&path, toml).expect("writing the scratch config");
+    match Settings::load(&path, &env) {
+        Err(error) => {
+            let shown = error.to_string();
+            assert!(
+                !shown.chars().any(char::is_control),
+                "a config error is one line without control characters"
+            );
+            assert_clean("a config error", &shown);
+            assert_clean("a config error's Debug", &format!("{error:?}"));
+        }
+        Ok(settings) => {
+            assert_clean("Debug of the settings", &format!("{settings:?}"));
+            let described = settings.describe();
+            assert_clean("describe()", &described);
+            let again_path = scratch_path("described.toml");
+            std::fs::write(&again_path, &described).expect("writing the scratch config");
+            let again = Settings::load(&again_path, &env)
+                .unwrap_or_else(|e| panic!("describe() output does not load back: {e}"));
+            assert_eq!(again.describe(), described, "describe() round-trip");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// json_rewrite
+// ---------------------------------------------------------------------------
+
+/// `json_body::rewrite` (real cipher) on arbitrary bytes:
+///
+/// - not JSON (by `serde_json`) ⇔ `Err`, or the JSON nests deeper than the
+///   walk allows;
+/// - `Ok(None)` ⇔ no sensitive key holds a string or a number;
+/// - otherwise the output is JSON of the same shape, key order kept; each
+///   sensitive string or number became a hex string that decrypts to the
+///   string's bytes or the number's text as sent (it occurs in the input);
+///   everything else is equal;
+///   `count` and `fields` are right.
+pub fn json_rewrite(data: &[u8]) {
+    use serde_json::Value;
+    let fields = fields();
+    let cipher = cipher();
+    let result = json_body::rewrite(data, fields, |plain| cipher.encrypt_hex(plain));
+    let original: Result<Value, _> = serde_json::from_slice(data);
+    let Ok(original) = original else {
+        assert!(result.is_err(), "rewrite accepted what serde_json refuses");
+        return;
+    };
+    let mut expected = JsonExpect::default();
+    json_expect(&original, fields, 0, &mut expected);
+    let rewritten = match result {
+        Err(_) => {
+            assert!(expected.too_deep, "rewrite refused JSON of allowed depth");
+            return;
+        }
+        Ok(rewritten) => rewritten,
+    };
+    assert!(!expected.too_deep, "rewrite accepted JSON nested too deep");
+    let Some(rw) = rewritten else {
+        assert_eq!(
+            expected.count, 0,
+            "rewrite returned None with sensitive values"
+        );
+        return;
+    };
+    assert_eq!(rw.count, expected.count, "count");
+    assert_eq!(rw.fields, expected.fields, "fields");
+    let out: Value = serde_json::from_slice(&rw.bytes).expect("the output is JSON");
+    json_compare(data, &original, &out, fields, cipher);
+}
+
+/// Deepest nesting `json_body` walks before refusing (its `MAX_DEPTH`).
+const JSON_MAX_DEPTH: usize = 64;
+
+#[derive(Default)]
+struct JsonExpect {
+    count: usize,
+    fields: Vec<String>,
+    too_deep: bool,
+}
+
+fn json_sensitive_leaf(key: &str, value: &serde_json::Value, fields: &FieldSet) -> bool {
+    fields.contains(key) && (value.is_string() || value.is_number())
+}
+
+/// What the walk should find: every value it visits is at `depth`.
+fn json_expect(value: &serde_json::Value, fields: &FieldSet, depth: usize, out: &mut JsonExpect) {
+    use serde_json::Value;
+    if depth > JSON_MAX_DEPTH {
+        out.too_deep = true;
+        return;
+    }
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                if json_sensitive_leaf(key, v, fields) {
+                    out.count += 1;
+                    if !out.fields.contains(key) {
+                        out.fields.push(key.clone());
+                    }
+                } else {
+                    json_expect(v, fields, depth + 1, out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                json_expect(item, fields, depth + 1, out);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+    }
+}
+
+fn json_compare(
+    input: &[u8],
+    original: &serde_json::Value,
+    out: &serde_json::Value,
+    fields: &FieldSet,
+    cipher: &FieldCipher,
+) {
+    use serde_json::Value;
+    match (original, out) {
+        (Value::Object(a), Value::Object(b)) => {
+            assert!(a.keys().eq(b.keys()), "keys and their order are kept");
+            for ((key, va), vb) in a.iter().zip(b.values()) {
+                if json_sensitive_leaf(key, va, fields) {
+                    let plain = match va {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    let hex = vb.as_str().expect("a sensitive value becomes a string");
+                    assert!(is_lower_hex(hex.as_bytes()), "ciphertext is hex");
+                    let got = cipher.decrypt_hex(hex.as_bytes()).expect("it decrypts");
+                    assert_eq!(got.as_slice(), plain.as_bytes(), "decrypts to the value");
+                    if va.is_number() {
+                        // The app must get the digits the caller sent: the
+                        // number's text is in the input (serde_json spells
+                        // an exponent `e+3`/`e-3`, the input may say `E3`).
+                        assert!(
+                            number_spellings(&plain)
+                                .iter()
+                                .any(|t| input.windows(t.len()).any(|w| w == t.as_bytes())),
+                            "a sensitive number decrypts to text that is not in the input"
+                        );
+                    }
+                } else {
+                    json_compare(input, va, vb, fields, cipher);
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "array length");
+            for (va, vb) in a.iter().zip(b) {
+                json_compare(input, va, vb, fields, cipher);
+            }
+        }
+        (a, b) => assert_eq!(a, b, "non-sensitive values are kept"),
+    }
+}
+
+/// `text` and the other ways JSON can spell its exponent.
+fn number_spellings(text: &str) -> Vec<String> {
+    let mut out = vec![text.to_string()];
+    if let Some((mantissa, exponent)) = text.split_once('e') {
+        let digits = exponent.strip_prefix('+');
+        for e in ["e", "E"] {
+            out.push(format!("{mantissa}{e}{exponent}"));
+            if let Some(digits) = digits {
+                out.push(format!("{mantissa}{e}{digits}"));
+            }
+        }
+    }
+    out
+}
