@@ -26,7 +26,7 @@ use ivrguard::access_log::AccessRecord;
 use ivrguard::cipher::{FieldCipher, FieldKey};
 use ivrguard::config::Settings;
 use ivrguard::form::{self, FieldSet, DEFAULT_FIELDS};
-use ivrguard::logging::{Scrubber, ScrubbingMakeWriter};
+use ivrguard::logging::{JsonLines, Scrubber, ScrubbingMakeWriter};
 use ivrguard::metrics::Metrics;
 use ivrguard::pipeline::Proxy;
 use ivrguard::secret::Secret;
@@ -176,15 +176,12 @@ fn stages(c: &mut Criterion) {
         b.iter(|| form::redacted(black_box(BODY), &fields))
     });
 
-    // One access line: tracing's JSON formatter and the scrubber, into a
+    // One access line: the JSON line formatter and the scrubber, into a
     // sink (the queue to the writer thread is not included).
     let settings = settings();
     let scrubber = Arc::new(Scrubber::new(&settings.log));
     let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
+        .event_format(JsonLines)
         .with_writer(ScrubbingMakeWriter::new(std::io::sink, scrubber))
         .finish();
     let mut record = AccessRecord::start(&head, peer(), &fields);
