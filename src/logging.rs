@@ -52,7 +52,7 @@ impl Scrubber {
     /// The line with every match replaced by `*REDACTED*`.
     pub fn scrub<'a>(&self, line: &'a [u8]) -> Cow<'a, [u8]> {
         let mut out = Cow::Borrowed(line);
-        if self.card_numbers {
+        if self.card_numbers && has_long_digit_run(&out) {
             if let Some(replaced) = redact_card_numbers(&out) {
                 out = Cow::Owned(replaced);
             }
@@ -103,6 +103,44 @@ fn redact_card_numbers(line: &[u8]) -> Option<Vec<u8>> {
         buf.extend_from_slice(&line[copied..]);
         buf
     })
+}
+
+/// Whether `line` has a run of 13 or more ASCII digits, the shortest card
+/// number: [`redact_card_numbers`] can only change such a line. Most lines
+/// have none, and this check reads eight bytes per step where that scan
+/// reads one (callgrind: ~5,100 instructions per access line before).
+fn has_long_digit_run(line: &[u8]) -> bool {
+    // One bit per byte of the last 64 bytes, in input order: the newest
+    // byte in the lowest bit.
+    let mut window = 0u64;
+    let mut last = [0u8; 8]; // zero padding is not a digit
+    let tail = line.chunks_exact(8).remainder();
+    last.iter_mut().zip(tail).for_each(|(byte, &b)| *byte = b);
+    let words = line
+        .chunks_exact(8)
+        .map(|chunk| u64::from_le_bytes(chunk.try_into().expect("chunks of eight bytes")))
+        .chain((!tail.is_empty()).then(|| u64::from_le_bytes(last)));
+    for word in words {
+        // 0x80 in each byte that is '0'..='9': no carries between bytes, as
+        // the low seven bits plus 0x50 (or 0x46) stay below 0x100.
+        let low = word & 0x7f7f_7f7f_7f7f_7f7f;
+        let digits = (low + 0x5050_5050_5050_5050)
+            & !(low + 0x4646_4646_4646_4646)
+            & !word
+            & 0x8080_8080_8080_8080;
+        // Gather those bits, first byte of the chunk as the highest bit.
+        let gathered = ((digits >> 7).wrapping_mul(0x8040_2010_0804_0201) >> 56) as u8;
+        window = (window << 8) | u64::from(gathered);
+        // A bit survives the shifts only where 13 consecutive bits are set.
+        let mut run = window & (window << 1); // runs of 2
+        run &= run << 2; // 4
+        run &= run << 4; // 8
+        run &= run << 5; // 13
+        if run != 0 {
+            return true;
+        }
+    }
+    false
 }
 
 /// The Luhn (mod 10) check over ASCII digits.
@@ -628,6 +666,62 @@ mod tests {
             let mut out = String::new();
             write_timestamp(&mut out, time).unwrap();
             assert_eq!(out, expected, "{secs}");
+        }
+    }
+
+    #[test]
+    fn long_digit_run_check_agrees_with_a_byte_by_byte_count() {
+        let longest_run = |line: &[u8]| {
+            let (mut best, mut current) = (0, 0);
+            for b in line {
+                current = if b.is_ascii_digit() { current + 1 } else { 0 };
+                best = best.max(current);
+            }
+            best
+        };
+        // Runs of 12, 13 and 14 digits at every offset of a word, and bytes
+        // next to '0' and '9' ('/', ':') that must not count as digits.
+        let mut lines: Vec<Vec<u8>> = Vec::new();
+        for len in [12, 13, 14] {
+            for offset in 0..20 {
+                let mut line = vec![b'x'; offset];
+                line.extend(std::iter::repeat_n(b'7', len));
+                line.extend_from_slice(b"/:y");
+                lines.push(line);
+            }
+        }
+        lines.push(b"123456/89012:4567".to_vec());
+        lines.push("\u{e9}4111111111111111\u{e9}".as_bytes().to_vec());
+        lines.push(b"".to_vec());
+        for line in &lines {
+            assert_eq!(
+                has_long_digit_run(line),
+                longest_run(line) >= 13,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        for b in 0..=255u8 {
+            let line = [b; 13];
+            assert_eq!(has_long_digit_run(&line), b.is_ascii_digit(), "byte {b}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn long_digit_run_check_never_misses_a_card_length_run(
+            line in proptest::collection::vec(
+                proptest::prop_oneof![3 => b'0'..=b'9', 1 => proptest::num::u8::ANY],
+                0..80,
+            )
+        ) {
+            let mut longest = 0;
+            let mut current = 0;
+            for b in &line {
+                current = if b.is_ascii_digit() { current + 1 } else { 0 };
+                longest = longest.max(current);
+            }
+            proptest::prop_assert_eq!(has_long_digit_run(&line), longest >= 13);
         }
     }
 
