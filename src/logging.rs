@@ -316,9 +316,9 @@ impl<W: fmt::Write> JsonFields<'_, W> {
     fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
         if self.result.is_ok() {
             self.result = (|| {
-                self.out.write_char(',')?;
-                write_json_str(self.out, field.name())?;
-                self.out.write_char(':')?;
+                self.out.write_str(",\"")?;
+                JsonEscaped(&mut *self.out).write_str(field.name())?;
+                self.out.write_str("\":")?;
                 value(self.out)
             })();
         }
@@ -339,11 +339,16 @@ impl<W: fmt::Write> Visit for JsonFields<'_, W> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field, |out| write_decimal(out, value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field, |out| {
+            if value < 0 {
+                out.write_char('-')?;
+            }
+            write_decimal(out, value.unsigned_abs())
+        });
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -365,6 +370,22 @@ impl<W: fmt::Write> Visit for JsonFields<'_, W> {
     }
 }
 
+/// `value` in decimal, without going through `fmt`.
+fn write_decimal(out: &mut impl fmt::Write, mut value: u64) -> fmt::Result {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        start -= 1;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    let text = digits.get(start..).unwrap_or_default();
+    out.write_str(std::str::from_utf8(text).expect("ASCII digits"))
+}
+
 /// `value` as a JSON string, quotes included.
 fn write_json_str(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
     out.write_char('"')?;
@@ -379,8 +400,12 @@ struct JsonEscaped<'w, W: fmt::Write>(&'w mut W);
 
 impl<W: fmt::Write> fmt::Write for JsonEscaped<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        let needs_escape = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+        let Some(first) = s.bytes().position(needs_escape) else {
+            return self.0.write_str(s);
+        };
         let mut plain = 0;
-        for (i, b) in s.bytes().enumerate() {
+        for (i, b) in s.bytes().enumerate().skip(first) {
             let escape = match b {
                 b'"' => "\\\"",
                 b'\\' => "\\\\",
@@ -604,6 +629,9 @@ mod tests {
             tiny = 0.000_412,
             not_a_number = f64::NAN,
             delta = -3i64,
+            lowest = i64::MIN,
+            highest = u64::MAX,
+            zero = 0u64,
             flag = true,
             listed = ?["a", "b\\c"],
             "access"
