@@ -173,11 +173,14 @@ ok "compose.yaml: only ivrguard published, app and bank on an internal network, 
 phase "static binaries"
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
 export RUSTFLAGS="-C target-feature=+crt-static"
-cargo build --release --target "$TRIPLE" --bin ivrguard || die "static build of ivrguard failed"
+# IVRGUARD_CONTAINER_PROFILE=release tests the exact shipped build (fat LTO,
+# several minutes); the default profile is the same code without LTO.
+PROFILE="${IVRGUARD_CONTAINER_PROFILE:-container-test}"
+cargo build --profile "$PROFILE" --target "$TRIPLE" --bin ivrguard || die "static build of ivrguard failed"
 cargo build --release --target "$TRIPLE" --manifest-path "$DOCKER/test-backend/Cargo.toml" \
   --target-dir "$ROOT/target/test-backend" || die "static build of docker/test-backend failed"
 unset RUSTFLAGS
-BIN="$ROOT/target/$TRIPLE/release/ivrguard"
+BIN="$ROOT/target/$TRIPLE/$PROFILE/ivrguard"
 BACKEND_BIN="$ROOT/target/test-backend/$TRIPLE/release/ivrguard-test-backend"
 for b in "$BIN" "$BACKEND_BIN"; do
   ldd "$b" 2>&1 | grep -qE 'statically linked|not a dynamic executable' \
