@@ -500,6 +500,12 @@ impl LogHandle {
     }
 }
 
+/// Lines held for a slow or blocked stdout before new ones are dropped (and
+/// counted): about 3 MiB of access lines, so a stalled log reader cannot
+/// push the process past its memory budget (tracing-appender's default is
+/// 128,000 lines, measured at +38 MiB).
+pub const LOG_QUEUE_LINES: usize = 8_192;
+
 /// Installs the global subscriber writing to stdout. Call once, at start-up.
 pub fn init(settings: &LogSettings) -> LogHandle {
     init_with(settings, io::stdout())
@@ -511,6 +517,7 @@ pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> L
     let (writer, guard): (NonBlocking, WorkerGuard) =
         tracing_appender::non_blocking::NonBlockingBuilder::default()
             .lossy(true)
+            .buffered_lines_limit(LOG_QUEUE_LINES)
             .thread_name("ivrguard-log")
             .finish(Batched::new(out));
     let dropped = writer.error_counter();
