@@ -142,5 +142,7 @@ cargo test --all-targets --no-fail-fast "$@" || die "tests failed (see the summa
 phase "cargo test --doc"
 cargo test --doc || die "doc tests failed (see above)"
 "$ROOT/docker/test.sh" || die "container tests failed (docker/test.sh, see above)"
+# Fuzz smoke run: 8 s per cargo-fuzz target, 40 s in all (installs nightly + cargo-fuzz if missing; see fuzz/smoke.sh).
+phase "fuzz smoke run (fuzz/smoke.sh)"; "$ROOT/fuzz/smoke.sh" || die "fuzz smoke run failed (see above)"
 
 phase "all checks passed in $((SECONDS - START))s"
