@@ -108,7 +108,10 @@ pub async fn serve(
         let service = service_fn(move |request: Request<Incoming>| {
             // A snapshot: a reload does not change a request in flight.
             let proxy = proxy.load_full();
-            async move { Ok::<_, Infallible>(guarded(&proxy, request, peer).await) }
+            // Boxed: hyper keeps a slot the size of this future in every
+            // connection for its whole life (~4.4 KiB, idle or not); boxed,
+            // that memory exists only while a request is in flight.
+            Box::pin(async move { Ok::<_, Infallible>(guarded(&proxy, request, peer).await) })
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
