@@ -117,7 +117,7 @@ impl AccessRecord {
 
 /// The address as `Display` writes it; IPv4 by hand, because `Ipv4Addr`'s
 /// `Display` (padding support) cost ~1,400 instructions per access line.
-fn ip_text(ip: IpAddr) -> String {
+pub(crate) fn ip_text(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => {
             let mut text = String::with_capacity(15);

@@ -19,6 +19,7 @@
 //! is the only place a failure becomes HTTP. Nothing reaches the app unless
 //! every stage before `forward` succeeded.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,11 +63,8 @@ pub struct Proxy {
 #[derive(Debug, Clone)]
 enum OriginRule {
     /// `twilio.public_url`: `scheme://host[:port]` as Twilio calls it.
-    Fixed {
-        origin: String,
-        scheme: String,
-        host: String,
-    },
+    /// Built once, header values included.
+    Fixed(Origin),
     /// `X-Forwarded-Proto`/`X-Forwarded-Host` from a trusted proxy.
     Forwarded,
     /// The connection (plain HTTP) and the `Host` header.
@@ -77,11 +75,7 @@ impl Proxy {
     pub fn new(settings: &Settings, cipher: Arc<FieldCipher>, metrics: Arc<Metrics>) -> Self {
         let twilio = &settings.twilio;
         let origin = match &twilio.public_url {
-            Some(url) => OriginRule::Fixed {
-                origin: url.origin.clone(),
-                scheme: url.scheme.clone(),
-                host: url.host_port.clone(),
-            },
+            Some(url) => OriginRule::Fixed(Origin::new(&url.scheme, url.host_port.clone())),
             None if settings.server.trust_forwarded_headers => OriginRule::Forwarded,
             None => OriginRule::Direct,
         };
@@ -211,8 +205,8 @@ impl Proxy {
 
         // 2. verify
         let origin = self.origin(&parts)?;
-        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let url = format!("{}{}", origin.origin, path_and_query);
+        let request_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let url = [origin.origin.as_str(), request_target].concat();
         let mut body_pairs = match signed {
             SignedContent::Form => form::parse(&body).map_err(Rejection::MalformedForm)?,
             SignedContent::None | SignedContent::BodyHash => Vec::new(),
@@ -236,11 +230,11 @@ impl Proxy {
             .uri
             .query()
             .and_then(|q| self.encrypt(q.as_bytes(), &mut query_pairs, log));
-        let mut query = match new_query {
-            Some(q) => {
-                Some(String::from_utf8(q).expect("a str query with hex spliced in is UTF-8"))
-            }
-            None => parts.uri.query().map(str::to_owned),
+        let mut query: Option<Cow<'_, str>> = match new_query {
+            Some(q) => Some(Cow::Owned(
+                String::from_utf8(q).expect("a str query with hex spliced in is UTF-8"),
+            )),
+            None => parts.uri.query().map(Cow::Borrowed),
         };
         let forwarded_body = match signed {
             SignedContent::Form => self
@@ -250,45 +244,44 @@ impl Proxy {
                 Some(json) => {
                     // The app checks `bodySHA256` against what it receives.
                     let hash = hex::encode(Sha256::digest(&json));
-                    query = query.map(|q| with_body_hash(&q, &hash));
+                    query = query.map(|q| Cow::Owned(with_body_hash(&q, &hash)));
                     Bytes::from(json)
                 }
                 None => body.clone(),
             },
             SignedContent::BodyHash | SignedContent::None => body.clone(),
         };
-        let path_and_query = match &query {
-            Some(q) => format!("{}?{}", parts.uri.path(), q),
-            None => parts.uri.path().to_owned(),
+        let path = parts.uri.path();
+        let query_unchanged = matches!(query, None | Some(Cow::Borrowed(_)));
+        let path_and_query = match query.as_deref() {
+            // As received, when that is exactly `path?query`.
+            q if query_unchanged && is_target(request_target, path, q) => {
+                Cow::Borrowed(request_target)
+            }
+            Some(q) => Cow::Owned([path, "?", q].concat()),
+            None => Cow::Borrowed(path),
         };
 
         // 4. re-sign
         let params = as_params(&body_pairs);
-        let signature = self
-            .verifier
-            .sign(&format!("{}{}", origin.origin, path_and_query), &params);
+        let signature = if path_and_query == request_target {
+            self.verifier.sign(&url, &params)
+        } else {
+            let signed_url = [origin.origin.as_str(), &path_and_query].concat();
+            self.verifier.sign(&signed_url, &params)
+        };
 
-        self.upstream_request(
-            parts,
-            &path_and_query,
-            forwarded_body,
-            &signature,
-            peer,
-            &origin,
-        )
+        let uri = self
+            .upstream
+            .uri_for(&path_and_query)
+            .map_err(|_| Rejection::Upstream(upstream::UpstreamError::Failed))?;
+        drop(path_and_query); // it may borrow `parts`, which moves next
+        self.upstream_request(parts, uri, forwarded_body, signature, peer, &origin)
     }
 
-    fn origin(&self, parts: &Parts) -> Result<Origin, Rejection> {
+    fn origin(&self, parts: &Parts) -> Result<Cow<'_, Origin>, Rejection> {
         match &self.origin {
-            OriginRule::Fixed {
-                origin,
-                scheme,
-                host,
-            } => Ok(Origin {
-                origin: origin.clone(),
-                scheme: scheme.clone(),
-                host: host.clone(),
-            }),
+            OriginRule::Fixed(origin) => Ok(Cow::Borrowed(origin)),
             OriginRule::Forwarded => {
                 let proto = single_header(parts, "x-forwarded-proto")?.unwrap_or("http");
                 if !proto.eq_ignore_ascii_case("http") && !proto.eq_ignore_ascii_case("https") {
@@ -298,9 +291,9 @@ impl Proxy {
                     Some(host) => host.to_owned(),
                     None => request_host(parts)?,
                 };
-                Ok(Origin::new(proto, host))
+                Ok(Cow::Owned(Origin::new(proto, host)))
             }
-            OriginRule::Direct => Ok(Origin::new("http", request_host(parts)?)),
+            OriginRule::Direct => Ok(Cow::Owned(Origin::new("http", request_host(parts)?))),
         }
     }
 
@@ -363,16 +356,12 @@ impl Proxy {
     fn upstream_request(
         &self,
         parts: Parts,
-        path_and_query: &str,
+        uri: http::Uri,
         body: Bytes,
-        signature: &str,
+        signature: String,
         peer: SocketAddr,
         origin: &Origin,
     ) -> Result<Request<Full<Bytes>>, Rejection> {
-        let uri = self
-            .upstream
-            .uri_for(path_and_query)
-            .map_err(|_| Rejection::Upstream(upstream::UpstreamError::Failed))?;
         let mut headers = parts.headers;
         upstream::strip_hop_by_hop(&mut headers);
         headers.remove(signature::SETTINGS_HEADER);
@@ -380,21 +369,25 @@ impl Proxy {
             signature::SIGNATURE_HEADER,
             HeaderValue::try_from(signature).expect("base64 is a valid header value"),
         );
+        // Up to four headers are added below: one allocation, not several.
+        headers.reserve(4);
         if !body.is_empty() || headers.contains_key(header::CONTENT_LENGTH) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        if self.rewrite_host {
-            if let Ok(v) = HeaderValue::try_from(origin.host.as_str()) {
-                headers.insert(header::HOST, v);
-            }
-        } else if !headers.contains_key(header::HOST) {
-            // HTTP/2 carries the host in :authority; the app gets it as Host.
-            if let Ok(v) = HeaderValue::try_from(origin.host.as_str()) {
-                headers.insert(header::HOST, v);
+        if self.rewrite_host || !headers.contains_key(header::HOST) {
+            // (HTTP/2 carries the host in :authority; the app gets it as Host.)
+            if let Some(v) = &origin.host_value {
+                headers.insert(header::HOST, v.clone());
             }
         }
         let keep_chain = matches!(self.origin, OriginRule::Forwarded);
-        upstream::set_forwarded(&mut headers, peer, &origin.scheme, &origin.host, keep_chain);
+        upstream::set_forwarded(
+            &mut headers,
+            peer,
+            origin.scheme_value.clone(),
+            origin.host_value.clone(),
+            keep_chain,
+        );
 
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = parts.method;
@@ -421,11 +414,14 @@ impl Proxy {
     }
 }
 
-/// The origin (`scheme://host[:port]`) a request was signed for.
+/// The origin (`scheme://host[:port]`) a request was signed for, and the
+/// header values the app is told it by (`X-Forwarded-Proto`/`-Host`, `Host`
+/// when rewritten); a value that cannot be a header value is left out.
+#[derive(Debug, Clone)]
 struct Origin {
     origin: String,
-    scheme: String,
-    host: String,
+    scheme_value: Option<HeaderValue>,
+    host_value: Option<HeaderValue>,
 }
 
 impl Origin {
@@ -433,9 +429,23 @@ impl Origin {
         let scheme = scheme.to_ascii_lowercase();
         Origin {
             origin: format!("{scheme}://{host}"),
-            scheme,
-            host,
+            scheme_value: HeaderValue::try_from(scheme).ok(),
+            host_value: HeaderValue::try_from(host).ok(),
         }
+    }
+}
+
+/// Whether `target` (a request target as received) is exactly `path`
+/// followed by `?query`, so it can be forwarded and signed as it is.
+fn is_target(target: &str, path: &str, query: Option<&str>) -> bool {
+    match query {
+        Some(query) => {
+            target
+                .strip_prefix(path)
+                .and_then(|rest| rest.strip_prefix('?'))
+                == Some(query)
+        }
+        None => target == path,
     }
 }
 

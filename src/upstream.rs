@@ -165,6 +165,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, not nine lookups.
+    let any = headers
+        .keys()
+        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -178,28 +185,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host` for the application.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Sets `X-Forwarded-For/-Proto/-Host` for the application. `proto` and
+/// `host` come ready-made (the fixed public URL's are built once).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: SocketAddr,
-    proto: &str,
-    host: &str,
+    proto: Option<HeaderValue>,
+    host: Option<HeaderValue>,
     keep_chain: bool,
 ) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let peer_ip = peer.ip().to_string();
-    let chain = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prior) if keep_chain => format!("{prior}, {peer_ip}"),
-        _ => peer_ip,
+    let peer_ip = crate::access_log::ip_text(peer.ip());
+    let prior = headers
+        .get(&X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| keep_chain);
+    let chain = match prior {
+        Some(prior) => format!("{prior}, {peer_ip}"),
+        None => peer_ip,
     };
     if let Ok(v) = HeaderValue::try_from(chain) {
-        headers.insert(xff, v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    if let Ok(v) = HeaderValue::try_from(proto) {
-        headers.insert(HeaderName::from_static("x-forwarded-proto"), v);
+    if let Some(v) = proto {
+        headers.insert(X_FORWARDED_PROTO, v);
     }
-    if let Ok(v) = HeaderValue::try_from(host) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+    if let Some(v) = host {
+        headers.insert(X_FORWARDED_HOST, v);
     }
 }
 
@@ -231,13 +246,21 @@ mod tests {
         let peer: SocketAddr = "10.0.0.7:5555".parse().unwrap();
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        set_forwarded(&mut h, peer, "https", "ivr.example.com", false);
+        let values = || {
+            (
+                Some(HeaderValue::from_static("https")),
+                Some(HeaderValue::from_static("ivr.example.com")),
+            )
+        };
+        let (proto, host) = values();
+        set_forwarded(&mut h, peer, proto, host, false);
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "ivr.example.com");
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        set_forwarded(&mut h, peer, "https", "ivr.example.com", true);
+        let (proto, host) = values();
+        set_forwarded(&mut h, peer, proto, host, true);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.7");
     }
 }
