@@ -216,11 +216,11 @@ impl Proxy {
             None => Vec::new(),
         };
         let verified = self.verify(&url, &parts, &body, &body_pairs, signed);
-        log.signature = match verified {
-            Ok(key) => SignatureOutcome::Valid(key),
+        log.signature = match &verified {
+            Ok(verified) => SignatureOutcome::Valid(verified.key),
             Err(e) => SignatureOutcome::Invalid(e.reason()),
         };
-        verified.map_err(Rejection::Signature)?;
+        let verified = verified.map_err(Rejection::Signature)?;
         if let Some(sid) = find(&body_pairs, "CallSid").or_else(|| find(&query_pairs, "CallSid")) {
             log.set_call_sid(sid);
         }
@@ -265,10 +265,10 @@ impl Proxy {
         // 4. re-sign
         let params = as_params(&body_pairs);
         let signature = if path_and_query == request_target {
-            self.verifier.sign(&url, &params)
+            self.verifier.sign_after(&verified, &url, &params)
         } else {
             let signed_url = [origin.origin.as_str(), &path_and_query].concat();
-            self.verifier.sign(&signed_url, &params)
+            self.verifier.sign_after(&verified, &signed_url, &params)
         };
 
         let uri = self
@@ -304,20 +304,20 @@ impl Proxy {
         body: &[u8],
         body_pairs: &[FormPair<'_>],
         signed: SignedContent,
-    ) -> Result<signature::KeyUsed, signature::SignatureError> {
+    ) -> Result<signature::Verified, signature::SignatureError> {
         // `bodySHA256` is checked whenever present, whatever the content
         // type: after the signature over the URL that carries it.
         let body_hash = signature::body_sha256_param(parts.uri.query().unwrap_or(""))?;
         // Only form bodies contribute parameters; otherwise `body_pairs` is empty.
         debug_assert!(signed == SignedContent::Form || body_pairs.is_empty());
-        let key = self
-            .verifier
-            .verify(url, &as_params(body_pairs), &parts.headers)?;
+        let verified =
+            self.verifier
+                .verify_resumable(url, &as_params(body_pairs), &parts.headers)?;
         match body_hash {
             Some(expected) if !signature::body_hash_matches(body, expected) => {
                 Err(signature::SignatureError::BodyHashMismatch)
             }
-            _ => Ok(key),
+            _ => Ok(verified),
         }
     }
 
