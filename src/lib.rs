@@ -24,4 +24,5 @@ pub mod run;
 pub mod secret;
 pub mod server;
 pub mod signature;
+pub mod tls;
 pub mod upstream;

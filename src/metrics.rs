@@ -19,6 +19,7 @@ pub struct Metrics {
     fields_encrypted: Counter,
     upstream_errors: Family<Labels, Counter>,
     panics: Counter,
+    tls_handshake_failures: Family<Labels, Counter>,
     latency: Histogram,
     encryptions_this_key: Gauge,
     log_lines_dropped: Gauge,
@@ -65,6 +66,12 @@ impl Metrics {
             "Requests that panicked (answered 500)",
             panics.clone(),
         );
+        let tls_handshake_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the listener that failed, by reason",
+            tls_handshake_failures.clone(),
+        );
         let latency = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
         registry.register(
             "request_duration_seconds",
@@ -90,6 +97,7 @@ impl Metrics {
             fields_encrypted,
             upstream_errors,
             panics,
+            tls_handshake_failures,
             latency,
             encryptions_this_key,
             log_lines_dropped,
@@ -119,6 +127,12 @@ impl Metrics {
         self.panics.inc();
     }
 
+    pub fn tls_handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
     /// Prometheus text format. `encryptions` and `dropped` are sampled now.
     pub fn render(&self, encryptions: u64, dropped_log_lines: u64) -> String {
         self.encryptions_this_key
@@ -142,6 +156,7 @@ mod tests {
         m.signature_failure("mismatch");
         m.fields_encrypted(3);
         m.upstream_error("connect");
+        m.tls_handshake_failure("timeout");
         let text = m.render(7, 0);
         assert!(
             text.contains(r#"ivrguard_requests_total{outcome="forwarded"} 1"#),
@@ -150,6 +165,7 @@ mod tests {
         assert!(text.contains(r#"ivrguard_signature_failures_total{reason="mismatch"} 1"#));
         assert!(text.contains("ivrguard_fields_encrypted_total 3"));
         assert!(text.contains(r#"ivrguard_upstream_errors_total{kind="connect"} 1"#));
+        assert!(text.contains(r#"ivrguard_tls_handshake_failures_total{reason="timeout"} 1"#));
         assert!(text.contains("ivrguard_encryptions_current_key 7"));
         assert!(text.contains("ivrguard_request_duration_seconds_bucket"));
     }
