@@ -43,6 +43,10 @@
 //!   silently (or accepting and failing every signature), start-up stops
 //!   and says so.
 //!
+//! The TLS listener's private key (`server.tls_key_file`) is a secret read
+//! from a file too, but PEM: it is parsed as such (src/tls.rs), not
+//! trimmed, and only ever held inside the TLS configuration.
+//!
 //! Errors name the variable or file, except when the name itself looks like
 //! a secret (not an `UPPER_CASE` variable name; a path without `/` or `.`;
 //! 16+ hex digits): a token pasted into `auth_token_env` is then reported
@@ -60,6 +64,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use config::{Value, ValueKind};
@@ -69,6 +74,7 @@ use zeroize::Zeroizing;
 
 use crate::cipher::FieldKey;
 use crate::secret::{Secret, REDACTED};
+use crate::tls::PemFile;
 
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "IVRGUARD__";
@@ -134,6 +140,29 @@ pub struct ServerSettings {
     /// Re-read the config file and `*_file` secrets this often and reload
     /// when they changed (Kubernetes Secret rotation). `None`: SIGHUP only.
     pub reload_poll_interval: Option<Duration>,
+    /// Serve TLS on `listen`; `None`: plain HTTP (TLS ends at an ingress).
+    pub tls: Option<TlsSettings>,
+}
+
+/// `server.tls_cert_file` and `server.tls_key_file`, loaded and checked.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Built from the two files: certificate chain, private key, TLS 1.2
+    /// and 1.3, ALPN `h2` and `http/1.1` (see [`crate::tls`]).
+    pub config: Arc<tokio_rustls::rustls::ServerConfig>,
+}
+
+/// The paths only: the configuration holds the private key.
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("config", &REDACTED)
+            .finish()
+    }
 }
 
 /// `[upstream]`: the application behind ivrguard.
@@ -336,6 +365,21 @@ impl Settings {
             "reload_poll_interval_ms = {}",
             s.reload_poll_interval.map_or(0, |d| d.as_millis())
         ));
+        match &s.tls {
+            Some(tls) => {
+                out.push(format!(
+                    "tls_cert_file = {}",
+                    toml_str(&tls.cert_file.to_string_lossy())
+                ));
+                out.push(secret_line(
+                    "tls_key",
+                    &SecretSource::File(tls.key_file.clone()),
+                ));
+            }
+            None => out.push(
+                "# tls_cert_file and tls_key_file are not set: plain HTTP on listen".to_string(),
+            ),
+        }
 
         let u = &self.upstream;
         out.push(String::new());
@@ -471,9 +515,19 @@ impl SecretSource {
         match self {
             SecretSource::Env(var) if quotable_var(var) => format!("environment variable {var}"),
             SecretSource::Env(_) => "the environment variable it names (name withheld: not an UPPER_CASE variable name, so it may be the secret itself)".to_string(),
-            SecretSource::File(path) if quotable_path(path) => path.display().to_string(),
-            SecretSource::File(_) => "the file it names (path withheld: no '/' or '.', so it may be the secret itself)".to_string(),
+            SecretSource::File(path) => file_what(path),
         }
+    }
+}
+
+/// A file's path for messages, unless it looks like a secret (see
+/// [`SecretSource::what`]).
+fn file_what(path: &Path) -> String {
+    if quotable_path(path) {
+        path.display().to_string()
+    } else {
+        "the file it names (path withheld: no '/' or '.', so it may be the secret itself)"
+            .to_string()
     }
 }
 
@@ -646,6 +700,8 @@ struct RawServer {
     drain_timeout_ms: Option<u64>,
     max_connections: Option<u64>,
     reload_poll_interval_ms: Option<u64>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -957,7 +1013,52 @@ fn server_settings(raw: RawServer) -> Result<ServerSettings, ConfigError> {
             0 => None,
             ms => Some(Duration::from_millis(ms)),
         },
+        tls: tls_settings(raw.tls_cert_file, raw.tls_key_file)?,
     })
+}
+
+/// `server.tls_cert_file` and `server.tls_key_file`: both or neither. Reads
+/// and checks both files; errors name the key and the file, never what is
+/// in it.
+fn tls_settings(
+    cert_file: Option<String>,
+    key_file: Option<String>,
+) -> Result<Option<TlsSettings>, ConfigError> {
+    const CERT: &str = "server.tls_cert_file";
+    const KEY: &str = "server.tls_key_file";
+    let (cert_file, key_file) = match (non_empty(cert_file), non_empty(key_file)) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (PathBuf::from(cert), PathBuf::from(key)),
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                KEY,
+                "required when server.tls_cert_file is set: the file holding the certificate's private key (PEM)",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                CERT,
+                "required when server.tls_key_file is set: the file holding the certificate chain (PEM)",
+            ))
+        }
+    };
+    let read = |path: &Path, key: &str| {
+        fs::read(path)
+            .map(Zeroizing::new)
+            .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", file_what(path))))
+    };
+    let config = crate::tls::server_config(&read(&cert_file, CERT)?, &read(&key_file, KEY)?)
+        .map_err(|e| match e.file() {
+            PemFile::Certificate => {
+                ConfigError::new(CERT, format!("{} {e}", file_what(&cert_file)))
+            }
+            PemFile::Key => ConfigError::new(KEY, format!("{} {e}", file_what(&key_file))),
+        })?;
+    Ok(Some(TlsSettings {
+        cert_file,
+        key_file,
+        config,
+    }))
 }
 
 fn upstream_settings(raw: RawUpstream) -> Result<UpstreamSettings, ConfigError> {
@@ -2236,6 +2337,174 @@ scrub_card_numbers = false
         assert!(
             first.contains(r#"url = "http://app:8000/legacy""#),
             "{first}"
+        );
+    }
+
+    /// A self-signed certificate for `localhost` and its PKCS#8 key, as
+    /// PEM files.
+    fn tls_files() -> (tempfile::NamedTempFile, tempfile::NamedTempFile) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (
+            file(cert.pem().as_bytes()),
+            file(key.serialize_pem().as_bytes()),
+        )
+    }
+
+    fn with_tls(cert: &Path, key: &Path) -> String {
+        with(&[
+            (
+                "server",
+                &format!("tls_cert_file = {}", toml_str(&cert.to_string_lossy())),
+            ),
+            (
+                "server",
+                &format!("tls_key_file = {}", toml_str(&key.to_string_lossy())),
+            ),
+        ])
+    }
+
+    /// The base64 lines of a PEM file: what no error or output may show.
+    fn pem_body(pem: &Path) -> Vec<String> {
+        fs::read_to_string(pem)
+            .unwrap()
+            .lines()
+            .filter(|line| !line.starts_with("-----") && !line.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn tls_needs_both_files_or_neither() {
+        let (cert, key) = tls_files();
+        assert!(load(MINIMAL, &env(&[])).unwrap().server.tls.is_none());
+        let s = load(&with_tls(cert.path(), key.path()), &env(&[])).unwrap();
+        let tls = s.server.tls.expect("TLS is on");
+        assert_eq!(tls.cert_file, cert.path());
+        assert_eq!(tls.key_file, key.path());
+        // From the environment, like every key.
+        let cert_path = cert.path().to_string_lossy();
+        let key_path = key.path().to_string_lossy();
+        let e = env(&[
+            ("IVRGUARD__SERVER__TLS_CERT_FILE", &cert_path),
+            ("IVRGUARD__SERVER__TLS_KEY_FILE", &key_path),
+        ]);
+        assert!(load(MINIMAL, &e).unwrap().server.tls.is_some());
+        // "" is not set.
+        let e = env(&[
+            ("IVRGUARD__SERVER__TLS_CERT_FILE", ""),
+            ("IVRGUARD__SERVER__TLS_KEY_FILE", ""),
+        ]);
+        let s = load(&with_tls(cert.path(), key.path()), &e).unwrap();
+        assert!(s.server.tls.is_none());
+        // One without the other names the missing one.
+        for (var, missing) in [
+            ("IVRGUARD__SERVER__TLS_CERT_FILE", "server.tls_key_file"),
+            ("IVRGUARD__SERVER__TLS_KEY_FILE", "server.tls_cert_file"),
+        ] {
+            let err = error(MINIMAL, &env(&[(var, &cert_path)]));
+            assert_eq!(err.key(), missing);
+            assert!(err.to_string().contains("required when"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_file_errors_name_the_key_and_never_the_contents() {
+        let (cert, key) = tls_files();
+        let (_, other_key) = tls_files();
+        let missing = cert.path().with_extension("missing");
+        let not_pem = file(b"CANARY: not a certificate\n");
+        let broken = file(b"-----BEGIN PRIVATE KEY-----\nCANARY\n");
+        let cases: [(&Path, &Path, &str, &str); 6] = [
+            (&missing, key.path(), "server.tls_cert_file", "cannot read"),
+            (
+                not_pem.path(),
+                key.path(),
+                "server.tls_cert_file",
+                "holds no PEM certificate",
+            ),
+            (
+                key.path(),
+                key.path(),
+                "server.tls_cert_file",
+                "holds no PEM certificate",
+            ),
+            (
+                cert.path(),
+                cert.path(),
+                "server.tls_key_file",
+                "holds no PEM private key",
+            ),
+            (
+                cert.path(),
+                broken.path(),
+                "server.tls_key_file",
+                "is not valid PEM",
+            ),
+            (
+                cert.path(),
+                other_key.path(),
+                "server.tls_key_file",
+                "does not match the certificate",
+            ),
+        ];
+        let secrets: Vec<String> = [key.path(), other_key.path()]
+            .into_iter()
+            .flat_map(pem_body)
+            .collect();
+        for (cert_path, key_path, name, problem) in cases {
+            let err = error(&with_tls(cert_path, key_path), &env(&[]));
+            let text = err.to_string();
+            assert_eq!(err.key(), name, "{text}");
+            assert!(text.contains(problem), "{text}");
+            let at_fault = if name == "server.tls_cert_file" {
+                cert_path
+            } else {
+                key_path
+            };
+            assert!(
+                text.contains(&*at_fault.to_string_lossy()),
+                "names the file: {text}"
+            );
+            for line in &secrets {
+                assert!(!text.contains(line.as_str()), "key material in: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn tls_key_never_shows_and_describe_loads_back() {
+        let (cert, key) = tls_files();
+        let s = load(&with_tls(cert.path(), key.path()), &env(&[])).unwrap();
+        let text = s.describe();
+        let debug = format!("{s:?}");
+        for line in pem_body(key.path()) {
+            assert!(
+                !text.contains(&line) && !debug.contains(&line),
+                "key leaked"
+            );
+        }
+        assert!(
+            text.contains(&format!(
+                "tls_key_file = {}  # read, *REDACTED*",
+                toml_str(&key.path().to_string_lossy())
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "tls_cert_file = {}",
+                toml_str(&cert.path().to_string_lossy())
+            )),
+            "{text}"
+        );
+        let again = load(&text, &env(&[])).unwrap().describe();
+        assert_eq!(text, again);
+        let plain = load(MINIMAL, &env(&[])).unwrap().describe();
+        assert!(
+            plain.contains("# tls_cert_file and tls_key_file are not set"),
+            "{plain}"
         );
     }
 

@@ -57,6 +57,9 @@ pub struct Proxy {
     request_timeout: Duration,
     rewrite_host: bool,
     metrics: Arc<Metrics>,
+    /// The listener's TLS (`server.tls_*_file`), here so that a reload
+    /// swaps the certificate with everything else.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Where the scheme and host of the signed URL come from.
@@ -67,8 +70,9 @@ enum OriginRule {
     Fixed(Origin),
     /// `X-Forwarded-Proto`/`X-Forwarded-Host` from a trusted proxy.
     Forwarded,
-    /// The connection (plain HTTP) and the `Host` header.
-    Direct,
+    /// The connection (`"http"`, or `"https"` on the TLS listener) and the
+    /// `Host` header.
+    Direct(&'static str),
 }
 
 impl Proxy {
@@ -77,7 +81,8 @@ impl Proxy {
         let origin = match &twilio.public_url {
             Some(url) => OriginRule::Fixed(Origin::new(&url.scheme, url.host_port.clone())),
             None if settings.server.trust_forwarded_headers => OriginRule::Forwarded,
-            None => OriginRule::Direct,
+            None if settings.server.tls.is_some() => OriginRule::Direct("https"),
+            None => OriginRule::Direct("http"),
         };
         Proxy {
             verifier: Verifier::new(
@@ -97,6 +102,11 @@ impl Proxy {
             request_timeout: settings.server.request_timeout,
             rewrite_host: settings.upstream.rewrite_host,
             metrics,
+            tls: settings
+                .server
+                .tls
+                .as_ref()
+                .map(|tls| tls.config.clone().into()),
         }
     }
 
@@ -114,6 +124,11 @@ impl Proxy {
 
     pub fn metrics_arc(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The TLS listener's acceptor, with the current certificate.
+    pub fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.tls.as_ref()
     }
 
     /// The whole request path. Never fails: every outcome is a response.
@@ -293,7 +308,7 @@ impl Proxy {
                 };
                 Ok(Cow::Owned(Origin::new(proto, host)))
             }
-            OriginRule::Direct => Ok(Cow::Owned(Origin::new("http", request_host(parts)?))),
+            OriginRule::Direct(scheme) => Ok(Cow::Owned(Origin::new(scheme, request_host(parts)?))),
         }
     }
 

@@ -7,8 +7,14 @@
 //! valid new [`Proxy`] replaces the old one. A bad config is logged (one
 //! line naming the key, never a value) and the old one keeps serving.
 //!
-//! Listener addresses cannot move without a restart; a reload that changes
-//! them is refused the same way.
+//! The TLS listener's certificate and key are reloaded like the rest (their
+//! files are in the poll's fingerprint, so a renewed certificate in a
+//! Kubernetes Secret is picked up): new connections get the new certificate,
+//! open ones keep theirs.
+//!
+//! Listener addresses cannot move without a restart, nor can the listener
+//! switch between plain HTTP and TLS; a reload that changes them is refused
+//! the same way.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,6 +79,12 @@ impl Reloader {
                 "server.listen/server.admin_listen: changing a listener needs a restart".into(),
             );
         }
+        if settings.server.tls.is_some() != self.running.server.tls.is_some() {
+            return Err(
+                "server.tls_cert_file/server.tls_key_file: turning TLS on or off needs a restart"
+                    .into(),
+            );
+        }
         let current = self.shared.load();
         // Same key: keep the cipher, so its encryption count carries on.
         let cipher = if settings
@@ -131,7 +143,8 @@ impl Reloader {
     }
 }
 
-/// SHA-256 over the config file and every `*_file` secret it names.
+/// SHA-256 over the config file, every `*_file` secret it names and the TLS
+/// certificate and key.
 /// Unreadable files hash as absent, so their disappearance is a change.
 fn fingerprint(path: &Path, settings: &Settings) -> [u8; 32] {
     let mut hasher = Sha256::new();
@@ -145,8 +158,12 @@ fn fingerprint(path: &Path, settings: &Settings) -> [u8; 32] {
         SecretSource::File(p) => Some(p.clone()),
         SecretSource::Env(_) => None,
     }));
+    if let Some(tls) = &settings.server.tls {
+        files.extend([tls.cert_file.clone(), tls.key_file.clone()]);
+    }
     for file in files {
-        let content = std::fs::read(&file).unwrap_or_default();
+        // Secrets and the TLS key pass through here: zeroed after hashing.
+        let content = zeroize::Zeroizing::new(std::fs::read(&file).unwrap_or_default());
         hasher.update((content.len() as u64).to_le_bytes());
         hasher.update(Sha256::digest(&content));
     }

@@ -29,6 +29,7 @@ use crate::body::ProxyBody;
 use crate::config::ServerSettings;
 use crate::pipeline::Proxy;
 use crate::reload::SharedProxy;
+use crate::tls;
 
 /// Shared readiness: true once listening, false as soon as draining starts.
 #[derive(Debug, Default)]
@@ -104,6 +105,13 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        // TLS as it is now: a reload changes the certificate for new
+        // connections only.
+        let tls = {
+            let now = proxy.load();
+            now.tls()
+                .map(|acceptor| (acceptor.clone(), now.metrics_arc()))
+        };
         let proxy = proxy.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             // A snapshot: a reload does not change a request in flight.
@@ -122,6 +130,18 @@ pub async fn serve(
             // connects and sends nothing would hold a connection slot for
             // ever. Those bytes get the header-read timeout too. (A drain
             // waits for this watcher: at most that timeout.)
+            if let Some((acceptor, metrics)) = tls {
+                // The handshake and the first bytes, under the same timeout.
+                let accepted = tls::accept(&acceptor, stream, first_bytes_timeout, &metrics).await;
+                if let Some(stream) = accepted {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    let _ = watcher.watch(conn).await;
+                }
+                drop(permit);
+                return;
+            }
             let known = tokio::time::timeout(first_bytes_timeout, protocol_known(&stream)).await;
             if known.unwrap_or(false) {
                 let conn = builder

@@ -89,6 +89,31 @@ fn shipped_example_optional_blocks_are_valid_when_uncommented() {
 }
 
 #[test]
+fn shipped_example_tls_lines_are_valid_when_uncommented() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["ivr.example.com".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let cert_path = dir.path().join("tls.crt");
+    let key_path = dir.path().join("tls.key");
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let text = example_text()
+        .replace(
+            "#   tls_cert_file = \"/run/secrets/tls/tls.crt\"",
+            &format!("tls_cert_file = {:?}", cert_path.display().to_string()),
+        )
+        .replace(
+            "#   tls_key_file = \"/run/secrets/tls/tls.key\"",
+            &format!("tls_key_file = {:?}", key_path.display().to_string()),
+        );
+    let tls = load_text(&text, &env(&[])).server.tls.expect("TLS is on");
+    assert_eq!((tls.cert_file, tls.key_file), (cert_path, key_path));
+}
+
+#[test]
 fn shipped_example_shows_the_real_defaults() {
     // Only the required keys: everything else falls back to the defaults.
     let minimal = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n\
@@ -129,6 +154,8 @@ fn shipped_example_mentions_every_key() {
         "drain_timeout_ms",
         "max_connections",
         "reload_poll_interval_ms",
+        "tls_cert_file",
+        "tls_key_file",
         "url",
         "connect_timeout_ms",
         "timeout_ms",

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A request, serialised byte for byte as built.
@@ -102,9 +102,9 @@ pub async fn send(addr: SocketAddr, request: &RawRequest) -> HttpResponse {
     read_response(stream).await
 }
 
-/// Reads a whole response from `stream` until EOF (or a reset after bytes
-/// arrived) and parses it.
-pub async fn read_response(mut stream: TcpStream) -> HttpResponse {
+/// Reads a whole response from `stream` (TCP, or TLS) until EOF (or a reset
+/// after bytes arrived) and parses it.
+pub async fn read_response(mut stream: impl AsyncRead + Unpin) -> HttpResponse {
     let mut raw = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), async {
         let mut buf = [0u8; 8192];

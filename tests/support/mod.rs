@@ -9,6 +9,8 @@
 //! - [`twilio`]: an independent Twilio signer, form codec and AES-GCM
 //!   decrypter, written here without using ivrguard's own modules;
 //! - [`canary`]: per-run canaries and the "no leak in any encoding" grep.
+//! - [`tls`]: a CA made at test time, certificates for the TLS listener,
+//!   and clients that verify them.
 
 // Not every test binary that includes this module uses every helper.
 #![allow(dead_code)]
@@ -17,4 +19,5 @@ pub mod backend;
 pub mod canary;
 pub mod client;
 pub mod proxy;
+pub mod tls;
 pub mod twilio;

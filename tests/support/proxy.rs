@@ -413,15 +413,25 @@ impl Proxy {
     /// Waits (5 s at most) for at least `n` access lines; the log is written
     /// by a background thread, so a line can trail its response.
     pub async fn wait_access(&self, n: usize) -> Vec<Value> {
+        self.wait_log("access", n).await
+    }
+
+    /// Waits (5 s at most) for at least `n` log lines whose message is
+    /// `message`, and returns them all.
+    pub async fn wait_log(&self, message: &str, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let lines = self.access_lines();
+            let lines: Vec<Value> = self
+                .log_lines()
+                .into_iter()
+                .filter(|l| l["message"] == message)
+                .collect();
             if lines.len() >= n {
                 return lines;
             }
             assert!(
                 Instant::now() < deadline,
-                "{} of {n} access lines within 5 s; stdout:\n{}\nstderr:\n{}",
+                "{} of {n} {message:?} lines within 5 s; stdout:\n{}\nstderr:\n{}",
                 lines.len(),
                 self.stdout_text(),
                 self.stderr_text()
