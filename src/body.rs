@@ -26,15 +26,18 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .boxed_unsync()
 }
 
-/// Streams `inner` but fails it once `deadline` passes.
-pub fn with_deadline<B>(inner: B, deadline: Instant) -> ProxyBody
+/// Streams `inner` but fails it once `deadline` passes. `guard` (e.g. the
+/// upstream slot the body occupies) is dropped with the body.
+pub fn with_deadline<B, G>(inner: B, deadline: Instant, guard: G) -> ProxyBody
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
+    G: Send + Unpin + 'static,
 {
     Deadline {
         inner,
         sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        _guard: guard,
     }
     .boxed_unsync()
 }
@@ -43,12 +46,13 @@ where
 #[error("response body exceeded the request deadline")]
 struct DeadlineExceeded;
 
-struct Deadline<B> {
+struct Deadline<B, G> {
     inner: B,
     sleep: Pin<Box<Sleep>>,
+    _guard: G,
 }
 
-impl<B> Body for Deadline<B>
+impl<B, G: Unpin> Body for Deadline<B, G>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,

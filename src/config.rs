@@ -100,6 +100,9 @@ const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 10_000;
 /// connection the app is about to close (perf notes §0.5, fault F5).
 const DEFAULT_POOL_IDLE_TIMEOUT_MS: u64 = 4_000;
 const DEFAULT_POOL_MAX_IDLE_PER_HOST: u64 = 64;
+/// Requests in flight to the app at once. A legacy app serves a few at a
+/// time; more connections only queue inside it (and cost memory here).
+const DEFAULT_UPSTREAM_MAX_CONNECTIONS: u64 = 64;
 const DEFAULT_FALLBACK_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say>We are sorry, we cannot take your call right now. Please try again later.</Say><Hangup/></Response>";
 /// The sensitive parameters encrypted when `encryption.fields` is not set:
 /// [`crate::form::DEFAULT_FIELDS`], where each is explained.
@@ -178,6 +181,9 @@ pub struct UpstreamSettings {
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Requests (and so connections) in flight to the app at once; more
+    /// wait, within `timeout`, for one to finish.
+    pub max_connections: usize,
     /// Send the signed URL's host as `Host` instead of the received one.
     pub rewrite_host: bool,
     pub on_error: OnUpstreamError,
@@ -401,6 +407,7 @@ impl Settings {
             "pool_max_idle_per_host = {}",
             u.pool_max_idle_per_host
         ));
+        out.push(format!("max_connections = {}", u.max_connections));
         out.push(format!("rewrite_host = {}", u.rewrite_host));
         let on_error = match u.on_error {
             OnUpstreamError::Twiml => "twiml",
@@ -712,6 +719,7 @@ struct RawUpstream {
     timeout_ms: Option<u64>,
     pool_idle_timeout_ms: Option<u64>,
     pool_max_idle_per_host: Option<u64>,
+    max_connections: Option<u64>,
     rewrite_host: Option<bool>,
     on_error: Option<String>,
     fallback_twiml: Option<String>,
@@ -1110,6 +1118,11 @@ fn upstream_settings(raw: RawUpstream) -> Result<UpstreamSettings, ConfigError> 
             "upstream.pool_max_idle_per_host",
             raw.pool_max_idle_per_host
                 .unwrap_or(DEFAULT_POOL_MAX_IDLE_PER_HOST),
+        )?,
+        max_connections: positive(
+            "upstream.max_connections",
+            raw.max_connections,
+            DEFAULT_UPSTREAM_MAX_CONNECTIONS,
         )?,
         rewrite_host: raw.rewrite_host.unwrap_or(false),
         on_error,
@@ -1572,6 +1585,7 @@ key_env = "IVRGUARD_KEY"
         assert_eq!(s.upstream.timeout, Duration::from_millis(10_000));
         assert_eq!(s.upstream.pool_idle_timeout, Duration::from_millis(4_000));
         assert_eq!(s.upstream.pool_max_idle_per_host, 64);
+        assert_eq!(s.upstream.max_connections, 64);
         assert_eq!(s.upstream.on_error, OnUpstreamError::Twiml);
         assert!(s.upstream.fallback_twiml.contains("<Hangup/>"));
         assert_eq!(s.twilio.public_url, None);
@@ -1609,6 +1623,7 @@ connect_timeout_ms = 1004
 timeout_ms = 8000
 pool_idle_timeout_ms = 1005
 pool_max_idle_per_host = 0
+max_connections = 3
 on_error = "status"
 fallback_twiml = "<Response/>"
 
@@ -1649,6 +1664,7 @@ scrub_card_numbers = false
         assert_eq!(s.upstream.timeout, Duration::from_millis(8000));
         assert_eq!(s.upstream.pool_idle_timeout, Duration::from_millis(1005));
         assert_eq!(s.upstream.pool_max_idle_per_host, 0);
+        assert_eq!(s.upstream.max_connections, 3);
         assert_eq!(s.upstream.on_error, OnUpstreamError::Status);
         assert_eq!(s.upstream.fallback_twiml, "<Response/>");
         assert_eq!(
@@ -2172,6 +2188,7 @@ scrub_card_numbers = false
             ("upstream", "connect_timeout_ms"),
             ("upstream", "pool_idle_timeout_ms"),
             ("server", "max_connections"),
+            ("upstream", "max_connections"),
         ] {
             let err = error(&with(&[(section, &format!("{key} = 0"))]), &env(&[]));
             assert_eq!(err.key(), format!("{section}.{key}"));

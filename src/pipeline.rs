@@ -183,7 +183,7 @@ impl Proxy {
         let request = self.prepare(parts, body, peer, log)?;
 
         // 5. forward
-        let response = self
+        let (response, in_flight) = self
             .upstream
             .send(request)
             .await
@@ -200,7 +200,10 @@ impl Proxy {
                  signed (X-Forwarded-Proto + X-Forwarded-Host + path; see upstream.rewrite_host)"
             );
         }
-        let mut response = response.map(|incoming| body::with_deadline(incoming, deadline));
+        // The app's connection stays busy (and its slot taken) until the
+        // body has been read.
+        let mut response =
+            response.map(|incoming| body::with_deadline(incoming, deadline, in_flight));
         // The app's hop-by-hop headers describe its connection to us, not ours to Twilio.
         upstream::strip_hop_by_hop(response.headers_mut());
         Ok(response)

@@ -7,6 +7,7 @@
 //! closed under us. The idle time here defaults to 4 s.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{self, ProxyBody};
 use crate::config::{OnUpstreamError, UpstreamSettings};
@@ -98,6 +100,10 @@ pub struct Upstream {
     client: Client<HttpConnector<Resolver>, Full<Bytes>>,
     base: String,
     timeout: Duration,
+    /// One permit per request in flight to the app (`upstream.max_connections`).
+    /// hyper-util's pool has no bound of its own: without this, 1,000
+    /// concurrent calls open 1,000 connections to the app.
+    in_flight: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -126,6 +132,7 @@ impl Upstream {
             client,
             base: format!("{}{}", settings.scheme_authority, settings.path_prefix),
             timeout: settings.timeout,
+            in_flight: Arc::new(Semaphore::new(settings.max_connections)),
         }
     }
 
@@ -137,19 +144,36 @@ impl Upstream {
         Ok(http::Uri::try_from(s)?)
     }
 
-    /// Sends `request` and waits for the response head within the timeout.
+    /// Sends `request` and waits for the response head within the timeout,
+    /// which includes waiting for a free slot when `max_connections`
+    /// requests are in flight. The returned [`InFlight`] holds that slot:
+    /// keep it until the response body has been read, since the connection
+    /// is busy until then.
     pub async fn send(
         &self,
         request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+    ) -> Result<(Response<Incoming>, InFlight), UpstreamError> {
+        let exchange = async {
+            let permit = self
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            (self.client.request(request).await, InFlight(permit))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
             Err(_) => Err(UpstreamError::Timeout),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect),
-            Ok(Err(_)) => Err(UpstreamError::Failed),
+            Ok((Ok(response), slot)) => Ok((response, slot)),
+            Ok((Err(e), _)) if e.is_connect() => Err(UpstreamError::Connect),
+            Ok((Err(_), _)) => Err(UpstreamError::Failed),
         }
     }
 }
+
+/// A request's slot among `upstream.max_connections`; freed on drop.
+#[derive(Debug)]
+pub struct InFlight(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [

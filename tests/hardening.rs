@@ -2239,6 +2239,40 @@ async fn closed_stdout_does_not_crash_or_stall() {
     );
 }
 
+/// Sends `n` signed copies of `body` at once; each must get the app's answer.
+async fn all_served_by_the_app(h: &Harness, n: usize, body: &str) {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", body);
+            let addr = h.proxy.addr;
+            tokio::spawn(async move { client::send(addr, &request).await })
+        })
+        .collect();
+    for task in tasks {
+        let response = task.await.unwrap();
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(
+            response.text(),
+            BACKEND_TWIML,
+            "the app's answer, not a fallback"
+        );
+    }
+}
+
+/// The most requests the app held at once, each held `delay` from arrival.
+fn most_at_once(arrivals: &[Instant], delay: Duration) -> usize {
+    arrivals
+        .iter()
+        .map(|t| {
+            arrivals
+                .iter()
+                .filter(|a| **a <= *t && *t < **a + delay)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 // ============================================ F12 connection limit, fds
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2264,22 +2298,7 @@ async fn connection_limit_queues_excess_connections_and_fds_return_to_baseline()
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let baseline = fd_count(pid);
 
-    let tasks: Vec<_> = (0..N)
-        .map(|_| {
-            let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
-            let addr = h.proxy.addr;
-            tokio::spawn(async move { client::send(addr, &request).await })
-        })
-        .collect();
-    for task in tasks {
-        let response = task.await.unwrap();
-        assert_eq!(response.status, 200, "{}", response.text());
-        assert_eq!(
-            response.text(),
-            BACKEND_TWIML,
-            "the app's answer, not a fallback"
-        );
-    }
+    all_served_by_the_app(&h, N, &body).await;
 
     // Never more than LIMIT requests at the app at once.
     let arrivals: Vec<Instant> = h
@@ -2290,16 +2309,7 @@ async fn connection_limit_queues_excess_connections_and_fds_return_to_baseline()
         .map(|r| r.arrived)
         .collect();
     assert_eq!(arrivals.len(), N);
-    let most = arrivals
-        .iter()
-        .map(|t| {
-            arrivals
-                .iter()
-                .filter(|a| **a <= *t && *t < **a + delay)
-                .count()
-        })
-        .max()
-        .unwrap();
+    let most = most_at_once(&arrivals, delay);
     assert!(
         most <= LIMIT,
         "{most} requests in flight at once, limit {LIMIT}"
@@ -2321,6 +2331,41 @@ async fn connection_limit_queues_excess_connections_and_fds_return_to_baseline()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// L-series: a burst of callers does not become a burst of connections to
+/// the app. `upstream.max_connections` bounds the requests in flight there;
+/// the rest wait for a slot (within `upstream.timeout_ms`) and are all served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_max_connections_bounds_what_reaches_the_app_at_once() {
+    const N: usize = 40;
+    const LIMIT: usize = 4;
+    let delay = Duration::from_millis(150);
+    let h = harness(Behaviour::Delay(delay), |c| {
+        c.upstream_extra.push(format!("max_connections = {LIMIT}"));
+    })
+    .await;
+    let body = gather_body("1234", "yes");
+    all_served_by_the_app(&h, N, &body).await;
+    let arrivals: Vec<Instant> = h.backend.requests().iter().map(|r| r.arrived).collect();
+    assert_eq!(arrivals.len(), N);
+    let most = most_at_once(&arrivals, delay);
+    assert!(
+        most <= LIMIT,
+        "{most} requests at the app at once, limit {LIMIT}"
+    );
+    assert!(
+        most >= LIMIT / 2,
+        "only {most} at once: no concurrency at all?"
+    );
+    // The slots are reused connections, not one connection per caller. (A
+    // finished connection goes back to the pool a moment after its slot is
+    // freed, so a waiting request may open one more now and then.)
+    let connections = h.backend.connections();
+    assert!(
+        connections <= 2 * LIMIT,
+        "{connections} connections to the app for {N} callers, limit {LIMIT}"
+    );
 }
 
 /// F12: the process runs out of file descriptors (its limit lowered with

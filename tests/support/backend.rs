@@ -135,6 +135,11 @@ impl Backend {
         format!("http://{}", self.addr)
     }
 
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.raw.lock().unwrap().len()
+    }
+
     pub fn count(&self) -> usize {
         self.requests.lock().unwrap().len()
     }
