@@ -68,8 +68,9 @@ enum OriginRule {
     /// `twilio.public_url`: `scheme://host[:port]` as Twilio calls it.
     /// Built once, header values included.
     Fixed(Origin),
-    /// `X-Forwarded-Proto`/`X-Forwarded-Host` from a trusted proxy.
-    Forwarded,
+    /// `X-Forwarded-Proto`/`X-Forwarded-Host` from a trusted proxy; without
+    /// `X-Forwarded-Proto`, the connection's scheme.
+    Forwarded(&'static str),
     /// The connection (`"http"`, or `"https"` on the TLS listener) and the
     /// `Host` header.
     Direct(&'static str),
@@ -80,9 +81,16 @@ impl Proxy {
         let twilio = &settings.twilio;
         let origin = match &twilio.public_url {
             Some(url) => OriginRule::Fixed(Origin::new(&url.scheme, url.host_port.clone())),
-            None if settings.server.trust_forwarded_headers => OriginRule::Forwarded,
-            None if settings.server.tls.is_some() => OriginRule::Direct("https"),
-            None => OriginRule::Direct("http"),
+            None => {
+                let scheme = match settings.server.tls {
+                    Some(_) => "https",
+                    None => "http",
+                };
+                match settings.server.trust_forwarded_headers {
+                    true => OriginRule::Forwarded(scheme),
+                    false => OriginRule::Direct(scheme),
+                }
+            }
         };
         Proxy {
             verifier: Verifier::new(
@@ -300,8 +308,8 @@ impl Proxy {
     fn origin(&self, parts: &Parts) -> Result<Cow<'_, Origin>, Rejection> {
         match &self.origin {
             OriginRule::Fixed(origin) => Ok(Cow::Borrowed(origin)),
-            OriginRule::Forwarded => {
-                let proto = single_header(parts, "x-forwarded-proto")?.unwrap_or("http");
+            OriginRule::Forwarded(scheme) => {
+                let proto = single_header(parts, "x-forwarded-proto")?.unwrap_or(scheme);
                 if !proto.eq_ignore_ascii_case("http") && !proto.eq_ignore_ascii_case("https") {
                     return Err(Rejection::BadForwardedHeaders);
                 }
@@ -398,7 +406,7 @@ impl Proxy {
                 headers.insert(header::HOST, v.clone());
             }
         }
-        let keep_chain = matches!(self.origin, OriginRule::Forwarded);
+        let keep_chain = matches!(self.origin, OriginRule::Forwarded(_));
         upstream::set_forwarded(
             &mut headers,
             peer,

@@ -225,6 +225,32 @@ async fn serves_a_signed_webhook_over_https_verified_against_the_https_url() {
     }
 }
 
+/// Behind a trusted proxy that sends `X-Forwarded-Host` but no
+/// `X-Forwarded-Proto`, the scheme is the listener's own: https.
+#[tokio::test]
+async fn a_trusted_proxy_without_forwarded_proto_means_https_on_the_tls_listener() {
+    let h = harness(|c| c.trust_forwarded_headers = true).await;
+    let token = h.proxy.secrets.token.clone();
+    let connector = h.ca.client(&[b"http/1.1"]);
+
+    let (request, _) = gather(&token, "https", "2468");
+    let request = request.header("X-Forwarded-Host", HOST);
+    let (response, _) = tls::send(h.proxy.addr, &connector, &request).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let r = &h.backend.wait_for_requests(1).await[0];
+    assert_forwarded_over_https(r, &h.proxy, "2468");
+
+    let (request, _) = gather(&token, "http", "2468");
+    let request = request.header("X-Forwarded-Host", HOST);
+    let (response, _) = tls::send(h.proxy.addr, &connector, &request).await;
+    assert_eq!(
+        response.status, 403,
+        "signed for http:// on the TLS listener"
+    );
+    h.proxy.wait_access(2).await;
+    assert_eq!(h.backend.count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_http2_when_alpn_chooses_it() {
     let h = harness(|_| {}).await;

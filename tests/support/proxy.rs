@@ -123,6 +123,8 @@ pub struct ProxyConfig {
     /// Extra `key = value` lines for `[server]`, e.g.
     /// `"header_read_timeout_ms = 500"` (keys not set above only).
     pub server_extra: Vec<String>,
+    /// `server.trust_forwarded_headers`.
+    pub trust_forwarded_headers: bool,
     /// Extra `key = value` lines for `[upstream]`, e.g.
     /// `"pool_idle_timeout_ms = 1000"`.
     pub upstream_extra: Vec<String>,
@@ -149,6 +151,7 @@ impl ProxyConfig {
             fields: vec!["Digits", "SpeechResult"],
             request_timeout_ms: 14_000,
             server_extra: Vec::new(),
+            trust_forwarded_headers: false,
             upstream_extra: Vec::new(),
             auth_token_file: None,
             key_file: None,
@@ -180,7 +183,7 @@ impl ProxyConfig {
             r#"[server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-trust_forwarded_headers = false
+trust_forwarded_headers = {trust_forwarded}
 max_body_bytes = {max_body}
 request_timeout_ms = {request_timeout}
 drain_timeout_ms = {drain}
@@ -202,6 +205,7 @@ fields = [{fields}]
 format = "json"
 {level}"#,
             max_body = self.max_body_bytes,
+            trust_forwarded = self.trust_forwarded_headers,
             request_timeout = self.request_timeout_ms,
             drain = self.drain_timeout_ms,
             server_extra = extra_lines(&self.server_extra),
