@@ -263,11 +263,17 @@ impl AsyncWrite for TeeStream {
     }
 }
 
-/// `http://127.0.0.1:PORT` for a port that was free a moment ago and has
-/// nothing listening on it: an "upstream down".
+/// `http://127.0.0.1:PORT` for a port with nothing listening on it: an
+/// "upstream down". The port stays bound (never listening) for the rest of
+/// the test process, so a parallel test cannot be given it by `bind(:0)`:
+/// freeing it made two tests fail now and then.
 pub fn closed_port_url() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throw-away port");
-    let addr = listener.local_addr().expect("throw-away address");
-    drop(listener);
+    let socket = tokio::net::TcpSocket::new_v4().expect("a throw-away socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("loopback"))
+        .expect("bind a throw-away port");
+    let addr = socket.local_addr().expect("throw-away address");
+    // Bound, not listening: connecting is refused. Kept until the process ends.
+    std::mem::forget(socket);
     format!("http://{addr}")
 }
