@@ -94,6 +94,15 @@ const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
 const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 14_000;
 const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_MAX_CONNECTIONS: u64 = 4_096;
+const MAX_WORKERS: u64 = 256;
+
+/// One worker per CPU this process may use (cgroup CPU limits included).
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(MAX_WORKERS as usize)
+}
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 10_000;
 /// Below Node's 5 s `keepAliveTimeout`, so the pool never reuses a
@@ -140,6 +149,9 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_connections: usize,
+    /// Worker threads, each with its own event loop and its own pool of
+    /// connections to the app, taking connections from the one listener.
+    pub workers: usize,
     /// Re-read the config file and `*_file` secrets this often and reload
     /// when they changed (Kubernetes Secret rotation). `None`: SIGHUP only.
     pub reload_poll_interval: Option<Duration>,
@@ -367,6 +379,7 @@ impl Settings {
             s.drain_timeout.as_millis()
         ));
         out.push(format!("max_connections = {}", s.max_connections));
+        out.push(format!("workers = {}", s.workers));
         out.push(format!(
             "reload_poll_interval_ms = {}",
             s.reload_poll_interval.map_or(0, |d| d.as_millis())
@@ -706,6 +719,7 @@ struct RawServer {
     request_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     max_connections: Option<u64>,
+    workers: Option<u64>,
     reload_poll_interval_ms: Option<u64>,
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
@@ -1016,6 +1030,16 @@ fn server_settings(raw: RawServer) -> Result<ServerSettings, ConfigError> {
             raw.max_connections,
             DEFAULT_MAX_CONNECTIONS,
         )?,
+        workers: match raw.workers {
+            None => default_workers(),
+            Some(n @ 1..=MAX_WORKERS) => to_usize("server.workers", n)?,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "server.workers",
+                    "must be between 1 and 256 (leave it out for one per CPU)",
+                ))
+            }
+        },
         // 0 (the default) turns polling off; SIGHUP always reloads.
         reload_poll_interval: match raw.reload_poll_interval_ms.unwrap_or(0) {
             0 => None,
@@ -1578,6 +1602,8 @@ key_env = "IVRGUARD_KEY"
         assert_eq!(s.server.request_timeout, Duration::from_millis(14_000));
         assert_eq!(s.server.drain_timeout, Duration::from_millis(10_000));
         assert_eq!(s.server.max_connections, 4_096);
+        assert_eq!(s.server.workers, default_workers());
+        assert!(s.server.workers >= 1);
         assert_eq!(s.upstream.scheme_authority, "http://127.0.0.1:3000");
         assert_eq!(s.upstream.authority.as_str(), "127.0.0.1:3000");
         assert_eq!(s.upstream.path_prefix, "");
@@ -1616,6 +1642,7 @@ header_read_timeout_ms = 1001
 request_timeout_ms = 9000
 drain_timeout_ms = 1002
 max_connections = 7
+workers = 3
 
 [upstream]
 url = "http://app.internal:8000/legacy/"
@@ -1658,6 +1685,7 @@ scrub_card_numbers = false
         assert_eq!(s.server.request_timeout, Duration::from_millis(9000));
         assert_eq!(s.server.drain_timeout, Duration::from_millis(1002));
         assert_eq!(s.server.max_connections, 7);
+        assert_eq!(s.server.workers, 3);
         assert_eq!(s.upstream.scheme_authority, "http://app.internal:8000");
         assert_eq!(s.upstream.path_prefix, "/legacy");
         assert_eq!(s.upstream.connect_timeout, Duration::from_millis(1004));
@@ -2188,6 +2216,7 @@ scrub_card_numbers = false
             ("upstream", "connect_timeout_ms"),
             ("upstream", "pool_idle_timeout_ms"),
             ("server", "max_connections"),
+            ("server", "workers"),
             ("upstream", "max_connections"),
         ] {
             let err = error(&with(&[(section, &format!("{key} = 0"))]), &env(&[]));

@@ -26,3 +26,4 @@ pub mod server;
 pub mod signature;
 pub mod tls;
 pub mod upstream;
+pub mod worker;

@@ -100,7 +100,7 @@ impl Proxy {
             ),
             cipher,
             fields: FieldSet::new(settings.encryption.fields.iter().cloned()),
-            upstream: Upstream::new(&settings.upstream),
+            upstream: Upstream::new(&settings.upstream, settings.server.workers),
             fallback: Fallback::new(
                 settings.upstream.on_error,
                 &settings.upstream.fallback_twiml,

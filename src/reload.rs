@@ -79,6 +79,9 @@ impl Reloader {
                 "server.listen/server.admin_listen: changing a listener needs a restart".into(),
             );
         }
+        if settings.server.workers != self.running.server.workers {
+            return Err("server.workers: changing the number of workers needs a restart".into());
+        }
         if settings.server.tls.is_some() != self.running.server.tls.is_some() {
             return Err(
                 "server.tls_cert_file/server.tls_key_file: turning TLS on or off needs a restart"

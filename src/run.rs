@@ -1,6 +1,12 @@
 //! Start-up and shutdown: build the proxy from validated settings, bind the
 //! listeners, serve until SIGTERM/SIGINT, drain, exit.
 //!
+//! Serving is thread-per-core: `server.workers` threads (one per CPU by
+//! default), each with a single-threaded event loop that accepts from the
+//! same listening socket and keeps every connection it accepts, and its own
+//! pool of connections to the app. No request moves between threads, so
+//! none waits for a wake-up from another core (measured: `bench/RESULTS.md`).
+//!
 //! [`start`] is also what the demo and the integration tests use, so they
 //! exercise the same wiring as production, on `127.0.0.1:0`.
 
@@ -9,12 +15,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
-use crate::config::Settings;
+use crate::config::{ServerSettings, Settings};
 use crate::metrics::Metrics;
 use crate::reload::{self, Reloader, SharedProxy};
 use crate::server::{self, Readiness};
@@ -60,14 +66,11 @@ pub async fn start(
     let proxy = reload::initial(settings, Arc::new(Metrics::new()));
     let readiness = Arc::new(Readiness::default());
 
-    let listener = TcpListener::bind(settings.server.listen)
-        .await
-        .map_err(|e| {
-            format!(
-                "server.listen: cannot listen on {}: {e}",
-                settings.server.listen
-            )
-        })?;
+    let listen = settings.server.listen;
+    let cannot = |e: std::io::Error| format!("server.listen: cannot listen on {listen}: {e}");
+    let listener = bind(listen).map_err(cannot)?;
+    // The address actually bound: with port 0, the other workers' sockets
+    // must join this one's port.
     let addr = listener
         .local_addr()
         .map_err(|e| format!("server.listen: {e}"))?;
@@ -93,6 +96,25 @@ pub async fn start(
         None => (None, None),
     };
 
+    // Workers 1.. run on their own threads, each with its own socket on the
+    // same port; this task is worker 0. One stop signal reaches them all.
+    let permits = Arc::new(Semaphore::new(settings.server.max_connections));
+    let (stop_workers, workers_stop) = watch::channel(false);
+    let mut workers = Vec::new();
+    for index in 1..settings.server.workers {
+        let socket = bind(addr).and_then(|l| l.into_std()).map_err(cannot)?;
+        let worker = Worker {
+            index,
+            listener: socket,
+            proxy: proxy.clone(),
+            settings: settings.server.clone(),
+            readiness: readiness.clone(),
+            permits: permits.clone(),
+            stop: workers_stop.clone(),
+        };
+        workers.push(worker.spawn()?);
+    }
+
     let (stop, stopped) = oneshot::channel::<()>();
     let server_settings = settings.server.clone();
     let ready = readiness.clone();
@@ -103,8 +125,19 @@ pub async fn start(
                 () = shutdown => {},
                 _ = stopped => {},
             }
+            let _ = stop_workers.send(true);
         };
-        server::serve(listener, proxy, &server_settings, ready, either).await
+        let drained =
+            server::serve(listener, proxy, &server_settings, ready, permits, either).await;
+        let others = tokio::task::spawn_blocking(move || {
+            workers
+                .into_iter()
+                .map(|worker| worker.join().unwrap_or(false))
+                .fold(true, |all, one| all & one)
+        })
+        .await
+        .unwrap_or(false);
+        drained & others
     });
     let admin_text = admin_addr.map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(listen = %addr, admin_listen = %admin_text, "ivrguard listening");
@@ -119,11 +152,87 @@ pub async fn start(
     })
 }
 
+/// One worker's listening socket. Every worker binds the same address with
+/// `SO_REUSEPORT`, so the kernel spreads new connections evenly across them
+/// (one shared socket would let whichever thread wakes first take a whole
+/// burst). The kernel backlog (1,024) holds connections past
+/// `server.max_connections` until one ends.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// A worker after the first: its own thread and single-threaded event loop,
+/// serving the connections it accepts from its copy of the listener.
+struct Worker {
+    index: usize,
+    listener: std::net::TcpListener,
+    proxy: SharedProxy,
+    settings: ServerSettings,
+    readiness: Arc<Readiness>,
+    permits: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Worker {
+    /// Starts the thread; joining it says whether its drain finished in time.
+    fn spawn(self) -> Result<std::thread::JoinHandle<bool>, String> {
+        std::thread::Builder::new()
+            .name(format!("ivrguard-w{}", self.index))
+            .spawn(move || self.run())
+            .map_err(|e| format!("cannot start a worker thread: {e}"))
+    }
+
+    fn run(self) -> bool {
+        crate::worker::set_index(self.index);
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, worker = self.index, "cannot start a worker's event loop");
+                return false;
+            }
+        };
+        runtime.block_on(async move {
+            let listener = match TcpListener::from_std(self.listener) {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::error!(error = %e, worker = self.index, "cannot use the listener");
+                    return false;
+                }
+            };
+            let mut stop = self.stop;
+            let stopped = async move {
+                // A dropped sender (worker 0 gone) stops this worker too.
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            server::serve(
+                listener,
+                self.proxy,
+                &self.settings,
+                self.readiness,
+                self.permits,
+                stopped,
+            )
+            .await
+        })
+    }
+}
+
 /// `ivrguard run`: the production entry point. `path` is where `settings`
 /// came from; SIGHUP (and the optional poll) reload from it.
 pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
     let log = Arc::new(crate::logging::init(&settings.log));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // This thread is worker 0; `start` adds the others (`server.workers`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;

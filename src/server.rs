@@ -72,17 +72,18 @@ fn builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops
 /// accepting and waits up to `drain_timeout` for in-flight requests.
-/// Returns false if the drain timed out.
+/// Returns false if the drain timed out. Every connection holds one of
+/// `permits` (`server.max_connections`, shared by all workers).
 pub async fn serve(
     listener: TcpListener,
     proxy: SharedProxy,
     settings: &ServerSettings,
     readiness: Arc<Readiness>,
+    permits: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
     let builder = Arc::new(builder(settings));
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(settings.max_connections));
     tokio::pin!(shutdown);
     readiness.set(true);
     loop {

@@ -97,7 +97,9 @@ impl Fallback {
 
 /// The pooled client and where it sends requests.
 pub struct Upstream {
-    client: Client<HttpConnector<Resolver>, Full<Bytes>>,
+    /// One pooled client per worker thread ([`crate::worker`]): a worker's
+    /// requests use only connections whose tasks run on that worker.
+    clients: Vec<Client<HttpConnector<Resolver>, Full<Bytes>>>,
     base: String,
     timeout: Duration,
     /// One permit per request in flight to the app (`upstream.max_connections`).
@@ -115,21 +117,24 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    pub fn new(settings: &UpstreamSettings) -> Self {
-        // Host names go through our resolver, not getaddrinfo: see resolve.rs.
-        let mut connector = HttpConnector::new_with_resolver(Resolver::new());
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .retry_canceled_requests(true)
-            .build(connector);
+    /// `workers` pools (at least one); `max_connections` bounds all of them together.
+    pub fn new(settings: &UpstreamSettings, workers: usize) -> Self {
+        let client = || {
+            // Host names go through our resolver, not getaddrinfo: see resolve.rs.
+            let mut connector = HttpConnector::new_with_resolver(Resolver::new());
+            connector.set_connect_timeout(Some(settings.connect_timeout));
+            connector.set_nodelay(true);
+            connector.enforce_http(true);
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(settings.pool_idle_timeout)
+                .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+                .retry_canceled_requests(true)
+                .build(connector)
+        };
         Upstream {
-            client,
+            clients: (0..workers.max(1)).map(|_| client()).collect(),
             base: format!("{}{}", settings.scheme_authority, settings.path_prefix),
             timeout: settings.timeout,
             in_flight: Arc::new(Semaphore::new(settings.max_connections)),
@@ -160,7 +165,8 @@ impl Upstream {
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            (self.client.request(request).await, InFlight(permit))
+            let client = &self.clients[crate::worker::index() % self.clients.len()];
+            (client.request(request).await, InFlight(permit))
         };
         match tokio::time::timeout(self.timeout, exchange).await {
             Err(_) => Err(UpstreamError::Timeout),

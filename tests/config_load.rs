@@ -153,6 +153,7 @@ fn shipped_example_mentions_every_key() {
         "request_timeout_ms",
         "drain_timeout_ms",
         "max_connections",
+        "workers",
         "reload_poll_interval_ms",
         "tls_cert_file",
         "tls_key_file",

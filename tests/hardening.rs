@@ -1995,6 +1995,24 @@ async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config
         200,
         "old config still serves"
     );
+    // The worker threads cannot change while running: refused too.
+    let mut more_workers = config.clone();
+    more_workers.workers += 1;
+    std::fs::write(proxy.config_path(), more_workers.toml()).unwrap();
+    proxy.signal("HUP");
+    wait_log(
+        &proxy,
+        "configuration reload refused; the running configuration stays",
+        2,
+    )
+    .await;
+    assert!(
+        proxy.log_lines().iter().any(|l| l["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("server.workers:"))),
+        "the refusal names server.workers"
+    );
+    assert_eq!(status_with(&proxy, &new).await, 200);
     let reloads: Vec<Value> = proxy
         .log_lines()
         .into_iter()

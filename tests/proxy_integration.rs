@@ -1806,3 +1806,52 @@ async fn rewrite_host_sends_the_signed_host_and_default_keeps_the_received_one()
         assert_resigned(&got[0], &h.proxy.secrets.token);
     }
 }
+
+/// Listening sockets in `/proc/net/tcp` on `port` (state 0A = LISTEN).
+fn listening_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1).is_some_and(|a| a.ends_with(&local)) && fields.get(3) == Some(&"0A")
+        })
+        .count()
+}
+
+/// Thread-per-core: each of `server.workers` threads has its own socket on
+/// the one port (the kernel spreads connections across them) and its own
+/// thread; concurrent callers on many connections are all served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_each_listen_on_the_port_and_all_callers_are_served() {
+    let h = harness(Behaviour::Twiml, |c| c.workers = 3).await;
+    assert_eq!(listening_sockets(h.proxy.addr.port()), 3);
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", h.proxy.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    for worker in ["ivrguard-w1", "ivrguard-w2"] {
+        assert!(
+            threads.iter().any(|t| t == worker),
+            "{worker} in {threads:?}"
+        );
+    }
+
+    let token = h.proxy.secrets.token.clone();
+    let addr = h.proxy.addr;
+    let callers = (0..48).map(|i| {
+        let body = join_raw(&gather_pieces(&format!("{i:04}"), "yes", &random_sid("CA")));
+        let request = signed_post(&token, "/ivr/gather", &body);
+        async move { client::send(addr, &request).await }
+    });
+    for response in futures_util::future::join_all(callers).await {
+        assert_eq!(
+            (response.status, response.text().as_str()),
+            (200, BACKEND_TWIML)
+        );
+    }
+    assert_eq!(h.backend.count(), 48);
+}

@@ -125,6 +125,9 @@ pub struct ProxyConfig {
     pub server_extra: Vec<String>,
     /// `server.trust_forwarded_headers`.
     pub trust_forwarded_headers: bool,
+    /// `server.workers`: 2 by default, so every test runs the thread-per-core
+    /// path whatever the machine's CPU count.
+    pub workers: usize,
     /// Extra `key = value` lines for `[upstream]`, e.g.
     /// `"pool_idle_timeout_ms = 1000"`.
     pub upstream_extra: Vec<String>,
@@ -152,6 +155,7 @@ impl ProxyConfig {
             request_timeout_ms: 14_000,
             server_extra: Vec::new(),
             trust_forwarded_headers: false,
+            workers: 2,
             upstream_extra: Vec::new(),
             auth_token_file: None,
             key_file: None,
@@ -184,6 +188,7 @@ impl ProxyConfig {
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 trust_forwarded_headers = {trust_forwarded}
+workers = {workers}
 max_body_bytes = {max_body}
 request_timeout_ms = {request_timeout}
 drain_timeout_ms = {drain}
@@ -206,6 +211,7 @@ format = "json"
 {level}"#,
             max_body = self.max_body_bytes,
             trust_forwarded = self.trust_forwarded_headers,
+            workers = self.workers,
             request_timeout = self.request_timeout_ms,
             drain = self.drain_timeout_ms,
             server_extra = extra_lines(&self.server_extra),
