@@ -44,8 +44,7 @@ use support::canary::{assert_no_leak, Canaries};
 use support::client::{self, split_responses, HttpResponse, RawRequest};
 use support::proxy::{Proxy, ProxyConfig, Secrets, FALLBACK_TWIML, HOST};
 use support::twilio::{decrypt_field, form_decode, form_encode, join_raw, signature};
-
-const FORM: &str = "application/x-www-form-urlencoded";
+use support::webhook::{form_post, sign_form, signed_get, signed_post, FORM};
 
 // ================================================================ helpers
 
@@ -85,35 +84,6 @@ fn gather_body(digits: &str, speech: &str) -> String {
         ("Digits", form_encode(digits)),
         ("SpeechResult", form_encode(speech)),
     ])
-}
-
-/// Twilio's signature for a form POST to `path_and_query` with `body`.
-fn sign_form(token: &str, path_and_query: &str, body: &str) -> String {
-    signature(token, &Proxy::public(path_and_query), &form_decode(body))
-}
-
-fn form_post(path_and_query: &str, body: &str, signature: Option<&str>) -> RawRequest {
-    let request = RawRequest::new("POST", path_and_query, HOST).header("Content-Type", FORM);
-    match signature {
-        Some(sig) => request.header("X-Twilio-Signature", sig),
-        None => request,
-    }
-    .body(body)
-}
-
-fn signed_post(token: &str, path_and_query: &str, body: &str) -> RawRequest {
-    form_post(
-        path_and_query,
-        body,
-        Some(&sign_form(token, path_and_query, body)),
-    )
-}
-
-fn signed_get(token: &str, path_and_query: &str) -> RawRequest {
-    RawRequest::new("GET", path_and_query, HOST).header(
-        "X-Twilio-Signature",
-        signature(token, &Proxy::public(path_and_query), &[]),
-    )
 }
 
 /// stdout and stderr hold no canary and no secret, in any encoding.

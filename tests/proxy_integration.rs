@@ -27,8 +27,8 @@ use support::proxy::{
 use support::twilio::{
     decrypt_field, form_decode, form_encode, join_raw, sha256_hex, signature, signature_sha256,
 };
+use support::webhook::{form_post, sign_form, sign_url, signed_get, signed_post, FORM};
 
-const FORM: &str = "application/x-www-form-urlencoded";
 const SENSITIVE: [&str; 2] = ["Digits", "SpeechResult"];
 
 // ---------------------------------------------------------------- helpers
@@ -68,39 +68,6 @@ fn gather_pieces(digits: &str, speech: &str, call_sid: &str) -> Vec<(&'static st
         ("Confidence", "0.92".to_owned()),
         ("Direction", "inbound".to_owned()),
     ]
-}
-
-/// Twilio's signature for a form POST to `path_and_query` with `body`.
-fn sign_form(token: &str, path_and_query: &str, body: &str) -> String {
-    signature(token, &Proxy::public(path_and_query), &form_decode(body))
-}
-
-/// Twilio's signature for a request whose parameters are all in the URL
-/// (GET webhooks, and `bodySHA256` JSON bodies).
-fn sign_url(token: &str, path_and_query: &str) -> String {
-    signature(token, &Proxy::public(path_and_query), &[])
-}
-
-fn form_post(path_and_query: &str, body: &str, signature: Option<&str>) -> RawRequest {
-    let request = RawRequest::new("POST", path_and_query, HOST).header("Content-Type", FORM);
-    match signature {
-        Some(sig) => request.header("X-Twilio-Signature", sig),
-        None => request,
-    }
-    .body(body)
-}
-
-fn signed_post(token: &str, path_and_query: &str, body: &str) -> RawRequest {
-    form_post(
-        path_and_query,
-        body,
-        Some(&sign_form(token, path_and_query, body)),
-    )
-}
-
-fn signed_get(token: &str, path_and_query: &str) -> RawRequest {
-    RawRequest::new("GET", path_and_query, HOST)
-        .header("X-Twilio-Signature", sign_url(token, path_and_query))
 }
 
 fn split_pieces(raw: &str) -> Vec<(&str, &str)> {

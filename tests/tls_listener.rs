@@ -27,8 +27,8 @@ use support::client::{self, RawRequest};
 use support::proxy::{Proxy, ProxyConfig, HOST};
 use support::tls::{self, Leaf, TestCa};
 use support::twilio::{decrypt_field, form_decode, form_encode, join_raw, signature};
+use support::webhook::FORM;
 
-const FORM: &str = "application/x-www-form-urlencoded";
 const PATH: &str = "/ivr/gather";
 
 struct Harness {

@@ -9,6 +9,7 @@
 //! - [`twilio`]: an independent Twilio signer, form codec and AES-GCM
 //!   decrypter, written here without using ivrguard's own modules;
 //! - [`canary`]: per-run canaries and the "no leak in any encoding" grep.
+//! - [`webhook`]: Twilio-signed form POSTs and GETs for the proxy.
 //! - [`tls`]: a CA made at test time, certificates for the TLS listener,
 //!   and clients that verify them.
 
@@ -21,3 +22,4 @@ pub mod client;
 pub mod proxy;
 pub mod tls;
 pub mod twilio;
+pub mod webhook;
