@@ -2,9 +2,9 @@
 //! listeners, serve until SIGTERM/SIGINT, drain, exit.
 //!
 //! Serving is thread-per-core: `server.workers` threads (one per CPU by
-//! default), each with a single-threaded event loop that accepts from the
-//! same listening socket and keeps every connection it accepts, and its own
-//! pool of connections to the app. No request moves between threads, so
+//! default), each with a single-threaded event loop, its own `SO_REUSEPORT`
+//! socket on the listen address (it keeps every connection it accepts) and
+//! its own pool of connections to the app. No request moves between threads, so
 //! none waits for a wake-up from another core (measured: `bench/RESULTS.md`).
 //!
 //! [`start`] is also what the demo and the integration tests use, so they
@@ -169,7 +169,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// A worker after the first: its own thread and single-threaded event loop,
-/// serving the connections it accepts from its copy of the listener.
+/// serving the connections it accepts on its own socket.
 struct Worker {
     index: usize,
     listener: std::net::TcpListener,
