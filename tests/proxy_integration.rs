@@ -21,6 +21,7 @@ use serde_json::Value;
 use support::backend::{closed_port_url, Backend, Behaviour, Captured, BACKEND_TWIML};
 use support::canary::{assert_no_leak, find_leaks, luhn_valid, text_needles, Canaries};
 use support::client::{self, HttpResponse, RawRequest};
+use support::harness::{harness, random_sid, Harness};
 use support::proxy::{
     run_check, Proxy, ProxyConfig, Secrets, FALLBACK_TWIML, HOST, KEY_VAR, SHARED_KEY_ID, TOKEN_VAR,
 };
@@ -32,26 +33,6 @@ use support::webhook::{form_post, sign_form, sign_url, signed_get, signed_post, 
 const SENSITIVE: [&str; 2] = ["Digits", "SpeechResult"];
 
 // ---------------------------------------------------------------- helpers
-
-struct Harness {
-    backend: Backend,
-    proxy: Proxy,
-}
-
-async fn harness(behaviour: Behaviour, tweak: impl FnOnce(&mut ProxyConfig)) -> Harness {
-    let backend = Backend::start(behaviour).await;
-    let mut config = ProxyConfig::new(backend.url());
-    tweak(&mut config);
-    let proxy = Proxy::start(&config).await;
-    Harness { backend, proxy }
-}
-
-fn random_sid(prefix: &str) -> String {
-    format!(
-        "{prefix}{}",
-        hex::encode(rand::thread_rng().gen::<[u8; 16]>())
-    )
-}
 
 /// The raw (already encoded) pieces of a realistic `<Gather>` webhook, with
 /// non-sensitive values in deliberately mixed encodings that must reach the

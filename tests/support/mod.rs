@@ -9,6 +9,7 @@
 //! - [`twilio`]: an independent Twilio signer, form codec and AES-GCM
 //!   decrypter, written here without using ivrguard's own modules;
 //! - [`canary`]: per-run canaries and the "no leak in any encoding" grep.
+//! - [`harness`]: a capture backend with the real proxy in front of it.
 //! - [`webhook`]: Twilio-signed form POSTs and GETs for the proxy.
 //! - [`tls`]: a CA made at test time, certificates for the TLS listener,
 //!   and clients that verify them.
@@ -19,6 +20,7 @@
 pub mod backend;
 pub mod canary;
 pub mod client;
+pub mod harness;
 pub mod proxy;
 pub mod tls;
 pub mod twilio;
