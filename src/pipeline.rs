@@ -233,12 +233,16 @@ impl Proxy {
         let origin = self.origin(&parts)?;
         let request_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let url = [origin.origin.as_str(), request_target].concat();
+        // Decoded copies of escaped non-sensitive values.
+        let (mut body_arena, mut query_arena) = (form::Arena::default(), form::Arena::default());
         let mut body_pairs = match signed {
-            SignedContent::Form => form::parse(&body).map_err(Rejection::MalformedForm)?,
+            SignedContent::Form => form::parse_in(&body, &mut body_arena, &self.fields)
+                .map_err(Rejection::MalformedForm)?,
             SignedContent::None | SignedContent::BodyHash => Vec::new(),
         };
         let mut query_pairs = match parts.uri.query() {
-            Some(q) => form::parse(q.as_bytes()).map_err(Rejection::MalformedForm)?,
+            Some(q) => form::parse_in(q.as_bytes(), &mut query_arena, &self.fields)
+                .map_err(Rejection::MalformedForm)?,
             None => Vec::new(),
         };
         let verified = self.verify(&url, &parts, &body, &body_pairs, signed);
@@ -336,9 +340,15 @@ impl Proxy {
         let body_hash = signature::body_sha256_param(parts.uri.query().unwrap_or(""))?;
         // Only form bodies contribute parameters; otherwise `body_pairs` is empty.
         debug_assert!(signed == SignedContent::Form || body_pairs.is_empty());
-        let verified =
-            self.verifier
-                .verify_resumable(url, &as_params(body_pairs), &parts.headers)?;
+        let verified = self.verifier.verify_resumable(
+            url,
+            &as_params(body_pairs),
+            &parts.headers,
+            |name| {
+                // Rewrite changes the values of these, nothing else.
+                self.fields.contains(name)
+            },
+        )?;
         match body_hash {
             Some(expected) if !signature::body_hash_matches(body, expected) => {
                 Err(signature::SignatureError::BodyHashMismatch)
