@@ -312,6 +312,9 @@ say "warm-up: 3 s per target"
 for t in "${TARGETS[@]}"; do
     "${LOAD[@]}" wrk -t1 -c"$CONNS" -d3s -s "$WORK/webhook.lua" "http://127.0.0.1:${PORT[$t]}" >/dev/null
 done
+# The log writer batches: let the warm-up's last lines land before the
+# count starts (as after each round below).
+sleep 0.3
 : >"$IVRGUARD_LOG"
 say "saturation: wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds, load average $(loadavg)"
 LOAD_START=$(loadavg)
