@@ -314,5 +314,54 @@ fn baseline(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, stages, pipeline, baseline);
+/// What each request adds to the metrics: `Metrics::request` (sharded per
+/// worker) against prometheus-client's `Family` lookup and `Histogram`
+/// (what it used before), on one thread and on two threads at once (two
+/// workers; each iteration is one request per thread).
+fn metrics(c: &mut Criterion) {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+    let ours = Metrics::new();
+    let family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    let histogram = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+    let theirs = |latency: f64| {
+        family.get_or_create(&[("outcome", "forwarded")]).inc();
+        histogram.observe(latency);
+    };
+    let ours_once = |latency: f64| ours.request("forwarded", latency);
+
+    let mut group = c.benchmark_group("metrics");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("request_sharded_1_thread", |b| {
+        b.iter(|| ours_once(black_box(0.000_412)))
+    });
+    group.bench_function("request_prometheus_client_1_thread", |b| {
+        b.iter(|| theirs(black_box(0.000_412)))
+    });
+    fn two_threads(iters: u64, record: &(dyn Fn(f64) + Sync)) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        std::thread::scope(|scope| {
+            for worker in 0..2 {
+                scope.spawn(move || {
+                    ivrguard::worker::set_index(worker);
+                    for _ in 0..iters {
+                        record(black_box(0.000_412));
+                    }
+                });
+            }
+        });
+        started.elapsed()
+    }
+    group.bench_function("request_sharded_2_threads", |b| {
+        b.iter_custom(|iters| two_threads(iters, &ours_once))
+    });
+    group.bench_function("request_prometheus_client_2_threads", |b| {
+        b.iter_custom(|iters| two_threads(iters, &theirs))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, stages, pipeline, baseline, metrics);
 criterion_main!(benches);

@@ -2,25 +2,40 @@
 //!
 //! Labels come only from fixed allow-lists (`outcome`, `reason`, `kind`):
 //! never a path, a parameter, a header or any other request data.
+//!
+//! What every request touches (its outcome counter, the latency histogram,
+//! the encrypted-fields counter) is sharded by worker ([`crate::worker`]):
+//! each worker adds to its own cache line, with no lock and no hashing of
+//! labels, and `/metrics` sums the shards. prometheus-client's `Histogram`
+//! takes a write lock per observation and `Family::get_or_create` a read
+//! lock plus a hash of the labels; both stay only for rare events.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
 
+/// The outcome of most requests: its counter is resolved once.
+const FORWARDED: &str = "forwarded";
+
 pub struct Metrics {
     registry: Registry,
-    requests: Family<Labels, Counter>,
+    requests: Family<Labels, ShardedCounter>,
+    forwarded: ShardedCounter,
     signature_failures: Family<Labels, Counter>,
-    fields_encrypted: Counter,
+    fields_encrypted: ShardedCounter,
     upstream_errors: Family<Labels, Counter>,
     panics: Counter,
     tls_handshake_failures: Family<Labels, Counter>,
-    latency: Histogram,
+    latency: LatencyHistogram,
     encryptions_this_key: Gauge,
     log_lines_dropped: Gauge,
 }
@@ -40,15 +55,16 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("ivrguard");
-        let requests = Family::<Labels, Counter>::default();
+        let requests = Family::<Labels, ShardedCounter>::default();
         registry.register("requests", "Requests by outcome", requests.clone());
+        let forwarded = requests.get_or_create(&[("outcome", FORWARDED)]).clone();
         let signature_failures = Family::<Labels, Counter>::default();
         registry.register(
             "signature_failures",
             "Requests refused by signature verification, by reason",
             signature_failures.clone(),
         );
-        let fields_encrypted = Counter::default();
+        let fields_encrypted = ShardedCounter::default();
         registry.register(
             "fields_encrypted",
             "Parameter values encrypted",
@@ -72,7 +88,7 @@ impl Metrics {
             "TLS handshakes on the listener that failed, by reason",
             tls_handshake_failures.clone(),
         );
-        let latency = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        let latency = LatencyHistogram::default();
         registry.register(
             "request_duration_seconds",
             "Time from request head to response head",
@@ -93,6 +109,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            forwarded,
             signature_failures,
             fields_encrypted,
             upstream_errors,
@@ -105,7 +122,13 @@ impl Metrics {
     }
 
     pub fn request(&self, outcome: &'static str, latency_seconds: f64) {
-        self.requests.get_or_create(&[("outcome", outcome)]).inc();
+        if outcome == FORWARDED {
+            self.forwarded.inc_by(1);
+        } else {
+            self.requests
+                .get_or_create(&[("outcome", outcome)])
+                .inc_by(1);
+        }
         self.latency.observe(latency_seconds);
     }
 
@@ -145,6 +168,128 @@ impl Metrics {
     }
 }
 
+/// Shards per sharded metric: workers beyond this share shards (still
+/// without locks, only with cache-line traffic).
+const SHARDS: usize = 8;
+
+/// One worker's part of a metric, alone on its cache lines.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Shard<T>(T);
+
+fn shard<T>(shards: &[Shard<T>]) -> &T {
+    let shards_len = shards.len().max(1);
+    &shards
+        .get(crate::worker::index() % shards_len)
+        .expect("index is taken modulo the length")
+        .0
+}
+
+/// A counter each worker adds to on its own shard.
+#[derive(Clone, Debug, Default)]
+pub struct ShardedCounter(Arc<[Shard<AtomicU64>; SHARDS]>);
+
+impl ShardedCounter {
+    pub fn inc_by(&self, v: u64) {
+        shard(&self.0[..]).fetch_add(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl TypedMetric for ShardedCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for ShardedCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<(), _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds: 0.25 ms doubling to
+/// about 8.2 s (the same buckets as before sharding), then +Inf.
+const LATENCY_BOUNDS: [f64; 16] = {
+    let mut bounds = [0.000_25; 16];
+    let mut i = 1;
+    while i < bounds.len() {
+        bounds[i] = bounds[i - 1] * 2.0;
+        i += 1;
+    }
+    bounds
+};
+
+/// One worker's counts: per bucket (the last is +Inf), the total count and
+/// the sum in nanoseconds (an integer, so it can be added atomically).
+#[derive(Debug, Default)]
+struct LatencyCounts {
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+/// The request latency histogram, sharded like [`ShardedCounter`].
+#[derive(Clone, Debug, Default)]
+struct LatencyHistogram(Arc<[Shard<LatencyCounts>; SHARDS]>);
+
+impl LatencyHistogram {
+    fn observe(&self, seconds: f64) {
+        let counts = shard(&self.0[..]);
+        let bucket = LATENCY_BOUNDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        if let Some(b) = counts.buckets.get(bucket) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        counts.count.fetch_add(1, Ordering::Relaxed);
+        // Saturating float-to-int conversion: a negative or NaN latency adds 0.
+        let nanos = (seconds * 1e9) as u64;
+        counts.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let total = |pick: &dyn Fn(&LatencyCounts) -> &AtomicU64| -> u64 {
+            self.0
+                .iter()
+                .map(|s| pick(&s.0).load(Ordering::Relaxed))
+                .sum()
+        };
+        // Per bucket, not cumulative: the encoder accumulates.
+        let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS
+            .iter()
+            .copied()
+            .chain([f64::MAX])
+            .enumerate()
+            .map(|(i, bound)| {
+                let n =
+                    total(&|c: &LatencyCounts| c.buckets.get(i).expect("one per bound and +Inf"));
+                (bound, n)
+            })
+            .collect();
+        // Count from the buckets, so a scrape never shows count != +Inf.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = total(&|c| &c.sum_nanos) as f64 / 1e9;
+        encoder.encode_histogram::<()>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +313,93 @@ mod tests {
         assert!(text.contains(r#"ivrguard_tls_handshake_failures_total{reason="timeout"} 1"#));
         assert!(text.contains("ivrguard_encryptions_current_key 7"));
         assert!(text.contains("ivrguard_request_duration_seconds_bucket"));
+    }
+
+    /// The sharded histogram renders what prometheus-client's own
+    /// `Histogram` renders for the same observations, spread over workers.
+    #[test]
+    fn sharded_histogram_renders_like_prometheus_clients() {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        let observations = [
+            0.0,
+            0.000_1,
+            0.000_25,
+            0.000_250_1,
+            0.001,
+            0.003,
+            0.5,
+            8.192,
+            9.0,
+            1e6,
+        ];
+        let reference = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        let ours = LatencyHistogram::default();
+        std::thread::scope(|scope| {
+            for (worker, chunk) in observations.chunks(3).enumerate() {
+                let ours = ours.clone();
+                scope.spawn(move || {
+                    crate::worker::set_index(worker * 5); // 0, 5, 10 (shares shard 2), 15
+                    chunk.iter().for_each(|v| ours.observe(*v));
+                });
+            }
+        });
+        observations.iter().for_each(|v| reference.observe(*v));
+        let render = |metric: Box<dyn FnOnce(&mut Registry)>| {
+            let mut registry = Registry::default();
+            metric(&mut registry);
+            let mut out = String::new();
+            encode(&mut out, &registry).unwrap();
+            out
+        };
+        let ours = render(Box::new(move |r| r.register("lat", "h", ours)));
+        let reference = render(Box::new(move |r| r.register("lat", "h", reference)));
+        let lines = |text: &str, skip_sum: bool| -> Vec<String> {
+            text.lines()
+                .filter(|l| !(skip_sum && l.starts_with("lat_sum")))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(lines(&ours, true), lines(&reference, true));
+        assert!(ours.contains("lat_count 10"), "{ours}");
+        let sum = |text: &str| -> f64 {
+            let line = text.lines().find(|l| l.starts_with("lat_sum")).unwrap();
+            line.split(' ').nth(1).unwrap().parse().unwrap()
+        };
+        assert!((sum(&ours) - sum(&reference)).abs() < 1e-6, "{ours}");
+    }
+
+    #[test]
+    fn sharded_counters_sum_every_worker() {
+        let m = Metrics::new();
+        std::thread::scope(|scope| {
+            for worker in 0..12 {
+                let m = &m;
+                scope.spawn(move || {
+                    crate::worker::set_index(worker);
+                    for _ in 0..100 {
+                        m.request("forwarded", 0.001);
+                    }
+                    m.request("mismatch", 0.001);
+                    m.fields_encrypted(2);
+                });
+            }
+        });
+        let text = m.render(0, 0);
+        assert!(
+            text.contains(r#"ivrguard_requests_total{outcome="forwarded"} 1200"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"ivrguard_requests_total{outcome="mismatch"} 12"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("ivrguard_fields_encrypted_total 24"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ivrguard_request_duration_seconds_count 1212"),
+            "{text}"
+        );
     }
 }
