@@ -182,27 +182,37 @@ async fn protocol_known(stream: &tokio::net::TcpStream) -> bool {
 /// Runs the pipeline; a panic becomes a 500 and a metric, never a crash.
 /// The panic hook installed in `main` prints no payload, so no request data
 /// reaches stderr either.
-async fn guarded(
-    proxy: &Proxy,
+///
+/// Plain functions returning combinators, not `async fn`s: an `async fn`
+/// keeps its argument (the whole request future) in its own state as well
+/// as the future it awaits, and this pair had doubled the per-request
+/// allocation to 4.8 KiB.
+fn guarded<'p>(
+    proxy: &'p Proxy,
     request: Request<Incoming>,
     peer: SocketAddr,
-) -> Response<ProxyBody> {
-    catch_panic(proxy.handle(request, peer), proxy.metrics()).await
+) -> impl Future<Output = Response<ProxyBody>> + 'p {
+    catch_panic(proxy.handle(request, peer), proxy.metrics())
 }
 
 /// `handler`'s response, or a 500 (counted in `metrics`) if it panics.
-pub async fn catch_panic(
-    handler: impl Future<Output = Response<ProxyBody>>,
-    metrics: &crate::metrics::Metrics,
-) -> Response<ProxyBody> {
-    match AssertUnwindSafe(handler).catch_unwind().await {
-        Ok(response) => response,
-        Err(_) => {
-            metrics.panic();
-            tracing::error!(reason = "panic", "request handler panicked; answered 500");
-            crate::rejection::plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n")
-        }
-    }
+pub fn catch_panic<'m>(
+    handler: impl Future<Output = Response<ProxyBody>> + 'm,
+    metrics: &'m crate::metrics::Metrics,
+) -> impl Future<Output = Response<ProxyBody>> + 'm {
+    AssertUnwindSafe(handler)
+        .catch_unwind()
+        .map(move |result| match result {
+            Ok(response) => response,
+            Err(_) => {
+                metrics.panic();
+                tracing::error!(reason = "panic", "request handler panicked; answered 500");
+                crate::rejection::plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Internal Server Error\n",
+                )
+            }
+        })
 }
 
 /// Resolves on SIGTERM or SIGINT.
