@@ -33,7 +33,9 @@
 //! eight bytes per step; a name or value is decoded only when it contains
 //! `%` or `+`, everything else is borrowed from the input. The pipeline
 //! decodes into one caller-owned [`Arena`] per form ([`parse_in`]): one
-//! allocation for all escaped parts instead of one each, zeroized on drop.
+//! allocation for all escaped parts instead of one each. Sensitive values
+//! are the exception: each is decoded into a string of its own, which
+//! [`rewrite`] wipes once it is encrypted.
 
 use std::borrow::Cow;
 use std::fmt;
