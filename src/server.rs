@@ -118,7 +118,7 @@ pub async fn serve(
             // A snapshot: a reload does not change a request in flight.
             let proxy = proxy.load_full();
             // Boxed: hyper keeps a slot the size of this future in every
-            // connection for its whole life (~4.4 KiB, idle or not); boxed,
+            // connection for its whole life (2.5 KiB, idle or not); boxed,
             // that memory exists only while a request is in flight.
             Box::pin(async move { Ok::<_, Infallible>(guarded(&proxy, request, peer).await) })
         });
