@@ -156,9 +156,8 @@ impl Upstream {
     /// is busy until then.
     pub async fn send(
         &self,
-        request: Request<Full<Bytes>>,
+        mut request: Request<Full<Bytes>>,
     ) -> Result<(Response<Incoming>, InFlight), UpstreamError> {
-        let mut request = request;
         if self.in_flight.available_permits() == 0 {
             detach_values(request.headers_mut());
         }

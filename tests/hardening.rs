@@ -2317,8 +2317,25 @@ async fn upstream_max_connections_bounds_what_reaches_the_app_at_once() {
     .await;
     let body = gather_body("1234", "yes");
     all_served_by_the_app(&h, N, &body).await;
-    let arrivals: Vec<Instant> = h.backend.requests().iter().map(|r| r.arrived).collect();
+    let received = h.backend.requests();
+    let arrivals: Vec<Instant> = received.iter().map(|r| r.arrived).collect();
     assert_eq!(arrivals.len(), N);
+    // Most of them waited for a slot, and a waiting request's headers are
+    // copied out of the caller's read buffer: each still carries the
+    // signature over exactly what the app received.
+    let token = h.proxy.secrets.token.clone();
+    for r in &received {
+        let expected = signature(
+            &token,
+            &Proxy::public(&r.target),
+            &form_decode(r.body_str()),
+        );
+        assert_eq!(r.header("x-twilio-signature"), Some(expected.as_str()));
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/x-www-form-urlencoded")
+        );
+    }
     let most = most_at_once(&arrivals, delay);
     assert!(
         most <= LIMIT,
