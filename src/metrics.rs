@@ -177,24 +177,21 @@ const SHARDS: usize = 8;
 #[derive(Debug, Default)]
 struct Shard<T>(T);
 
-fn shard<T>(shards: &[Shard<T>]) -> &T {
-    let shards_len = shards.len().max(1);
-    &shards
-        .get(crate::worker::index() % shards_len)
-        .expect("index is taken modulo the length")
-        .0
+/// The calling worker's shard.
+fn shard<T>(shards: &[Shard<T>; SHARDS]) -> &T {
+    &shards[crate::worker::index() % SHARDS].0
 }
 
 /// A counter each worker adds to on its own shard.
 #[derive(Clone, Debug, Default)]
-pub struct ShardedCounter(Arc<[Shard<AtomicU64>; SHARDS]>);
+struct ShardedCounter(Arc<[Shard<AtomicU64>; SHARDS]>);
 
 impl ShardedCounter {
-    pub fn inc_by(&self, v: u64) {
-        shard(&self.0[..]).fetch_add(v, Ordering::Relaxed);
+    fn inc_by(&self, v: u64) {
+        shard(&self.0).fetch_add(v, Ordering::Relaxed);
     }
 
-    pub fn get(&self) -> u64 {
+    fn get(&self) -> u64 {
         self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
     }
 }
@@ -225,12 +222,12 @@ const LATENCY_BOUNDS: [f64; 16] = {
     bounds
 };
 
-/// One worker's counts: per bucket (the last is +Inf), the total count and
-/// the sum in nanoseconds (an integer, so it can be added atomically).
+/// One worker's counts: per bucket (the last is +Inf; the total count is
+/// their sum) and the sum in nanoseconds (an integer, so it can be added
+/// atomically).
 #[derive(Debug, Default)]
 struct LatencyCounts {
     buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
-    count: AtomicU64,
     sum_nanos: AtomicU64,
 }
 
@@ -240,7 +237,7 @@ struct LatencyHistogram(Arc<[Shard<LatencyCounts>; SHARDS]>);
 
 impl LatencyHistogram {
     fn observe(&self, seconds: f64) {
-        let counts = shard(&self.0[..]);
+        let counts = shard(&self.0);
         let bucket = LATENCY_BOUNDS
             .iter()
             .position(|bound| seconds <= *bound)
@@ -248,7 +245,6 @@ impl LatencyHistogram {
         if let Some(b) = counts.buckets.get(bucket) {
             b.fetch_add(1, Ordering::Relaxed);
         }
-        counts.count.fetch_add(1, Ordering::Relaxed);
         // Saturating float-to-int conversion: a negative or NaN latency adds 0.
         let nanos = (seconds * 1e9) as u64;
         counts.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -279,7 +275,7 @@ impl EncodeMetric for LatencyHistogram {
                 (bound, n)
             })
             .collect();
-        // Count from the buckets, so a scrape never shows count != +Inf.
+        // The count is the buckets' sum, so a scrape never shows count != +Inf.
         let count = buckets.iter().map(|(_, n)| n).sum();
         let sum = total(&|c| &c.sum_nanos) as f64 / 1e9;
         encoder.encode_histogram::<()>(sum, count, &buckets, None)
