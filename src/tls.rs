@@ -173,10 +173,9 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// handshake (logged and counted in `metrics`), or a client that sent no
 /// request in time or closed.
 ///
-/// hyper-util's auto builder reads the bytes that tell HTTP/1 from the
-/// HTTP/2 preface with no timeout of its own. On the plain listener
-/// server.rs peeks at them under the header-read timeout; a TLS stream
-/// cannot be peeked, so they are read here and handed out again first.
+/// The bytes that tell HTTP/1 from the HTTP/2 preface are read here, under
+/// the same timeout as the handshake, and handed out again first. (On the
+/// plain listener server.rs peeks at them; a TLS stream cannot be peeked.)
 pub async fn accept(
     acceptor: &TlsAcceptor,
     stream: TcpStream,
@@ -208,6 +207,7 @@ pub async fn accept(
         first,
         first_len: len,
         first_read: 0,
+        error: None,
         stream,
     })
 }
@@ -224,7 +224,17 @@ pub struct TlsConnection {
     first: [u8; H2_PREFACE.len()],
     first_len: usize,
     first_read: usize,
+    /// An error met while reading past the first bytes, for the next read.
+    error: Option<io::Error>,
     stream: TlsStream<TcpStream>,
+}
+
+impl TlsConnection {
+    /// Whether the client opened with the HTTP/2 preface (after ALPN `h2`,
+    /// or with prior knowledge).
+    pub fn is_http2(&self) -> bool {
+        self.first[..self.first_len] == H2_PREFACE[..]
+    }
 }
 
 impl AsyncRead for TlsConnection {
@@ -239,7 +249,19 @@ impl AsyncRead for TlsConnection {
             let n = rest.len().min(buf.remaining());
             buf.put_slice(&rest[..n]);
             this.first_read += n;
+            // The rest of the request in the same read, if it is there: a
+            // read of only these few bytes would make hyper double its
+            // 8 KiB read buffer for the connection's life. An error now is
+            // the next read's to report.
+            if buf.remaining() > 0 {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut this.stream).poll_read(cx, buf) {
+                    this.error = Some(e);
+                }
+            }
             return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut this.stream).poll_read(cx, buf)
     }

@@ -225,6 +225,29 @@ async fn serves_a_signed_webhook_over_https_verified_against_the_https_url() {
     }
 }
 
+/// The request-head limit holds over TLS as on the plain listener: a signed
+/// request with one 100 KiB header gets 431 and never reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_head_over_tls_gets_431() {
+    let h = harness(|_| {}).await;
+    let connector = h.ca.client(&[b"http/1.1"]);
+
+    let (request, _) = gather(&h.proxy.secrets.token, "https", "1234");
+    let request = request.header("X-Big", "a".repeat(100 * 1024));
+    let (response, _) = tls::send(h.proxy.addr, &connector, &request).await;
+
+    assert_eq!(response.status, 431);
+    let (request, _) = gather(&h.proxy.secrets.token, "https", "1234");
+    let (response, _) = tls::send(h.proxy.addr, &connector, &request).await;
+    assert_eq!(response.status, 200, "a normal request after it");
+    assert_eq!(h.backend.wait_for_requests(1).await.len(), 1);
+    assert_eq!(
+        h.backend.count(),
+        1,
+        "the oversized request reached the app"
+    );
+}
+
 /// Behind a trusted proxy that sends `X-Forwarded-Host` but no
 /// `X-Forwarded-Proto`, the scheme is the listener's own: https.
 #[tokio::test]
