@@ -83,6 +83,7 @@ impl Builders {
             // the read takes a second 8 KiB buffer for every request in
             // flight (the first is still pinned by the request's headers).
             .half_close(true)
+            .writev(false)
             .keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
@@ -143,9 +144,9 @@ pub async fn serve(
             // A snapshot: a reload does not change a request in flight.
             let proxy = proxy.load_full();
             // Boxed: hyper keeps a slot the size of this future in every
-            // connection for its whole life (2.5 KiB, idle or not); boxed,
-            // that memory exists only while a request is in flight.
-            Box::pin(async move { Ok::<_, Infallible>(guarded(&proxy, request, peer).await) })
+            // connection for its whole life, idle or not; boxed, that memory
+            // exists only while a request is in flight.
+            Box::pin(guarded(proxy, request, peer).map(ok))
         });
         let builders = builders.clone();
         let watcher = graceful.watcher();
@@ -245,23 +246,29 @@ async fn protocol(stream: &tokio::net::TcpStream) -> Option<Protocol> {
 /// The panic hook installed in `main` prints no payload, so no request data
 /// reaches stderr either.
 ///
-/// Plain functions returning combinators, not `async fn`s: an `async fn`
-/// keeps its argument (the whole request future) in its own state as well
-/// as the future it awaits, and this pair had doubled the per-request
-/// allocation to 4.8 KiB.
-fn guarded<'p>(
-    proxy: &'p Proxy,
+/// Plain functions returning combinators, not `async fn`s or blocks: those
+/// keep their arguments (here the request) in their own state as well as
+/// in the future they await. See [`Proxy::handle`].
+fn guarded(
+    proxy: Arc<Proxy>,
     request: Request<Incoming>,
     peer: SocketAddr,
-) -> impl Future<Output = Response<ProxyBody>> + 'p {
-    catch_panic(proxy.handle(request, peer), proxy.metrics())
+) -> impl Future<Output = Response<ProxyBody>> {
+    let metrics = proxy.metrics_arc();
+    catch_panic(proxy.handle(request, peer), metrics)
+}
+
+/// What hyper's service must return; a named fn, as a closure or `Ok` here
+/// trips over the lifetime of the boxed error type.
+fn ok(response: Response<ProxyBody>) -> Result<Response<ProxyBody>, Infallible> {
+    Ok(response)
 }
 
 /// `handler`'s response, or a 500 (counted in `metrics`) if it panics.
-pub fn catch_panic<'m>(
-    handler: impl Future<Output = Response<ProxyBody>> + 'm,
-    metrics: &'m crate::metrics::Metrics,
-) -> impl Future<Output = Response<ProxyBody>> + 'm {
+pub fn catch_panic(
+    handler: impl Future<Output = Response<ProxyBody>>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> impl Future<Output = Response<ProxyBody>> {
     AssertUnwindSafe(handler)
         .catch_unwind()
         .map(move |result| match result {
@@ -306,14 +313,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_becomes_a_counted_500_without_its_message() {
-        let metrics = crate::metrics::Metrics::new();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let handler = async {
             if std::hint::black_box(true) {
                 panic!("request data canary-4111111111111111");
             }
             crate::rejection::plain(StatusCode::OK, "ok")
         };
-        let response = catch_panic(handler, &metrics).await;
+        let response = catch_panic(handler, metrics.clone()).await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert!(!String::from_utf8_lossy(&body).contains("canary"));

@@ -2317,9 +2317,8 @@ async fn upstream_max_connections_bounds_what_reaches_the_app_at_once() {
     let received = h.backend.requests();
     let arrivals: Vec<Instant> = received.iter().map(|r| r.arrived).collect();
     assert_eq!(arrivals.len(), N);
-    // Most of them waited for a slot, and a waiting request's headers are
-    // copied out of the caller's read buffer: each still carries the
-    // signature over exactly what the app received.
+    // Most of them waited for a slot: each still carries the signature
+    // over exactly what the app received.
     let token = h.proxy.secrets.token.clone();
     for r in &received {
         assert_signed_for_what_it_got(&token, r);
