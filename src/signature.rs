@@ -662,12 +662,15 @@ impl Verifier {
                 state,
                 ..
             }) => {
-                // The pairs that sort from `from` on, old or new.
-                let mut rest: Vec<Pair<'_>> = params
-                    .iter()
-                    .map(|(name, value)| (name.as_ref(), value.as_ref()))
-                    .filter(|(name, _)| *name >= &**from)
-                    .collect();
+                // The pairs that sort from `from` on, old or new. Sized up
+                // front: a filtered `collect` grows the vector three times.
+                let mut rest: Vec<Pair<'_>> = Vec::with_capacity(params.len());
+                rest.extend(
+                    params
+                        .iter()
+                        .map(|(name, value)| (name.as_ref(), value.as_ref()))
+                        .filter(|(name, _)| *name >= &**from),
+                );
                 rest.sort_unstable();
                 rest.dedup();
                 feed(state.clone(), &rest)
