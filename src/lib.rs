@@ -26,4 +26,5 @@ pub mod server;
 pub mod signature;
 pub mod tls;
 pub mod upstream;
+pub mod upstream_connections;
 pub mod worker;

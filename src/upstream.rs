@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::body::{self, ProxyBody};
 use crate::config::{OnUpstreamError, UpstreamSettings};
 use crate::resolve::Resolver;
+use crate::upstream_connections::{Busy, CappedConnector, Connections};
 
 /// How the upstream failed. Fixed labels; no upstream bytes.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +101,12 @@ impl Fallback {
 /// The pooled client and where it sends requests.
 pub struct Upstream {
     /// One pooled client per worker thread ([`crate::worker`]): a worker's
-    /// requests use only connections whose tasks run on that worker.
-    clients: Vec<Client<HttpConnector<Resolver>, Full<Bytes>>>,
+    /// requests use connections whose tasks run on that worker, unless
+    /// [`Connections::pick`] sends them where an idle one is.
+    clients: Vec<Client<CappedConnector, Full<Bytes>>>,
+    /// The connections open to the app, at most `upstream.max_connections`
+    /// across all the pools.
+    connections: Arc<Connections>,
     base: String,
     timeout: Duration,
     /// One permit per request in flight to the app (`upstream.max_connections`).
@@ -119,14 +124,18 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// `workers` pools (at least one); `max_connections` bounds all of them together.
+    /// `workers` pools (at least one); `max_connections` bounds all of them
+    /// together, both requests in flight and open connections.
     pub fn new(settings: &UpstreamSettings, workers: usize) -> Self {
-        let client = || {
+        let connections =
+            Connections::new(settings.max_connections, workers, settings.connect_timeout);
+        let client = |worker| {
             // Host names go through our resolver, not getaddrinfo: see resolve.rs.
             let mut connector = HttpConnector::new_with_resolver(Resolver::new());
             connector.set_connect_timeout(Some(settings.connect_timeout));
             connector.set_nodelay(true);
             connector.enforce_http(true);
+            let connector = connections.connector(worker, connector);
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
@@ -136,7 +145,8 @@ impl Upstream {
                 .build(connector)
         };
         Upstream {
-            clients: (0..workers.max(1)).map(|_| client()).collect(),
+            clients: (0..workers.max(1)).map(client).collect(),
+            connections,
             base: format!("{}{}", settings.scheme_authority, settings.path_prefix),
             timeout: settings.timeout,
             in_flight: Arc::new(Semaphore::new(settings.max_connections)),
@@ -170,8 +180,10 @@ impl Upstream {
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            let client = &self.clients[crate::worker::index() % self.clients.len()];
-            (client.request(request).await, InFlight(permit))
+            let worker = self.connections.pick(crate::worker::index());
+            let busy = self.connections.busy(worker);
+            let response = self.clients[worker].request(request).await;
+            (response, InFlight(permit, busy))
         };
         tokio::time::timeout(self.timeout, exchange).map(|result| match result {
             Err(_) => Err(UpstreamError::Timeout),
@@ -182,9 +194,13 @@ impl Upstream {
     }
 }
 
-/// A request's slot among `upstream.max_connections`; freed on drop.
+/// A request's slot among `upstream.max_connections`, and its count on the
+/// pool it went through; freed on drop.
 #[derive(Debug)]
-pub struct InFlight(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct InFlight(
+    #[allow(dead_code)] OwnedSemaphorePermit,
+    #[allow(dead_code)] Busy,
+);
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
