@@ -659,7 +659,8 @@ pub fn rewrite<'a>(
             hex.iter().all(u8::is_ascii_hexdigit),
             "encrypt must append hex only"
         );
-        let hex = String::from_utf8_lossy(hex).into_owned();
+        // ASCII: one check, not the lossy decoder's scan for bad sequences.
+        let hex = std::str::from_utf8(hex).unwrap_or_default().to_owned();
         if let Cow::Owned(plain) = &mut pair.value {
             plain.zeroize();
         }
