@@ -127,8 +127,7 @@ impl Upstream {
     /// `workers` pools (at least one); `max_connections` bounds all of them
     /// together, both requests in flight and open connections.
     pub fn new(settings: &UpstreamSettings, workers: usize) -> Self {
-        let connections =
-            Connections::new(settings.max_connections, workers, settings.connect_timeout);
+        let connections = Connections::new(settings.max_connections, workers, settings.timeout);
         let client = |worker| {
             // Host names go through our resolver, not getaddrinfo: see resolve.rs.
             let mut connector = HttpConnector::new_with_resolver(Resolver::new());
@@ -183,7 +182,7 @@ impl Upstream {
             let worker = self.connections.pick(crate::worker::index());
             let busy = self.connections.busy(worker);
             let response = self.clients[worker].request(request).await;
-            (response, InFlight(permit, busy))
+            (response, InFlight(busy, permit))
         };
         tokio::time::timeout(self.timeout, exchange).map(|result| match result {
             Err(_) => Err(UpstreamError::Timeout),
@@ -194,12 +193,13 @@ impl Upstream {
     }
 }
 
-/// A request's slot among `upstream.max_connections`, and its count on the
-/// pool it went through; freed on drop.
+/// A request's count on the pool it went through, and its slot among
+/// `upstream.max_connections`; freed on drop, in that order: a request
+/// that gets the slot next must see this pool's connection as idle.
 #[derive(Debug)]
 pub struct InFlight(
-    #[allow(dead_code)] OwnedSemaphorePermit,
     #[allow(dead_code)] Busy,
+    #[allow(dead_code)] OwnedSemaphorePermit,
 );
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).

@@ -11,7 +11,9 @@
 //!
 //! - every connection to the app takes a slot ([`CappedConnector`]) for its
 //!   whole life; past `max_connections`, a new one waits for a slot (within
-//!   `upstream.connect_timeout_ms`), and its slot is freed when it closes;
+//!   `upstream.timeout_ms`, which bounds the whole exchange anyway), and its
+//!   slot is freed when it closes. Meanwhile hyper's pool hands the request
+//!   the first of its own connections that turns idle;
 //! - a request goes to its own worker's pool while that pool has an idle
 //!   connection or a slot is free; when neither holds, to the pool with the
 //!   most idle connections ([`Connections::pick`]). Only then does a request

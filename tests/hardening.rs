@@ -2351,14 +2351,16 @@ async fn upstream_max_connections_bounds_what_reaches_the_app_at_once() {
 /// L-series: the connection limit is shared by the workers, not split. With
 /// `max_connections = 1` and two workers, the one connection lives in one
 /// worker's pool; a caller that lands on the other worker must use it, not
-/// wait for a slot that never frees (that wait ends in the fallback after
-/// `connect_timeout_ms`). Each caller connects anew, so the kernel spreads
-/// them over both workers (all 12 on one: 1 in 2,048).
+/// wait for a slot that never frees (that wait ends in the fallback at the
+/// upstream timeout). Each caller connects anew, so the kernel spreads them
+/// over both workers (all 12 on one: 1 in 2,048). Then 12 callers at once:
+/// each that gets the request slot must find the connection the one before
+/// it left idle, whichever worker that was on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_upstream_connection_serves_callers_on_every_worker() {
     let h = harness(Behaviour::Twiml, |c| {
         c.upstream_extra.push("max_connections = 1".into());
-        c.upstream_timeout_ms = 1000; // connect_timeout_ms follows it
+        c.upstream_timeout_ms = 1000; // bounds the wait for a slot
     })
     .await;
     let body = gather_body("1234", "yes");
@@ -2372,7 +2374,8 @@ async fn one_upstream_connection_serves_callers_on_every_worker() {
             "the app's answer, not a fallback"
         );
     }
-    assert_eq!(h.backend.requests().len(), 12);
+    all_served_by_the_app(&h, 12, &body).await;
+    assert_eq!(h.backend.requests().len(), 24);
     assert_eq!(
         h.backend.connections(),
         1,
