@@ -14,6 +14,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::body::{self, ProxyBody};
+use crate::metrics::Sampled;
 use crate::reload::SharedProxy;
 use crate::server::Readiness;
 
@@ -70,9 +71,11 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody>
         ),
         "/metrics" => {
             let proxy = state.proxy.load();
-            let rendered = proxy
-                .metrics()
-                .render(proxy.cipher().encryptions(), (state.dropped_log_lines)());
+            let rendered = proxy.metrics().render(Sampled {
+                encryptions: proxy.cipher().encryptions(),
+                dropped_log_lines: (state.dropped_log_lines)(),
+                upstream_connections_open: proxy.upstream_connections_open() as u64,
+            });
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -38,6 +38,7 @@ pub struct Metrics {
     latency: LatencyHistogram,
     encryptions_this_key: Gauge,
     log_lines_dropped: Gauge,
+    upstream_connections_open: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -106,6 +107,12 @@ impl Metrics {
             "Log lines dropped because stdout could not keep up",
             log_lines_dropped.clone(),
         );
+        let upstream_connections_open = Gauge::default();
+        registry.register(
+            "upstream_connections_open",
+            "Connections open to the app, idle ones included (at most upstream.max_connections)",
+            upstream_connections_open.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -118,6 +125,7 @@ impl Metrics {
             latency,
             encryptions_this_key,
             log_lines_dropped,
+            upstream_connections_open,
         }
     }
 
@@ -156,16 +164,26 @@ impl Metrics {
             .inc();
     }
 
-    /// Prometheus text format. `encryptions` and `dropped` are sampled now.
-    pub fn render(&self, encryptions: u64, dropped_log_lines: u64) -> String {
-        self.encryptions_this_key
-            .set(i64::try_from(encryptions).unwrap_or(i64::MAX));
-        self.log_lines_dropped
-            .set(i64::try_from(dropped_log_lines).unwrap_or(i64::MAX));
+    /// Prometheus text format, with the gauges sampled now.
+    pub fn render(&self, now: Sampled) -> String {
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        self.encryptions_this_key.set(gauge(now.encryptions));
+        self.log_lines_dropped.set(gauge(now.dropped_log_lines));
+        self.upstream_connections_open
+            .set(gauge(now.upstream_connections_open));
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// The gauges' values, read when `/metrics` is rendered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sampled {
+    /// Values encrypted with the current key.
+    pub encryptions: u64,
+    pub dropped_log_lines: u64,
+    pub upstream_connections_open: u64,
 }
 
 /// Shards per sharded metric: workers beyond this share shards (still
@@ -298,7 +316,11 @@ mod tests {
         m.fields_encrypted(3);
         m.upstream_error("connect");
         m.tls_handshake_failure("timeout");
-        let text = m.render(7, 0);
+        let text = m.render(Sampled {
+            encryptions: 7,
+            upstream_connections_open: 3,
+            ..Sampled::default()
+        });
         assert!(
             text.contains(r#"ivrguard_requests_total{outcome="forwarded"} 1"#),
             "{text}"
@@ -308,6 +330,7 @@ mod tests {
         assert!(text.contains(r#"ivrguard_upstream_errors_total{kind="connect"} 1"#));
         assert!(text.contains(r#"ivrguard_tls_handshake_failures_total{reason="timeout"} 1"#));
         assert!(text.contains("ivrguard_encryptions_current_key 7"));
+        assert!(text.contains("ivrguard_upstream_connections_open 3"));
         assert!(text.contains("ivrguard_request_duration_seconds_bucket"));
     }
 
@@ -380,7 +403,7 @@ mod tests {
                 });
             }
         });
-        let text = m.render(0, 0);
+        let text = m.render(Sampled::default());
         assert!(
             text.contains(r#"ivrguard_requests_total{outcome="forwarded"} 1200"#),
             "{text}"

@@ -131,6 +131,11 @@ impl Proxy {
         &self.metrics
     }
 
+    /// Connections open to the app now, across the workers' pools.
+    pub fn upstream_connections_open(&self) -> usize {
+        self.upstream.connections_open()
+    }
+
     pub fn metrics_arc(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }

@@ -324,6 +324,8 @@ mod tests {
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert!(!String::from_utf8_lossy(&body).contains("canary"));
-        assert!(metrics.render(0, 0).contains("ivrguard_panics_total 1"));
+        assert!(metrics
+            .render(crate::metrics::Sampled::default())
+            .contains("ivrguard_panics_total 1"));
     }
 }

@@ -152,6 +152,11 @@ impl Upstream {
         }
     }
 
+    /// Connections open to the app now, idle ones included.
+    pub fn connections_open(&self) -> usize {
+        self.connections.open()
+    }
+
     /// The absolute upstream URI for a request's path and query.
     pub fn uri_for(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
         let mut s = String::with_capacity(self.base.len() + path_and_query.len());

@@ -2381,6 +2381,9 @@ async fn one_upstream_connection_serves_callers_on_every_worker() {
         1,
         "one connection to the app, reused"
     );
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    let metrics = client::get(admin, "/metrics").await.text();
+    assert_eq!(metric(&metrics, "ivrguard_upstream_connections_open"), 1.0);
 }
 
 /// F12: the process runs out of file descriptors (its limit lowered with
