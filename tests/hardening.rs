@@ -2386,6 +2386,53 @@ async fn one_upstream_connection_serves_callers_on_every_worker() {
     assert_eq!(metric(&metrics, "ivrguard_upstream_connections_open"), 1.0);
 }
 
+/// L-series: a connection to the app that closes gives its slot back. With
+/// `max_connections = 1`, the pool closes the one connection once it has
+/// been idle 200 ms; `/metrics` then shows none open, and the next caller
+/// gets a new connection instead of waiting for a slot that never frees
+/// (which would end in the fallback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_upstream_connection_frees_its_slot() {
+    let h = harness(Behaviour::Twiml, |c| {
+        c.upstream_extra.push("max_connections = 1".into());
+        c.upstream_extra.push("pool_idle_timeout_ms = 200".into());
+        c.upstream_timeout_ms = 1000;
+    })
+    .await;
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    let body = gather_body("1234", "yes");
+    let call = || async {
+        let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
+        let response = client::send(h.proxy.addr, &request).await;
+        assert_eq!(
+            response.text(),
+            BACKEND_TWIML,
+            "the app's answer, not a fallback"
+        );
+    };
+    call().await;
+    let open = || async {
+        let metrics = client::get(admin, "/metrics").await.text();
+        metric(&metrics, "ivrguard_upstream_connections_open")
+    };
+    assert_eq!(open().await, 1.0);
+    // No event marks the pool's idle timer firing: poll, with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open().await != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle connection never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    call().await;
+    assert_eq!(
+        h.backend.connections(),
+        2,
+        "a second connection, in the freed slot"
+    );
+}
+
 /// F12: the process runs out of file descriptors (its limit lowered with
 /// prlimit(1) to a few above what it uses idle) under 40 concurrent
 /// requests. Accepting backs off on EMFILE, an upstream connect that fails
