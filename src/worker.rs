@@ -4,8 +4,10 @@
 //! single-threaded event loop (see [`crate::run`]): a connection, and every
 //! request on it, stays on the thread that accepted it. Per-worker state,
 //! such as the pool of connections to the app, is picked by this index, so
-//! a request never waits on another thread. Threads that are not workers
-//! (tests, the demo) are worker 0.
+//! a request does not wait on another thread (the one exception: when
+//! `upstream.max_connections` is reached and only another worker's pool
+//! has an idle connection, see [`crate::upstream_connections`]). Threads
+//! that are not workers (tests, the demo) are worker 0.
 
 use std::cell::Cell;
 
