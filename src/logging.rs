@@ -9,7 +9,7 @@
 //! Lines go through a bounded in-memory queue to a writer thread
 //! (`tracing-appender`), so a slow or blocked stdout cannot stall requests;
 //! lines that do not fit are dropped and counted. The writer thread writes
-//! in batches ([`Batched`]): one `write` per burst of lines, not per line.
+//! in batches (`Batched`): one `write` per burst of lines, not per line.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};

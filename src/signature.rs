@@ -45,7 +45,7 @@ pub const SETTINGS_HEADER: &str = "x-twilio-webhooks-signature-settings";
 const SIGNATURE_HEADER_NAME: HeaderName = HeaderName::from_static(SIGNATURE_HEADER);
 const SETTINGS_HEADER_NAME: HeaderName = HeaderName::from_static(SETTINGS_HEADER);
 
-/// The query parameter Twilio adds to JSON webhooks ([SEC] "A few notes").
+/// The query parameter Twilio adds to JSON webhooks (\[SEC\] "A few notes").
 pub const BODY_SHA256_PARAM: &str = "bodySHA256";
 
 /// Twilio's signing algorithms.
