@@ -158,12 +158,12 @@ impl Service<Uri> for CappedConnector {
                     .map_err(|_| "every connection slot to the app stayed taken")?
                     .expect("the semaphore is never closed");
             let io = connecting.await?;
-            connections.workers[worker].open.fetch_add(1, Relaxed);
+            let counts = connections.workers[worker].clone();
+            counts.open.fetch_add(1, Relaxed);
             Ok(CappedConnection {
                 io,
                 _slot: slot,
-                connections,
-                worker,
+                counts,
             })
         })
     }
@@ -173,15 +173,13 @@ impl Service<Uri> for CappedConnector {
 pub struct CappedConnection {
     io: TokioIo<TcpStream>,
     _slot: OwnedSemaphorePermit,
-    connections: Arc<Connections>,
-    worker: usize,
+    /// Its pool's counts, where it is counted open.
+    counts: Arc<WorkerCounts>,
 }
 
 impl Drop for CappedConnection {
     fn drop(&mut self) {
-        self.connections.workers[self.worker]
-            .open
-            .fetch_sub(1, Relaxed);
+        self.counts.open.fetch_sub(1, Relaxed);
     }
 }
 
