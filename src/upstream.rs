@@ -109,9 +109,13 @@ pub struct Upstream {
     connections: Arc<Connections>,
     base: String,
     timeout: Duration,
-    /// One permit per request in flight to the app (`upstream.max_connections`).
-    /// hyper-util's pool has no bound of its own: without this, 1,000
-    /// concurrent calls open 1,000 connections to the app.
+    /// One permit per request in flight to the app (`upstream.max_connections`,
+    /// as many as there are connection slots). The slots alone would bound
+    /// connections, but a burst would then wait inside hyper-util's pool, each
+    /// request with a connect attempt of its own queued for a slot, in no
+    /// particular order, and [`Connections::pick`] would choose a pool for
+    /// each before any of them waited. Here they wait in turn, and a request
+    /// picks its pool when it can be sent.
     in_flight: Arc<Semaphore>,
 }
 
