@@ -266,7 +266,7 @@ impl Proxy {
                 .map_err(Rejection::MalformedForm)?,
             None => Vec::new(),
         };
-        let verified = self.verify(&url, &parts, &body, &body_pairs, signed);
+        let verified = self.verify(&url, &parts, &body, &signing_order(&body_pairs), signed);
         log.signature = match &verified {
             Ok(verified) => SignatureOutcome::Valid(verified.key),
             Err(e) => SignatureOutcome::Invalid(e.reason()),
@@ -314,7 +314,7 @@ impl Proxy {
         };
 
         // 4. re-sign
-        let params = as_params(&body_pairs);
+        let params = signing_order(&body_pairs);
         let signature = if path_and_query == request_target {
             self.verifier.sign_after(&verified, &url, &params)
         } else {
@@ -348,28 +348,25 @@ impl Proxy {
         }
     }
 
-    fn verify(
+    fn verify<'u>(
         &self,
-        url: &str,
+        url: &'u str,
         parts: &Parts,
         body: &[u8],
-        body_pairs: &[FormPair<'_>],
+        params: &[signature::Pair<'_>],
         signed: SignedContent,
-    ) -> Result<signature::Verified, signature::SignatureError> {
+    ) -> Result<signature::Verified<'u>, signature::SignatureError> {
         // `bodySHA256` is checked whenever present, whatever the content
         // type: after the signature over the URL that carries it.
         let body_hash = signature::body_sha256_param(parts.uri.query().unwrap_or(""))?;
         // Only form bodies contribute parameters; otherwise `body_pairs` is empty.
-        debug_assert!(signed == SignedContent::Form || body_pairs.is_empty());
-        let verified = self.verifier.verify_resumable(
-            url,
-            &as_params(body_pairs),
-            &parts.headers,
-            |name| {
+        debug_assert!(signed == SignedContent::Form || params.is_empty());
+        let verified = self
+            .verifier
+            .verify_resumable(url, params, &parts.headers, |name| {
                 // Rewrite changes the values of these, nothing else.
                 self.fields.contains(name)
-            },
-        )?;
+            })?;
         match body_hash {
             Some(expected) if !signature::body_hash_matches(body, expected) => {
                 Err(signature::SignatureError::BodyHashMismatch)
@@ -626,12 +623,15 @@ fn single_header<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, Re
     Ok(Some(text))
 }
 
-/// Decoded `(name, value)` pairs as the signature module takes them.
-fn as_params<'p>(pairs: &'p [FormPair<'_>]) -> Vec<(&'p str, &'p str)> {
-    pairs
+/// Decoded pairs in the order Twilio signs them, as the signature module
+/// takes them.
+fn signing_order<'p>(pairs: &'p [FormPair<'_>]) -> Vec<signature::Pair<'p>> {
+    let mut params: Vec<signature::Pair<'p>> = pairs
         .iter()
         .map(|p| (p.name.as_ref(), p.value.as_ref()))
-        .collect()
+        .collect();
+    signature::in_signing_order(&mut params);
+    params
 }
 
 /// `query` with the value of `bodySHA256` replaced by `hash`.

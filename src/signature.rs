@@ -161,9 +161,9 @@ impl fmt::Debug for SigningKey {
 }
 
 /// One parameter as signed: (name, value), decoded.
-type Pair<'p> = (&'p str, &'p str);
+pub type Pair<'p> = (&'p str, &'p str);
 
-/// Feeds a URL given as pieces, then the sorted pairs, into a keyed MAC.
+/// Feeds a URL given as pieces, then the pairs, into a keyed MAC.
 fn mac_over<M: Mac>(mut mac: M, url: &[&str; 3], pairs: &[Pair<'_>]) -> M {
     for piece in url {
         mac.update(piece.as_bytes());
@@ -297,17 +297,24 @@ pub fn string_to_sign<K: AsRef<str>, V: AsRef<str>>(
 }
 
 /// The parameters in signing order: sorted by name, then value (byte
-/// order), one copy of each distinct pair. References, not copies.
+/// order), one copy of each distinct pair ([`in_signing_order`]).
+/// References, not copies.
 fn sorted_pairs<K: AsRef<str>, V: AsRef<str>>(params: &[(K, V)]) -> Vec<Pair<'_>> {
     let mut pairs: Vec<Pair<'_>> = params
         .iter()
         .map(|(name, value)| (name.as_ref(), value.as_ref()))
         .collect();
-    // Sorting (name, value) tuples orders by name, then by value; dedup then
-    // keeps one copy of each distinct value of a name.
+    in_signing_order(&mut pairs);
+    pairs
+}
+
+/// Puts decoded pairs in the order Twilio signs them: sorted by name, then
+/// by value (byte order, as `(name, value)` tuples sort), each distinct
+/// pair once (duplicates count once in every SDK). What
+/// [`Verifier::verify_resumable`] and [`Verifier::sign_after`] take.
+pub fn in_signing_order(pairs: &mut Vec<Pair<'_>>) {
     pairs.sort_unstable();
     pairs.dedup();
-    pairs
 }
 
 /// base64 (standard, padded) of HMAC(key, string_to_sign(url, params)) with
@@ -473,26 +480,26 @@ impl SignatureError {
 
 /// A successful verification: which key matched, and what re-signing the
 /// request ([`Verifier::sign_after`]) can reuse of the work.
-pub struct Verified {
+pub struct Verified<'u> {
     pub key: KeyUsed,
-    resume: Option<Resume>,
+    resume: Option<Resume<'u>>,
 }
 
 /// Where re-signing can start from: the keyed HMAC-SHA1 state after the
-/// URL the primary token verified and every signed pair whose name sorts
-/// before `from`, the first name the caller said may change (see
+/// URL the primary token verified and the first `at` pairs, those
+/// whose names sort before the first name the caller said may change (see
 /// [`Verifier::verify_resumable`]). Those pairs are the same in the
-/// rewritten request, so re-signing hashes only the pairs from `from` on:
+/// rewritten request, so re-signing hashes only the pairs from there on:
 /// for the 1 KB `<Gather>` webhook, everything from `Digits` on (about a
 /// quarter of the bytes). The result is exactly HMAC(key, new string).
-struct Resume {
-    url: String,
-    /// `None`: no signed name may change; all pairs are in `state`.
-    from: Option<Box<str>>,
+struct Resume<'u> {
+    url: &'u str,
+    /// The pairs' length when no signed name may change: all are in `state`.
+    at: usize,
     state: Hmac<Sha1>,
 }
 
-impl fmt::Debug for Verified {
+impl fmt::Debug for Verified<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The states are keyed: print nothing of them.
         f.debug_struct("Verified")
@@ -544,21 +551,22 @@ impl Verifier {
         params: &[(K, V)],
         headers: &HeaderMap,
     ) -> Result<KeyUsed, SignatureError> {
-        self.verify_resumable(url, params, headers, |_| true)
+        self.verify_resumable(url, &sorted_pairs(params), headers, |_| true)
             .map(|verified| verified.key)
     }
 
-    /// [`Verifier::verify`], also returning what [`Verifier::sign_after`]
-    /// can reuse when the primary token matched the URL as given.
-    /// `may_change(name)` says which parameters the caller may change before
-    /// re-signing: only the values of those.
-    pub fn verify_resumable<K: AsRef<str>, V: AsRef<str>>(
+    /// [`Verifier::verify`] for params already in signing order
+    /// ([`in_signing_order`]), also returning what [`Verifier::sign_after`] can reuse when the
+    /// primary token matched the URL as given. `may_change(name)` says
+    /// which parameters the caller may change before re-signing: only the
+    /// values of those.
+    pub fn verify_resumable<'u>(
         &self,
-        url: &str,
-        params: &[(K, V)],
+        url: &'u str,
+        pairs: &[Pair<'_>],
         headers: &HeaderMap,
         may_change: impl Fn(&str) -> bool,
-    ) -> Result<Verified, SignatureError> {
+    ) -> Result<Verified<'u>, SignatureError> {
         let mut signatures = headers.get_all(&SIGNATURE_HEADER_NAME).iter();
         let signature = signatures.next().ok_or(SignatureError::Missing)?;
         if signatures.next().is_some() {
@@ -598,7 +606,6 @@ impl Verifier {
         let mut tag = [0u8; DECODE_BUF_LEN];
         let tag = decode_signature(signature.as_bytes(), algorithm, &mut tag)?;
 
-        let pairs = sorted_pairs(params);
         let as_given = [url, "", ""];
         // The port variant is only needed when the URL as given fails.
         let mut variant = None;
@@ -606,23 +613,19 @@ impl Verifier {
             let verified = |resume| Verified { key: *used, resume };
             if *used == KeyUsed::Primary {
                 // Always HMAC-SHA1: the case re-signing can resume from.
-                let resume_at = pairs
+                let at = pairs
                     .iter()
                     .position(|(name, _)| may_change(name))
                     .unwrap_or(pairs.len());
-                let (matched, state) = key.verify_sha1_keeping(url, &pairs, resume_at, tag);
+                let (matched, state) = key.verify_sha1_keeping(url, pairs, at, tag);
                 if matched {
-                    return Ok(verified(Some(Resume {
-                        url: url.to_owned(),
-                        from: pairs.get(resume_at).map(|(name, _)| Box::from(*name)),
-                        state,
-                    })));
+                    return Ok(verified(Some(Resume { url, at, state })));
                 }
-            } else if key.verify(algorithm, &as_given, &pairs, tag) {
+            } else if key.verify(algorithm, &as_given, pairs, tag) {
                 return Ok(verified(None));
             }
             if let Some(candidate) = variant.get_or_insert_with(|| port_variant(url)) {
-                if key.verify(algorithm, candidate, &pairs, tag) {
+                if key.verify(algorithm, candidate, pairs, tag) {
                     return Ok(verified(None));
                 }
             }
@@ -637,54 +640,29 @@ impl Verifier {
         compute(&self.primary, Algorithm::HmacSha1, url, params)
     }
 
-    /// [`Verifier::sign`] (same result) for `params` that are the verified
-    /// ones with only values changed whose names `may_change` accepted
-    /// (what the pipeline's rewrite does), over the same `url`: it hashes
-    /// only the pairs from the first such name on. For any other `url` it
-    /// signs from the start.
+    /// [`Verifier::sign`] (same result) for params in signing order
+    /// ([`in_signing_order`]) that are the verified ones with only
+    /// values changed whose names `may_change` accepted (what the
+    /// pipeline's rewrite does), over the same `url`: it hashes only the
+    /// pairs from the first such name on. For any other `url` it signs from
+    /// the start.
     ///
-    /// If `params` broke that rule, the signature would not match what is
+    /// If `pairs` broke that rule, the signature would not match what is
     /// forwarded and the app would refuse the request; it never signs
-    /// anything else. Debug builds check the result against [`Verifier::sign`].
-    pub fn sign_after<K: AsRef<str>, V: AsRef<str>>(
-        &self,
-        verified: &Verified,
-        url: &str,
-        params: &[(K, V)],
-    ) -> String {
-        let resume = verified.resume.as_ref().filter(|resume| resume.url == url);
-        let mac = match resume {
-            Some(Resume {
-                from: None, state, ..
-            }) => state.clone(),
-            Some(Resume {
-                from: Some(from),
-                state,
-                ..
-            }) => {
-                // The pairs that sort from `from` on, old or new. Sized up
-                // front: a filtered `collect` grows the vector three times.
-                let mut rest: Vec<Pair<'_>> = Vec::with_capacity(params.len());
-                rest.extend(
-                    params
-                        .iter()
-                        .map(|(name, value)| (name.as_ref(), value.as_ref()))
-                        .filter(|(name, _)| *name >= &**from),
-                );
-                rest.sort_unstable();
-                rest.dedup();
-                feed(state.clone(), &rest)
-            }
-            None => mac_over(
-                self.primary.sha1.clone(),
-                &[url, "", ""],
-                &sorted_pairs(params),
+    /// anything else. Debug builds check the result against a signature
+    /// computed from the start.
+    pub fn sign_after(&self, verified: &Verified<'_>, url: &str, pairs: &[Pair<'_>]) -> String {
+        let mac = match verified.resume.as_ref().filter(|resume| resume.url == url) {
+            Some(resume) => feed(
+                resume.state.clone(),
+                pairs.get(resume.at..).unwrap_or_default(),
             ),
+            None => mac_over(self.primary.sha1.clone(), &[url, "", ""], pairs),
         };
         let signature = STANDARD.encode(mac.finalize().into_bytes());
         debug_assert_eq!(
             signature,
-            self.sign(url, params),
+            self.primary.sign(Algorithm::HmacSha1, url, pairs),
             "re-signing resumed wrongly"
         );
         signature
@@ -756,6 +734,11 @@ mod tests {
     const SHARED_SHA256: &str = "dbBd8cNRIAWbn2Xy/YaC0tfkBbaC25GBHn6j6le+JM4=";
     const SHARED_SHA256_443: &str = "j9EB0Vv4v3KclgYlcl1cwR9wV7BPBF4mIQ2EBGPPFKc=";
     const SHARED_SHA1: &str = "rWCmijEpZlVQE1LzkwhodDJuSqQ=";
+
+    /// `params` in signing order, as the pipeline hands them over.
+    fn in_order<K: AsRef<str>, V: AsRef<str>>(params: &[(K, V)]) -> Vec<Pair<'_>> {
+        sorted_pairs(params)
+    }
 
     fn secret(s: &str) -> Secret {
         Secret::from(s.to_string())
@@ -1784,7 +1767,7 @@ mod tests {
             // Names starting with `B` or `c` stand for the sensitive ones.
             let may_change = |name: &str| name.starts_with(['B', 'c']);
             let verified = v
-                .verify_resumable(url, &params, &signed(&v.sign(url, &params)), may_change)
+                .verify_resumable(url, &in_order(&params), &signed(&v.sign(url, &params)), may_change)
                 .expect("what sign produced verifies");
             prop_assert_eq!(verified.key, KeyUsed::Primary);
             // What the pipeline does: values of those names replaced
@@ -1798,7 +1781,7 @@ mod tests {
             }
             let new_url = if other_url { "https://h.example/ivr?step=2" } else { url };
             prop_assert_eq!(
-                v.sign_after(&verified, new_url, &changed),
+                v.sign_after(&verified, new_url, &in_order(&changed)),
                 v.sign(new_url, &changed)
             );
         }
@@ -1812,14 +1795,19 @@ mod tests {
             compute(&SigningKey::new(token), Algorithm::HmacSha1, url, &PARAMS)
         };
         let by_primary = v
-            .verify_resumable(URL, &PARAMS, &signed(&sign_with(&primary, URL)), |_| true)
+            .verify_resumable(
+                URL,
+                &in_order(&PARAMS),
+                &signed(&sign_with(&primary, URL)),
+                |_| true,
+            )
             .unwrap();
         assert!(by_primary.resume.is_some());
         let port_url = "https://mycompany.com:443/myapp.php?foo=1&bar=2";
         let by_port_variant = v
             .verify_resumable(
                 URL,
-                &PARAMS,
+                &in_order(&PARAMS),
                 &signed(&sign_with(&primary, port_url)),
                 |_| true,
             )
@@ -1828,14 +1816,19 @@ mod tests {
         assert!(by_port_variant.resume.is_none());
         let secondary = secret("secondary-token");
         let by_secondary = v
-            .verify_resumable(URL, &PARAMS, &signed(&sign_with(&secondary, URL)), |_| true)
+            .verify_resumable(
+                URL,
+                &in_order(&PARAMS),
+                &signed(&sign_with(&secondary, URL)),
+                |_| true,
+            )
             .unwrap();
         assert_eq!(by_secondary.key, KeyUsed::Secondary);
         assert!(by_secondary.resume.is_none());
         // Re-signing always uses the primary token, resumable or not.
         for verified in [&by_primary, &by_port_variant, &by_secondary] {
             assert_eq!(
-                v.sign_after(verified, URL, &PARAMS),
+                v.sign_after(verified, URL, &in_order(&PARAMS)),
                 sign_with(&primary, URL)
             );
         }
