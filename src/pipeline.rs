@@ -322,10 +322,13 @@ impl Proxy {
             self.verifier.sign_after(&verified, &signed_url, &params)
         };
 
-        let uri = self
-            .upstream
-            .uri_for(&path_and_query)
-            .map_err(|_| Rejection::Upstream(upstream::UpstreamError::Failed))?;
+        let uri = match (&path_and_query, parts.uri.path_and_query()) {
+            (Cow::Borrowed(target), Some(received)) if *target == received.as_str() => {
+                self.upstream.uri_reusing(received)
+            }
+            _ => self.upstream.uri_for(&path_and_query),
+        }
+        .map_err(|_| Rejection::Upstream(upstream::UpstreamError::Failed))?;
         drop(path_and_query); // it may borrow `parts`, which moves next
         self.upstream_request(parts, uri, forwarded_body, signature, peer, &origin)
     }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -108,6 +109,11 @@ pub struct Upstream {
     /// across all the pools.
     connections: Arc<Connections>,
     base: String,
+    /// The app's scheme and authority when its URL has no path prefix:
+    /// a request target forwarded unchanged then reuses the path and query
+    /// hyper parsed ([`Upstream::uri_reusing`]) rather than a new string
+    /// and a second parse.
+    origin: Option<(Scheme, Authority)>,
     timeout: Duration,
     /// One permit per request in flight to the app (`upstream.max_connections`,
     /// as many as there are connection slots). The slots alone would bound
@@ -151,6 +157,12 @@ impl Upstream {
             clients: (0..workers.max(1)).map(client).collect(),
             connections,
             base: format!("{}{}", settings.scheme_authority, settings.path_prefix),
+            origin: settings
+                .path_prefix
+                .is_empty()
+                .then(|| settings.scheme_authority.parse::<http::Uri>().ok())
+                .flatten()
+                .and_then(|uri| Some((uri.scheme()?.clone(), uri.authority()?.clone()))),
             timeout: settings.timeout,
             in_flight: Arc::new(Semaphore::new(settings.max_connections)),
         }
@@ -167,6 +179,18 @@ impl Upstream {
         s.push_str(&self.base);
         s.push_str(path_and_query);
         Ok(http::Uri::try_from(s)?)
+    }
+
+    /// [`Upstream::uri_for`] a request target as hyper parsed it.
+    pub fn uri_reusing(&self, target: &PathAndQuery) -> Result<http::Uri, http::Error> {
+        let Some((scheme, authority)) = &self.origin else {
+            return self.uri_for(target.as_str());
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(scheme.clone());
+        parts.authority = Some(authority.clone());
+        parts.path_and_query = Some(target.clone());
+        Ok(http::Uri::from_parts(parts)?)
     }
 
     /// Sends `request` and waits for the response head within the timeout,

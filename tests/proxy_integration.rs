@@ -150,6 +150,52 @@ async fn assert_refused(
 // ------------------------------------------------------- forwarding a form
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_path_prefix_goes_in_front_of_every_target() {
+    let h = harness(Behaviour::Twiml, |config| {
+        config.upstream_url.push_str("/legacy")
+    })
+    .await;
+    let token = h.proxy.secrets.token.clone();
+    let canaries = Canaries::generate();
+
+    // A form whose target is forwarded as received, under the prefix.
+    let body = join_raw(&gather_pieces(
+        &canaries.pin,
+        &canaries.speech,
+        &random_sid("CA"),
+    ));
+    let post = signed_post(&token, "/ivr/gather?attempt=1", &body);
+    assert_eq!(client::send(h.proxy.addr, &post).await.status, 200);
+    // A GET whose query carries the caller's digits, rewritten.
+    let get_target = format!("/ivr/gather?Digits={}&step=2", canaries.pin);
+    let get = signed_get(&token, &get_target);
+    assert_eq!(client::send(h.proxy.addr, &get).await.status, 200);
+
+    let got = h.backend.wait_for_requests(2).await;
+    assert_eq!(got[0].target, "/legacy/ivr/gather?attempt=1");
+    assert_rewritten(&body, got[0].body_str(), &h.proxy.secrets.key());
+    let query = got[1]
+        .target
+        .strip_prefix("/legacy/ivr/gather?Digits=")
+        .expect("the prefix, then the path and the rewritten query");
+    assert!(query.ends_with("&step=2") && !query.contains(&canaries.pin));
+    // The app is told the public URL was signed (README, `upstream.url`).
+    for (r, public) in [
+        (&got[0], "/ivr/gather?attempt=1".to_string()),
+        (&got[1], got[1].target.replacen("/legacy", "", 1)),
+    ] {
+        let params = match r.method.as_str() {
+            "POST" => form_decode(r.body_str()),
+            _ => Vec::new(),
+        };
+        assert_eq!(
+            r.header("x-twilio-signature"),
+            Some(signature(&token, &Proxy::public(&public), &params).as_str())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_signed_form_with_fields_encrypted_and_resigned() {
     let h = harness(Behaviour::Twiml, |_| {}).await;
     let canaries = Canaries::generate();
