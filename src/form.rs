@@ -395,6 +395,11 @@ impl<'a> Segments<'a> {
 impl Iterator for Segments<'_> {
     type Item = Segment;
 
+    // Inlined into its two callers: out of line, the 48-byte segment came
+    // back through memory and the caller's loads of it stalled on the
+    // stores (perf: half of `parse_in`'s samples on one instruction);
+    // `stage/form_parse` 0.96–1.00 → 0.73–0.82 µs.
+    #[inline(always)]
     fn next(&mut self) -> Option<Segment> {
         let start = self.next?;
         let mut segment = Segment {
