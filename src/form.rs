@@ -636,14 +636,21 @@ pub fn rewrite<'a>(
     // In input order, whatever order the caller left `pairs` in.
     sensitive.sort_unstable_by_key(|&i| pairs.get(i).map_or(0, |p| p.value_span.start));
 
-    // Exact for the cipher's wire format (hex of nonce || ciphertext || tag,
-    // plus a possible '='); a different callback only costs a reallocation.
-    let growth: usize = sensitive
+    // Exact for the cipher's wire format (each raw value replaced by the hex
+    // of nonce || ciphertext || tag, plus '=' where there was none): a
+    // vector filled to its capacity becomes `Bytes` without another
+    // allocation. A different callback only costs a reallocation.
+    let replaced: usize = sensitive
         .iter()
         .filter_map(|&i| pairs.get(i))
-        .map(|p| 1 + 2 * (NONCE_LEN + p.value.len() + TAG_LEN))
+        .map(|p| p.value_span.len())
         .sum();
-    let mut out = Vec::with_capacity(input.len() + growth);
+    let added: usize = sensitive
+        .iter()
+        .filter_map(|&i| pairs.get(i))
+        .map(|p| usize::from(!p.has_eq) + 2 * (NONCE_LEN + p.value.len() + TAG_LEN))
+        .sum();
+    let mut out = Vec::with_capacity(input.len().saturating_sub(replaced) + added);
     let mut names: Vec<String> = Vec::new();
     let mut copied = 0;
     for &i in &sensitive {
@@ -1038,6 +1045,24 @@ mod tests {
         let digits = cipher.decrypt_hex(again[2].value.as_bytes()).unwrap();
         assert_eq!(digits.as_slice(), b"0042");
         assert!(!String::from_utf8_lossy(&rw.bytes).contains("0042"));
+    }
+
+    #[test]
+    fn rewritten_bytes_fill_their_allocation_exactly() {
+        // So `Bytes::from` takes the vector over without allocating again.
+        let cipher = FieldCipher::new(&FieldKey::generate());
+        for input in [
+            &b"a=1&Digits=4242&b=2"[..],
+            b"Digits&SpeechResult=my+pin+%F0%9F%98%80&Digits=",
+            b"x=%41&Digits=1%2A2&Digits=1%2A2&z",
+        ] {
+            let mut pairs = parse(input).unwrap();
+            let rw = rewrite(input, &mut pairs, &digits(), |p, out| {
+                cipher.encrypt_hex_into(p, out)
+            })
+            .unwrap();
+            assert_eq!(rw.bytes.len(), rw.bytes.capacity(), "{input:?}");
+        }
     }
 
     #[test]
