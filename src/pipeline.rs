@@ -362,7 +362,7 @@ impl Proxy {
         // `bodySHA256` is checked whenever present, whatever the content
         // type: after the signature over the URL that carries it.
         let body_hash = signature::body_sha256_param(parts.uri.query().unwrap_or(""))?;
-        // Only form bodies contribute parameters; otherwise `body_pairs` is empty.
+        // Only form bodies contribute parameters; otherwise `params` is empty.
         debug_assert!(signed == SignedContent::Form || params.is_empty());
         let verified = self
             .verifier
