@@ -556,10 +556,10 @@ impl Verifier {
     }
 
     /// [`Verifier::verify`] for params already in signing order
-    /// ([`in_signing_order`]), also returning what [`Verifier::sign_after`] can reuse when the
-    /// primary token matched the URL as given. `may_change(name)` says
-    /// which parameters the caller may change before re-signing: only the
-    /// values of those.
+    /// ([`in_signing_order`]), also returning what [`Verifier::sign_after`]
+    /// can reuse when the primary token matched the URL as given.
+    /// `may_change(name)` says which parameters the caller may change before
+    /// re-signing: only the values of those.
     pub fn verify_resumable<'u>(
         &self,
         url: &'u str,
