@@ -283,10 +283,11 @@ pub fn set_forwarded(
     keep_chain: bool,
 ) {
     let peer_ip = crate::access_log::ip_text(peer.ip());
-    let prior = headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-        .filter(|_| keep_chain);
+    // Looked up only when the chain is kept (a trusted proxy in front).
+    let prior = keep_chain
+        .then(|| headers.get(&X_FORWARDED_FOR))
+        .flatten()
+        .and_then(|v| v.to_str().ok());
     let chain = match prior {
         Some(prior) => format!("{prior}, {peer_ip}"),
         None => peer_ip,
