@@ -735,11 +735,6 @@ mod tests {
     const SHARED_SHA256_443: &str = "j9EB0Vv4v3KclgYlcl1cwR9wV7BPBF4mIQ2EBGPPFKc=";
     const SHARED_SHA1: &str = "rWCmijEpZlVQE1LzkwhodDJuSqQ=";
 
-    /// `params` in signing order, as the pipeline hands them over.
-    fn in_order<K: AsRef<str>, V: AsRef<str>>(params: &[(K, V)]) -> Vec<Pair<'_>> {
-        sorted_pairs(params)
-    }
-
     fn secret(s: &str) -> Secret {
         Secret::from(s.to_string())
     }
@@ -1767,7 +1762,7 @@ mod tests {
             // Names starting with `B` or `c` stand for the sensitive ones.
             let may_change = |name: &str| name.starts_with(['B', 'c']);
             let verified = v
-                .verify_resumable(url, &in_order(&params), &signed(&v.sign(url, &params)), may_change)
+                .verify_resumable(url, &sorted_pairs(&params), &signed(&v.sign(url, &params)), may_change)
                 .expect("what sign produced verifies");
             prop_assert_eq!(verified.key, KeyUsed::Primary);
             // What the pipeline does: values of those names replaced
@@ -1781,7 +1776,7 @@ mod tests {
             }
             let new_url = if other_url { "https://h.example/ivr?step=2" } else { url };
             prop_assert_eq!(
-                v.sign_after(&verified, new_url, &in_order(&changed)),
+                v.sign_after(&verified, new_url, &sorted_pairs(&changed)),
                 v.sign(new_url, &changed)
             );
         }
@@ -1797,7 +1792,7 @@ mod tests {
         let by_primary = v
             .verify_resumable(
                 URL,
-                &in_order(&PARAMS),
+                &sorted_pairs(&PARAMS),
                 &signed(&sign_with(&primary, URL)),
                 |_| true,
             )
@@ -1807,7 +1802,7 @@ mod tests {
         let by_port_variant = v
             .verify_resumable(
                 URL,
-                &in_order(&PARAMS),
+                &sorted_pairs(&PARAMS),
                 &signed(&sign_with(&primary, port_url)),
                 |_| true,
             )
@@ -1818,7 +1813,7 @@ mod tests {
         let by_secondary = v
             .verify_resumable(
                 URL,
-                &in_order(&PARAMS),
+                &sorted_pairs(&PARAMS),
                 &signed(&sign_with(&secondary, URL)),
                 |_| true,
             )
@@ -1828,7 +1823,7 @@ mod tests {
         // Re-signing always uses the primary token, resumable or not.
         for verified in [&by_primary, &by_port_variant, &by_secondary] {
             assert_eq!(
-                v.sign_after(verified, URL, &in_order(&PARAMS)),
+                v.sign_after(verified, URL, &sorted_pairs(&PARAMS)),
                 sign_with(&primary, URL)
             );
         }
