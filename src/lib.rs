@@ -27,4 +27,5 @@ pub mod signature;
 pub mod tls;
 pub mod upstream;
 pub mod upstream_connections;
+pub mod upstream_pool;
 pub mod worker;

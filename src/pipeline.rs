@@ -432,8 +432,9 @@ impl Proxy {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         if self.rewrite_host || !headers.contains_key(header::HOST) {
-            // (HTTP/2 carries the host in :authority; the app gets it as Host.)
-            if let Some(v) = &origin.host_value {
+            // (HTTP/2 carries the host in :authority; the app gets it as
+            // Host.) Failing that, the app's own authority: HTTP/1.1 needs one.
+            if let Some(v) = origin.host_value.as_ref().or(self.upstream.host()) {
                 headers.insert(header::HOST, v.clone());
             }
         }

@@ -1,8 +1,10 @@
-//! The application behind ivrguard: a pooled HTTP/1.1 client, its timeouts,
-//! and what the caller hears when the application fails.
+//! The application behind ivrguard: the requests to it, their timeouts,
+//! and what the caller hears when the application fails. The connections
+//! are pooled per worker ([`crate::upstream_pool`]) and counted across
+//! workers ([`crate::upstream_connections`]).
 //!
-//! Pool settings answer two hyper-util traps (notes/perf-reliability §0.5):
-//! there is no connect timeout unless set, and the default 90 s pool idle
+//! Pool settings answer two traps (notes/perf-reliability §0.5): there is
+//! no connect timeout unless set, and hyper-util's default 90 s pool idle
 //! time outlives a Node app's 5 s keep-alive, so a reused connection can be
 //! closed under us. The idle time here defaults to 4 s.
 
@@ -14,19 +16,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{self, ProxyBody};
 use crate::config::{OnUpstreamError, UpstreamSettings};
 use crate::resolve::Resolver;
-use crate::upstream_connections::{Busy, CappedConnector, Connections};
+use crate::upstream_connections::{Busy, Connections};
+use crate::upstream_pool::{Attempt, Lent, Pool};
 
 /// How the upstream failed. Fixed labels; no upstream bytes.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
@@ -99,36 +100,34 @@ impl Fallback {
     }
 }
 
-/// The pooled client and where it sends requests.
+/// The app's connections and where requests go.
 pub struct Upstream {
-    /// One pooled client per worker thread ([`crate::worker`]): a worker's
-    /// requests use connections whose tasks run on that worker, unless
+    /// One pool per worker thread ([`crate::worker`]): a worker's requests
+    /// use connections whose tasks run on that worker, unless
     /// [`Connections::pick`] sends them where an idle one is.
-    clients: Vec<Client<CappedConnector, Full<Bytes>>>,
+    pools: Vec<Arc<Pool>>,
     /// The connections open to the app, at most `upstream.max_connections`
     /// across all the pools.
     connections: Arc<Connections>,
-    base: String,
-    /// The app's scheme and authority when its URL has no path prefix:
-    /// a request target forwarded unchanged then reuses the path and query
-    /// hyper parsed ([`Upstream::uri_reusing`]) rather than a new string
-    /// and a second parse.
-    origin: Option<(Scheme, Authority)>,
+    /// The app URL's path prefix (`""` for none), put in front of every
+    /// request target.
+    prefix: String,
+    /// The app's authority, the `Host` of a request that has none.
+    host: Option<HeaderValue>,
     timeout: Duration,
     /// One permit per request in flight to the app (`upstream.max_connections`,
     /// as many as there are connection slots). The slots alone would bound
-    /// connections, but a burst would then wait inside hyper-util's pool, each
-    /// request with a connect attempt of its own queued for a slot, in no
-    /// particular order, and [`Connections::pick`] would choose a pool for
-    /// each before any of them waited. Here they wait in turn, and a request
-    /// picks its pool when it can be sent.
+    /// connections, but a burst would then queue for slots, each request
+    /// with a pool picked before any of them waited. Here they wait in
+    /// turn, and a request picks its pool when it can be sent.
     in_flight: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("base", &self.base)
+            .field("host", &self.host)
+            .field("prefix", &self.prefix)
             .finish()
     }
 }
@@ -138,31 +137,30 @@ impl Upstream {
     /// together, both requests in flight and open connections.
     pub fn new(settings: &UpstreamSettings, workers: usize) -> Self {
         let connections = Connections::new(settings.max_connections, workers, settings.timeout);
-        let client = |worker| {
+        // `http://authority`, validated with the config.
+        let app: http::Uri = settings
+            .scheme_authority
+            .parse()
+            .unwrap_or_else(|_| http::Uri::from_static("http://invalid."));
+        let pool = |worker| {
             // Host names go through our resolver, not getaddrinfo: see resolve.rs.
             let mut connector = HttpConnector::new_with_resolver(Resolver::new());
             connector.set_connect_timeout(Some(settings.connect_timeout));
             connector.set_nodelay(true);
             connector.enforce_http(true);
-            let connector = connections.connector(worker, connector);
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(settings.pool_idle_timeout)
-                .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-                .retry_canceled_requests(true)
-                .build(connector)
+            Pool::new(
+                connections.connector(worker, connector, app.clone()),
+                settings.pool_idle_timeout,
+                settings.pool_max_idle_per_host,
+            )
         };
         Upstream {
-            clients: (0..workers.max(1)).map(client).collect(),
+            pools: (0..workers.max(1)).map(pool).collect(),
+            host: app
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
             connections,
-            base: format!("{}{}", settings.scheme_authority, settings.path_prefix),
-            origin: settings
-                .path_prefix
-                .is_empty()
-                .then(|| settings.scheme_authority.parse::<http::Uri>().ok())
-                .flatten()
-                .and_then(|uri| Some((uri.scheme()?.clone(), uri.authority()?.clone()))),
+            prefix: settings.path_prefix.clone(),
             timeout: settings.timeout,
             in_flight: Arc::new(Semaphore::new(settings.max_connections)),
         }
@@ -173,24 +171,27 @@ impl Upstream {
         self.connections.open()
     }
 
-    /// The absolute upstream URI for a request's path and query.
+    /// The app's authority, as a `Host` value.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
+    }
+
+    /// The request target (origin form) at the app for a request's path
+    /// and query.
     pub fn uri_for(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
-        let mut s = String::with_capacity(self.base.len() + path_and_query.len());
-        s.push_str(&self.base);
+        let mut s = String::with_capacity(self.prefix.len() + path_and_query.len());
+        s.push_str(&self.prefix);
         s.push_str(path_and_query);
         Ok(http::Uri::try_from(s)?)
     }
 
-    /// [`Upstream::uri_for`] a request target as hyper parsed it.
+    /// [`Upstream::uri_for`] a request target as hyper parsed it: without
+    /// a prefix, the same (a reference count, not a new string and parse).
     pub fn uri_reusing(&self, target: &PathAndQuery) -> Result<http::Uri, http::Error> {
-        let Some((scheme, authority)) = &self.origin else {
+        if !self.prefix.is_empty() {
             return self.uri_for(target.as_str());
-        };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(scheme.clone());
-        parts.authority = Some(authority.clone());
-        parts.path_and_query = Some(target.clone());
-        Ok(http::Uri::from_parts(parts)?)
+        }
+        Ok(http::Uri::from(target.clone()))
     }
 
     /// Sends `request` and waits for the response head within the timeout,
@@ -212,25 +213,31 @@ impl Upstream {
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            let worker = self.connections.pick(crate::worker::index());
-            let busy = self.connections.busy(worker);
-            let response = self.clients[worker].request(request).await;
-            (response, InFlight(busy, permit))
+            let mut request = request;
+            loop {
+                let worker = self.connections.pick(crate::worker::index());
+                let busy = self.connections.busy(worker);
+                match self.pools[worker].send(request).await {
+                    Attempt::Sent(response, lent) => {
+                        return Ok((response, InFlight(lent, busy, permit)))
+                    }
+                    Attempt::Unsent(unsent) => request = unsent,
+                    Attempt::Failed(e) => return Err(e),
+                }
+            }
         };
-        tokio::time::timeout(self.timeout, exchange).map(|result| match result {
-            Err(_) => Err(UpstreamError::Timeout),
-            Ok((Ok(response), slot)) => Ok((response, slot)),
-            Ok((Err(e), _)) if e.is_connect() => Err(UpstreamError::Connect),
-            Ok((Err(_), _)) => Err(UpstreamError::Failed),
-        })
+        tokio::time::timeout(self.timeout, exchange)
+            .map(|result| result.unwrap_or(Err(UpstreamError::Timeout)))
     }
 }
 
-/// A request's count on the pool it went through, and its slot among
-/// `upstream.max_connections`; freed on drop, in that order: a request
-/// that gets the slot next must see this pool's connection as idle.
+/// A request's connection, its count on the pool it went through, and its
+/// slot among `upstream.max_connections`; freed on drop, in that order: a
+/// request that gets the slot next must find the connection idle in its
+/// pool, and counted so.
 #[derive(Debug)]
 pub struct InFlight(
+    #[allow(dead_code)] Lent,
     #[allow(dead_code)] Busy,
     #[allow(dead_code)] OwnedSemaphorePermit,
 );

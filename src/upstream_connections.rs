@@ -12,28 +12,28 @@
 //! - every connection to the app takes a slot ([`CappedConnector`]) for its
 //!   whole life; past `max_connections`, a new one waits for a slot (within
 //!   `upstream.timeout_ms`, which bounds the whole exchange anyway), and its
-//!   slot is freed when it closes. Meanwhile hyper's pool hands the request
-//!   the first of its own connections that turns idle;
+//!   slot is freed when it closes. A connection that turns idle meanwhile,
+//!   in any pool, ends the wait ([`Connections::turned_idle`]): the request
+//!   picks a pool again and uses it;
 //! - a request goes to its own worker's pool while that pool has an idle
 //!   connection or a slot is free; when neither holds, to the pool with the
 //!   most idle connections ([`Connections::pick`]). Only then does a request
 //!   cross threads.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::Service;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
 
 use crate::resolve::Resolver;
 
@@ -49,6 +49,21 @@ pub struct Connections {
     workers: Vec<Arc<WorkerCounts>>,
     /// How long a new connection may wait for a slot.
     wait: Duration,
+    /// Requests waiting for a slot, and what wakes them when a connection
+    /// turns idle.
+    waiting: AtomicUsize,
+    idle_again: Notify,
+}
+
+/// How a wait for a slot ended.
+#[derive(Debug)]
+pub enum Slot {
+    /// A slot for a new connection.
+    Free(OwnedSemaphorePermit),
+    /// The waiting pool has an idle connection after all.
+    IdleHere,
+    /// A connection turned idle, maybe in another pool: pick again.
+    IdleAgain,
 }
 
 /// One worker's pool, counted. Aligned so that two workers' counters never
@@ -68,17 +83,57 @@ impl Connections {
             slots: Arc::new(Semaphore::new(max_connections)),
             workers: (0..workers.max(1)).map(|_| Arc::default()).collect(),
             wait,
+            waiting: AtomicUsize::new(0),
+            idle_again: Notify::new(),
         })
     }
 
-    /// The connector of `worker`'s pool.
+    /// A connection went back to its pool: wakes the requests waiting for a
+    /// slot, if any (one load otherwise).
+    pub fn turned_idle(&self) {
+        if self.waiting.load(SeqCst) > 0 {
+            self.idle_again.notify_waiters();
+        }
+    }
+
+    /// A slot for a new connection, waiting (up to the connection wait)
+    /// while every one is taken, unless a connection turns idle first.
+    /// `idle_here` says whether the waiting pool has one now: asked after
+    /// this wait is registered, so a connection put back in between is seen
+    /// one way or the other.
+    pub async fn slot(&self, idle_here: impl Fn() -> bool) -> Result<Slot, BoxError> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Ok(Slot::Free(slot));
+        }
+        let idle_again = self.idle_again.notified();
+        tokio::pin!(idle_again);
+        idle_again.as_mut().enable();
+        self.waiting.fetch_add(1, SeqCst);
+        let _registered = Waiting(&self.waiting);
+        if idle_here() {
+            return Ok(Slot::IdleHere);
+        }
+        tokio::select! {
+            biased;
+            slot = tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()) => {
+                let slot = slot.map_err(|_| "every connection slot to the app stayed taken")?;
+                Ok(Slot::Free(slot.expect("the semaphore is never closed")))
+            }
+            () = idle_again => Ok(Slot::IdleAgain),
+        }
+    }
+
+    /// The connector of `worker`'s pool to the app at `app`
+    /// (`http://authority`).
     pub fn connector(
         self: &Arc<Self>,
         worker: usize,
         inner: HttpConnector<Resolver>,
+        app: Uri,
     ) -> CappedConnector {
         CappedConnector {
             inner,
+            app,
             connections: self.clone(),
             worker,
         }
@@ -120,6 +175,15 @@ impl Connections {
     }
 }
 
+/// One request counted among those waiting for a slot, until dropped.
+struct Waiting<'c>(&'c AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
 /// A request counted on a pool; see [`Connections::busy`].
 #[derive(Debug)]
 pub struct Busy(Arc<WorkerCounts>);
@@ -130,42 +194,38 @@ impl Drop for Busy {
     }
 }
 
-/// hyper's HTTP connector, taking a slot before each connection.
+/// hyper-util's HTTP connector to the app, taking a slot before each
+/// connection.
 #[derive(Clone)]
 pub struct CappedConnector {
     inner: HttpConnector<Resolver>,
+    /// The app's `http://authority`.
+    app: Uri,
     connections: Arc<Connections>,
     worker: usize,
 }
 
-impl Service<Uri> for CappedConnector {
-    type Response = CappedConnection;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<CappedConnection, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+impl CappedConnector {
+    /// See [`Connections::slot`].
+    pub async fn slot(&self, idle_here: impl Fn() -> bool) -> Result<Slot, BoxError> {
+        self.connections.slot(idle_here).await
     }
 
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        let connecting = self.inner.call(dst);
-        let connections = self.connections.clone();
-        let worker = self.worker;
-        Box::pin(async move {
-            let slot =
-                tokio::time::timeout(connections.wait, connections.slots.clone().acquire_owned())
-                    .await
-                    .map_err(|_| "every connection slot to the app stayed taken")?
-                    .expect("the semaphore is never closed");
-            let io = connecting.await?;
-            let counts = connections.workers[worker].clone();
-            counts.open.fetch_add(1, Relaxed);
-            Ok(CappedConnection {
-                io,
-                _slot: slot,
-                counts,
-            })
+    /// A new connection to the app in `slot`.
+    pub async fn connect(&self, slot: OwnedSemaphorePermit) -> Result<CappedConnection, BoxError> {
+        let io = self.inner.clone().oneshot(self.app.clone()).await?;
+        let counts = self.connections.workers[self.worker].clone();
+        counts.open.fetch_add(1, Relaxed);
+        Ok(CappedConnection {
+            io,
+            _slot: slot,
+            counts,
         })
+    }
+
+    /// See [`Connections::turned_idle`].
+    pub fn turned_idle(&self) {
+        self.connections.turned_idle();
     }
 }
 
@@ -180,12 +240,6 @@ pub struct CappedConnection {
 impl Drop for CappedConnection {
     fn drop(&mut self) {
         self.counts.open.fetch_sub(1, Relaxed);
-    }
-}
-
-impl Connection for CappedConnection {
-    fn connected(&self) -> Connected {
-        self.io.connected()
     }
 }
 

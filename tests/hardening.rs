@@ -1616,8 +1616,10 @@ async fn stale_keep_alive_race_is_avoided_when_the_pool_lets_go_first() {
 /// F5 with the pool outliving the app's keep-alive (misconfigured on
 /// purpose): requests sent as the app closes an idle pooled connection.
 ///
-/// Finding: hyper-util retries only a request that was never written
-/// (`retry_canceled_requests`). When the write goes out just before the
+/// Finding: the pool resends only a request that was never written (as
+/// hyper-util's did, with `retry_canceled_requests`, until ivrguard pooled
+/// hyper's connections itself; src/upstream_pool.rs). When the write goes
+/// out just before the
 /// app's close lands, hyper reports `SendRequest` with `IncompleteMessage`
 /// or `ECONNRESET`; the request is not retried (a POST the app may have
 /// read) and the caller gets the fallback (`reason=upstream_error`).
@@ -1627,7 +1629,7 @@ async fn stale_keep_alive_race_is_avoided_when_the_pool_lets_go_first() {
 /// default configuration avoids it (test above); a safe retry would need to
 /// know that the app never read the request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "F5 finding: a request written as the app closes an idle pooled connection gets the fallback when pool_idle_timeout_ms >= the app's keep-alive (hyper-util does not retry sent requests)"]
+#[ignore = "F5 finding: a request written as the app closes an idle pooled connection gets the fallback when pool_idle_timeout_ms >= the app's keep-alive (a request that was written is not sent again)"]
 async fn stale_keep_alive_with_the_pool_outliving_the_app_never_fails_a_request() {
     const N: usize = 60;
 
@@ -1975,6 +1977,48 @@ async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config
         reloads.iter().all(|l| l["trigger"] == "sighup"),
         "{reloads:#?}"
     );
+}
+
+/// A reload starts new pools to the app. The old pool's idle connection
+/// closes as soon as no request uses it, not after
+/// `pool_idle_timeout_ms` (a minute here), so the app never holds both
+/// pools' connections for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_closes_the_old_pools_idle_connections() {
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let app = RawBackend::start(move |_, mut stream| {
+        let closed = closed_tx.clone();
+        async move {
+            while read_request(&mut stream).await.is_some() {
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{BACKEND_TWIML}",
+                    BACKEND_TWIML.len()
+                );
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            let _ = closed.send(());
+        }
+    })
+    .await;
+    let proxy = proxy_for(app.url(), |c| {
+        c.upstream_extra.push("pool_idle_timeout_ms = 60000".into());
+        c.workers = 1;
+    })
+    .await;
+    let token = proxy.secrets.token.clone();
+    assert_eq!(status_with(&proxy, &token).await, 200);
+    assert_eq!(app.accepted(), 1);
+
+    proxy.signal("HUP");
+    wait_log(&proxy, "configuration reloaded", 1).await;
+    tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the old pool's idle connection closed after the reload")
+        .expect("the app is running");
+    assert_eq!(status_with(&proxy, &token).await, 200);
+    assert_eq!(app.accepted(), 2, "the new pool opened its own connection");
 }
 
 // =========================================================== F10 SIGTERM drain
