@@ -219,9 +219,9 @@ pub enum Attempt {
     Failed(UpstreamError),
 }
 
-/// A request's connection, back to its pool when dropped (when the
-/// response body has been read, or dropped: hyper then closes it, and the
-/// pool does not keep it).
+/// A request's connection, back to its pool when dropped: when the
+/// response body has been read, or dropped (hyper then closes the
+/// connection, and a checkout skips it).
 #[derive(Debug)]
 pub struct Lent {
     sender: Option<Sender>,
