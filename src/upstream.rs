@@ -201,7 +201,7 @@ impl Upstream {
     /// is busy until then.
     pub fn send(
         &self,
-        request: Request<Full<Bytes>>,
+        mut request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<(Response<Incoming>, InFlight), UpstreamError>> + Send + '_
     {
         // Not an `async fn`: that would hold the request three times over
@@ -213,7 +213,6 @@ impl Upstream {
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            let mut request = request;
             loop {
                 let worker = self.connections.pick(crate::worker::index());
                 let busy = self.connections.busy(worker);
