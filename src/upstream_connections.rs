@@ -60,9 +60,8 @@ pub struct Connections {
 pub enum Slot {
     /// A slot for a new connection.
     Free(OwnedSemaphorePermit),
-    /// The waiting pool has an idle connection after all.
-    IdleHere,
-    /// A connection turned idle, maybe in another pool: pick again.
+    /// A connection is idle, or turned idle during the wait, maybe in
+    /// another pool: pick again.
     IdleAgain,
 }
 
@@ -111,7 +110,7 @@ impl Connections {
         self.waiting.fetch_add(1, SeqCst);
         let _registered = Waiting(&self.waiting);
         if idle_here() {
-            return Ok(Slot::IdleHere);
+            return Ok(Slot::IdleAgain);
         }
         tokio::select! {
             biased;

@@ -97,7 +97,6 @@ impl Pool {
                         Ok(sender) => (sender, false),
                         Err(e) => return Attempt::Failed(e),
                     },
-                    Ok(Slot::IdleHere) => continue,
                     Ok(Slot::IdleAgain) => return Attempt::Unsent(request),
                     Err(_) => return Attempt::Failed(UpstreamError::Connect),
                 },
