@@ -106,8 +106,10 @@ fn parts(signature: &str) -> Parts {
     parts
 }
 
+/// The caller's address, as a server has it from `accept` (not parsed per
+/// request: parsing it took 0.07 µs of `pipeline/prepare`).
 fn peer() -> SocketAddr {
-    "127.0.0.1:40000".parse().expect("address")
+    SocketAddr::from(([127, 0, 0, 1], 40000))
 }
 
 /// Each stage on its own.
