@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use rand::RngCore;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::REDACTED;
 
@@ -104,14 +104,31 @@ impl FieldCipher {
     }
 
     /// Encrypts `plaintext` and appends the lowercase hex wire format to `out`.
+    ///
+    /// The plaintext is copied once, into `out`, where the ciphertext then
+    /// overwrites it and is spelt out in hex in place. `out` has room for the
+    /// whole value before that copy, so it never moves with plaintext in it
+    /// (a move would leave a copy in the freed block), and no scratch copy
+    /// needs wiping.
     pub fn encrypt_hex_into(&self, plaintext: &[u8], out: &mut Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let mut buf = Zeroizing::new(plaintext.to_vec());
-        let tag = self
+        let len = plaintext.len();
+        out.reserve(2 * (NONCE_LEN + len + TAG_LEN));
+        push_hex(out, &nonce);
+        let at = out.len();
+        out.extend_from_slice(plaintext);
+        let value = out.get_mut(at..).unwrap_or_default();
+        let tag = match self
             .aead
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", buf.as_mut_slice())
-            .expect("AES-GCM encryption cannot fail for inputs under 64 GiB");
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", value)
+        {
+            Ok(tag) => tag,
+            Err(_) => {
+                value.zeroize();
+                panic!("AES-GCM encryption cannot fail for inputs under 64 GiB");
+            }
+        };
         let count = self.encryptions.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(share) = nonce_budget_milestone(count) {
             // Exactly one thread sees each count, so each milestone logs once.
@@ -122,9 +139,8 @@ impl FieldCipher {
                  (NIST SP 800-38D 8.3); rotate the encryption key"
             );
         }
-        out.reserve(2 * (NONCE_LEN + buf.len() + TAG_LEN));
-        push_hex(out, &nonce);
-        push_hex(out, &buf);
+        out.resize(at + 2 * len, 0);
+        hex_in_place(out.get_mut(at..).unwrap_or_default());
         push_hex(out, tag.as_slice());
     }
 
@@ -196,11 +212,24 @@ pub fn nonce_budget_milestone(count: u64) -> Option<&'static str> {
     }
 }
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0x0f)]);
+        out.push(HEX_DIGITS[usize::from(b >> 4)]);
+        out.push(HEX_DIGITS[usize::from(b & 0x0f)]);
+    }
+}
+
+/// Spells out in lowercase hex, in place, the bytes in the first half of
+/// `buf` (whose length is even): back to front, so byte `i` is read before
+/// its digits overwrite positions `2i` and `2i + 1`, which hold only bytes
+/// already read.
+fn hex_in_place(buf: &mut [u8]) {
+    for i in (0..buf.len() / 2).rev() {
+        let b = buf[i];
+        buf[2 * i] = HEX_DIGITS[usize::from(b >> 4)];
+        buf[2 * i + 1] = HEX_DIGITS[usize::from(b & 0x0f)];
     }
 }
 
@@ -238,6 +267,34 @@ mod tests {
             aes_gcm::aead::Aead::encrypt(&aead, Nonce::from_slice(&ct[..12]), &b"4321"[..])
                 .unwrap();
         assert_eq!(&ct[12..], expected.as_slice());
+    }
+
+    #[test]
+    fn hex_in_place_spells_every_byte_as_hex_encode_does() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let mut buf = bytes.clone();
+        buf.resize(2 * bytes.len(), 0);
+        hex_in_place(&mut buf);
+        assert_eq!(buf, hex::encode(&bytes).into_bytes());
+    }
+
+    #[test]
+    fn appends_after_what_out_holds_for_values_of_every_length() {
+        let c = cipher();
+        let aead = Aes256Gcm::new_from_slice(&hex::decode(SEED_KEY).unwrap()).unwrap();
+        for len in [0, 1, 4, 16, 17, 100] {
+            let plain: Vec<u8> = (0..len).map(|i| b'0' + (i % 10) as u8).collect();
+            let mut out = b"Caller=%2B1555&Digits=".to_vec();
+            let prefix = out.clone();
+            c.encrypt_hex_into(&plain, &mut out);
+            assert_eq!(out[..prefix.len()], prefix[..], "len {len}");
+            let wire = hex::decode(&out[prefix.len()..]).unwrap();
+            assert_eq!(wire.len(), NONCE_LEN + len + TAG_LEN, "len {len}");
+            let expected =
+                aes_gcm::aead::Aead::encrypt(&aead, Nonce::from_slice(&wire[..12]), &plain[..])
+                    .unwrap();
+            assert_eq!(wire[12..], expected[..], "len {len}");
+        }
     }
 
     #[test]
