@@ -192,7 +192,7 @@ fn stages(c: &mut Criterion) {
         .finish();
     let mut record = AccessRecord::start(&head, peer(), &fields);
     record.set_call_sid("CA9f8e7d6c5b4a39281706f5e4d3c2b1a0");
-    record.add_encrypted(vec!["Digits".to_string()]);
+    record.add_encrypted("Digits");
     record.upstream_status = Some(200);
     tracing::subscriber::with_default(subscriber, || {
         group.bench_function("access_log_line", |b| {

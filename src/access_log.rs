@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use http::request::Parts;
+use http::Method;
 
 use crate::form::{self, FieldSet};
 
@@ -39,13 +40,15 @@ impl SignatureOutcome {
 /// One request's access-log line.
 #[derive(Debug)]
 pub struct AccessRecord {
-    method: String,
+    method: Method,
     path: String,
     query: String,
     peer: SocketAddr,
     pub signature: SignatureOutcome,
-    pub call_sid: Option<String>,
-    pub encrypted_fields: Vec<String>,
+    call_sid: Option<CallSid>,
+    /// Distinct encrypted names, comma-separated, in order of first
+    /// appearance: the log's `encrypted_fields` as it is printed.
+    encrypted_fields: String,
     pub upstream_status: Option<u16>,
     pub reason: Option<&'static str>,
     /// The app answered 401/403 to a verified, re-signed request.
@@ -57,7 +60,8 @@ impl AccessRecord {
     /// before it is stored.
     pub fn start(parts: &Parts, peer: SocketAddr, fields: &FieldSet) -> Self {
         AccessRecord {
-            method: parts.method.as_str().to_owned(),
+            // The standard methods are constants: no copy.
+            method: parts.method.clone(),
             path: parts.uri.path().to_owned(),
             query: parts
                 .uri
@@ -67,7 +71,7 @@ impl AccessRecord {
             peer,
             signature: SignatureOutcome::NotChecked,
             call_sid: None,
-            encrypted_fields: Vec::new(),
+            encrypted_fields: String::new(),
             upstream_status: None,
             reason: None,
             app_refused: false,
@@ -77,25 +81,29 @@ impl AccessRecord {
     /// Records `value` as the CallSid only if it looks like one
     /// (`CA` + 32 hex digits); anything else is not logged.
     pub fn set_call_sid(&mut self, value: &str) {
-        let b = value.as_bytes();
-        if b.len() == 34 && b.starts_with(b"CA") && b[2..].iter().all(u8::is_ascii_hexdigit) {
-            self.call_sid = Some(value.to_owned());
+        if let Some(sid) = CallSid::parse(value) {
+            self.call_sid = Some(sid);
         }
     }
 
-    /// Adds encrypted field names, each listed once.
-    pub fn add_encrypted(&mut self, names: Vec<String>) {
-        for name in names {
-            if !self.encrypted_fields.contains(&name) {
-                self.encrypted_fields.push(name);
-            }
+    /// Adds an encrypted field's name, unless it is listed already.
+    pub fn add_encrypted(&mut self, name: &str) {
+        if self
+            .encrypted_fields
+            .split(',')
+            .any(|listed| listed == name)
+        {
+            return;
         }
+        if !self.encrypted_fields.is_empty() {
+            self.encrypted_fields.push(',');
+        }
+        self.encrypted_fields.push_str(name);
     }
 
     /// Writes the line. Text fields are passed as `&str`, not `%Display`:
     /// the formatter then copies them instead of running `fmt` machinery.
     pub fn emit(&self, status: u16, latency: Duration) {
-        let fields = self.encrypted_fields.join(",");
         tracing::info!(
             target: "ivrguard::access",
             method = self.method.as_str(),
@@ -107,33 +115,70 @@ impl AccessRecord {
             // Whole microseconds: short numbers, never a long digit run.
             latency_ms = latency.as_micros() as f64 / 1000.0,
             signature = self.signature.label(),
-            call_sid = self.call_sid.as_deref(),
-            encrypted_fields = fields.as_str(),
+            call_sid = self.call_sid.as_ref().map(CallSid::as_str),
+            encrypted_fields = self.encrypted_fields.as_str(),
             reason = self.reason,
             "access"
         );
     }
 }
 
+/// A `CallSid` as it is logged: `CA` and 32 hex digits, held inline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct CallSid([u8; 34]);
+
+impl CallSid {
+    /// `Some` only for a value of exactly that shape.
+    fn parse(value: &str) -> Option<Self> {
+        let sid: [u8; 34] = value.as_bytes().try_into().ok()?;
+        let (prefix, digits) = sid.split_at(2);
+        (prefix == b"CA" && digits.iter().all(u8::is_ascii_hexdigit)).then_some(CallSid(sid))
+    }
+
+    fn as_str(&self) -> &str {
+        // ASCII, checked in `parse`.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for CallSid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The address as `Display` writes it; IPv4 by hand, because `Ipv4Addr`'s
 /// `Display` (padding support) cost ~1,400 instructions per access line.
+/// An IPv4 text is allocated at its exact length, so a header value made
+/// from it takes the string's buffer as it is (`Bytes` would otherwise
+/// allocate a second block to track the spare room).
 pub(crate) fn ip_text(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => {
-            let mut text = String::with_capacity(15);
+            let mut text = [0u8; 15];
+            let mut len = 0;
+            let mut put = |digit: u8| {
+                if let Some(slot) = text.get_mut(len) {
+                    *slot = digit;
+                    len += 1;
+                }
+            };
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    text.push('.');
+                    put(b'.');
                 }
                 if octet >= 100 {
-                    text.push(char::from(b'0' + octet / 100));
+                    put(b'0' + octet / 100);
                 }
                 if octet >= 10 {
-                    text.push(char::from(b'0' + octet / 10 % 10));
+                    put(b'0' + octet / 10 % 10);
                 }
-                text.push(char::from(b'0' + octet % 10));
+                put(b'0' + octet % 10);
             }
-            text
+            // ASCII digits and dots.
+            String::from(
+                std::str::from_utf8(text.get(..len).unwrap_or_default()).unwrap_or_default(),
+            )
         }
         IpAddr::V6(v6) => v6.to_string(),
     }
@@ -150,6 +195,8 @@ mod tests {
             let ip = IpAddr::V4(Ipv4Addr::new(octet, 0, 255 - octet, octet / 3));
             assert_eq!(ip_text(ip), ip.to_string());
         }
+        let text = ip_text(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(text.capacity(), text.len(), "exact length");
         for ip in [
             IpAddr::V6(Ipv6Addr::LOCALHOST),
             IpAddr::V6(Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped()),
@@ -157,5 +204,44 @@ mod tests {
         ] {
             assert_eq!(ip_text(ip), ip.to_string());
         }
+    }
+
+    fn record() -> AccessRecord {
+        let (parts, ()) = http::Request::post("/ivr?x=1")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let fields = FieldSet::new(["Digits".to_string()]);
+        AccessRecord::start(&parts, SocketAddr::from(([127, 0, 0, 1], 1)), &fields)
+    }
+
+    #[test]
+    fn lists_each_encrypted_name_once_in_order_of_first_appearance() {
+        let mut log = record();
+        for name in ["SpeechResult", "Digits", "SpeechResult", "Digit", "Digits"] {
+            log.add_encrypted(name);
+        }
+        assert_eq!(log.encrypted_fields, "SpeechResult,Digits,Digit");
+    }
+
+    #[test]
+    fn keeps_a_call_sid_only_of_the_right_shape() {
+        let good = "CA9f8e7d6c5b4a39281706f5e4d3c2b1a0";
+        for bad in [
+            "",
+            "CA9f8e7d6c5b4a39281706f5e4d3c2b1a",
+            "CA9f8e7d6c5b4a39281706f5e4d3c2b1a00",
+            "XX9f8e7d6c5b4a39281706f5e4d3c2b1a0",
+            "CA9f8e7d6c5b4a39281706f5e4d3c2b1aZ",
+            "CA9f8e7d6c5b4a39281706f5e4d3c2b1é",
+        ] {
+            let mut log = record();
+            log.set_call_sid(bad);
+            assert_eq!(log.call_sid, None, "{bad}");
+        }
+        let mut log = record();
+        log.set_call_sid(good);
+        assert_eq!(log.call_sid.as_ref().map(CallSid::as_str), Some(good));
+        assert_eq!(log.method, Method::POST);
     }
 }

@@ -587,11 +587,27 @@ fn hex_value(b: u8) -> Option<u8> {
 pub struct Rewritten {
     /// The input with every sensitive value replaced by ciphertext.
     pub bytes: Vec<u8>,
-    /// Distinct names that were encrypted, in order of first appearance (for
-    /// the access log).
-    pub fields: Vec<String>,
+    /// Where in `pairs` the encrypted pairs are, in input order.
+    encrypted: Vec<usize>,
+}
+
+impl Rewritten {
     /// Number of values encrypted, repeats counted (for the metric).
-    pub count: usize,
+    pub fn count(&self) -> usize {
+        self.encrypted.len()
+    }
+
+    /// The names of the encrypted pairs, in input order, repeats included
+    /// (for the access log). `pairs` is the slice [`rewrite`] was given.
+    pub fn names<'s, 'p: 's>(
+        &'s self,
+        pairs: &'p [FormPair<'_>],
+    ) -> impl Iterator<Item = &'p str> + 's {
+        self.encrypted
+            .iter()
+            .filter_map(|&i| pairs.get(i))
+            .map(|p| p.name.as_ref())
+    }
 }
 
 impl fmt::Debug for Rewritten {
@@ -600,8 +616,7 @@ impl fmt::Debug for Rewritten {
         // such as `From`); keep them out of `{:?}` as well.
         f.debug_struct("Rewritten")
             .field("bytes", &format_args!("<{} bytes>", self.bytes.len()))
-            .field("fields", &self.fields)
-            .field("count", &self.count)
+            .field("count", &self.count())
             .finish()
     }
 }
@@ -651,7 +666,6 @@ pub fn rewrite<'a>(
         .map(|p| usize::from(!p.has_eq) + 2 * (NONCE_LEN + p.value.len() + TAG_LEN))
         .sum();
     let mut out = Vec::with_capacity(input.len().saturating_sub(replaced) + added);
-    let mut names: Vec<String> = Vec::new();
     let mut copied = 0;
     for &i in &sensitive {
         let pair = pairs
@@ -678,9 +692,6 @@ pub fn rewrite<'a>(
         }
         pair.value = Cow::Owned(hex);
         copied = pair.value_span.end;
-        if !names.iter().any(|n| **n == *pair.name) {
-            names.push(pair.name.to_string());
-        }
     }
     out.extend_from_slice(
         input
@@ -689,8 +700,7 @@ pub fn rewrite<'a>(
     );
     Some(Rewritten {
         bytes: out,
-        fields: names,
-        count: sensitive.len(),
+        encrypted: sensitive,
     })
 }
 
@@ -767,10 +777,13 @@ mod tests {
         })
     }
 
-    fn rewrite_fake(input: &[u8], fields: &FieldSet) -> Option<(String, Rewritten)> {
+    /// The rewritten input, and the names of the encrypted pairs in input
+    /// order.
+    fn rewrite_fake(input: &[u8], fields: &FieldSet) -> Option<(String, Vec<String>)> {
         let mut pairs = parse(input).unwrap();
         let out = rewrite(input, &mut pairs, fields, fake_encrypt)?;
-        Some((String::from_utf8(out.bytes.clone()).unwrap(), out))
+        let names = out.names(&pairs).map(str::to_owned).collect();
+        Some((String::from_utf8(out.bytes).unwrap(), names))
     }
 
     #[test]
@@ -954,8 +967,7 @@ mod tests {
                 fake("1234")
             )
         );
-        assert_eq!(rw.count, 1);
-        assert_eq!(rw.fields, ["Digits"]);
+        assert_eq!(rw, ["Digits"]);
     }
 
     #[test]
@@ -970,8 +982,7 @@ mod tests {
                 fake("1")
             )
         );
-        assert_eq!(rw.count, 3);
-        assert_eq!(rw.fields, ["Digits"]);
+        assert_eq!(rw, ["Digits"; 3]);
     }
 
     #[test]
@@ -981,7 +992,7 @@ mod tests {
             out,
             format!("Dig%69ts={}&Speech%52esult={}", fake("123 4"), fake("a"))
         );
-        assert_eq!(rw.fields, ["Digits", "SpeechResult"]);
+        assert_eq!(rw, ["Digits", "SpeechResult"]);
     }
 
     #[test]
@@ -990,7 +1001,7 @@ mod tests {
         // signature covers the name, so a variant is not Twilio's.
         let (out, rw) = rewrite_fake(b"digits=1&DIGITS=2&Digits=3", &digits()).unwrap();
         assert_eq!(out, format!("digits=1&DIGITS=2&Digits={}", fake("3")));
-        assert_eq!(rw.count, 1);
+        assert_eq!(rw, ["Digits"]);
         assert!(rewrite_fake(b"digits=1&DIGITS=2&digitS=3", &digits()).is_none());
     }
 
@@ -1001,7 +1012,7 @@ mod tests {
             out,
             format!("a=1&Digits={}&b=2&SecurityCode={}", fake(""), fake(""))
         );
-        assert_eq!(rw.count, 2);
+        assert_eq!(rw, ["Digits", "SecurityCode"]);
     }
 
     #[test]
@@ -1085,14 +1096,13 @@ mod tests {
     }
 
     #[test]
-    fn lists_encrypted_fields_once_in_order_of_first_appearance() {
+    fn names_encrypted_pairs_in_input_order() {
         let (_, rw) = rewrite_fake(
             b"SpeechResult=a&Digits=1&SpeechResult=b&Digits=2&x=1",
             &digits(),
         )
         .unwrap();
-        assert_eq!(rw.fields, ["SpeechResult", "Digits"]);
-        assert_eq!(rw.count, 4);
+        assert_eq!(rw, ["SpeechResult", "Digits", "SpeechResult", "Digits"]);
     }
 
     #[test]
@@ -1101,6 +1111,8 @@ mod tests {
         let mut pairs = parse(input).unwrap();
         pairs.sort_by(|a, b| (&a.name, &a.value).cmp(&(&b.name, &b.value)));
         let rw = rewrite(input, &mut pairs, &digits(), fake_encrypt).unwrap();
+        let names: Vec<&str> = rw.names(&pairs).collect();
+        assert_eq!(names, ["Digits", "Digits", "SpeechResult"]);
         assert_eq!(
             String::from_utf8(rw.bytes).unwrap(),
             format!(
@@ -1110,7 +1122,6 @@ mod tests {
                 fake("x")
             )
         );
-        assert_eq!(rw.fields, ["Digits", "SpeechResult"]);
     }
 
     #[test]
@@ -1159,7 +1170,7 @@ mod tests {
         assert!(!shown.contains("1234") && !shown.contains("15550001"));
         let rw = rewrite(input, &mut pairs, &digits(), fake_encrypt).unwrap();
         let shown = format!("{rw:?}");
-        assert!(shown.contains("Digits"));
+        assert!(shown.contains("count: 1"), "{shown}");
         assert!(!shown.contains("15550001") && !shown.contains(&fake("1234")));
     }
 

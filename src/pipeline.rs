@@ -388,8 +388,10 @@ impl Proxy {
         let rewritten = form::rewrite(raw, pairs, &self.fields, |plain, out| {
             self.cipher.encrypt_hex_into(plain, out)
         })?;
-        self.metrics.fields_encrypted(rewritten.count);
-        log.add_encrypted(rewritten.fields);
+        self.metrics.fields_encrypted(rewritten.count());
+        for name in rewritten.names(pairs) {
+            log.add_encrypted(name);
+        }
         Some(rewritten.bytes)
     }
 
@@ -405,7 +407,9 @@ impl Proxy {
                 .map_err(|_| Rejection::UnsupportedMediaType)?;
         Ok(rewritten.map(|rw| {
             self.metrics.fields_encrypted(rw.count);
-            log.add_encrypted(rw.fields);
+            for name in &rw.fields {
+                log.add_encrypted(name);
+            }
             rw.bytes
         }))
     }
@@ -429,7 +433,9 @@ impl Proxy {
         // Up to four headers are added below: one allocation, not several.
         headers.reserve(4);
         if !body.is_empty() || headers.contains_key(header::CONTENT_LENGTH) {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            let length = HeaderValue::from_str(itoa::Buffer::new().format(body.len()))
+                .expect("digits are a valid header value");
+            headers.insert(header::CONTENT_LENGTH, length);
         }
         if self.rewrite_host || !headers.contains_key(header::HOST) {
             // (HTTP/2 carries the host in :authority; the app gets it as

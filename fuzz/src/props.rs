@@ -54,8 +54,8 @@ fn fields() -> &'static FieldSet {
 ///   number of pairs with the same names; every non-sensitive `&`-segment is
 ///   byte-identical and in place; every sensitive one is its raw name, `=`
 ///   and lowercase hex that decrypts to the decoded original; the pairs
-///   handed back hold exactly what the application will parse; `count` and
-///   `fields` are right; `None` only when nothing is sensitive;
+///   handed back hold exactly what the application will parse; `count()` and
+///   `names()` are right; `None` only when nothing is sensitive;
 /// - `signature::string_to_sign` over the decoded pairs equals a reference.
 pub fn form_rewrite(data: &[u8]) {
     let fields = fields();
@@ -83,14 +83,19 @@ pub fn form_rewrite(data: &[u8]) {
         return;
     };
 
-    assert_eq!(rw.count, sensitive.iter().filter(|s| **s).count(), "count");
-    let mut expected_fields: Vec<&str> = Vec::new();
-    for ((name, _), _) in original.iter().zip(&sensitive).filter(|(_, s)| **s) {
-        if !expected_fields.contains(&name.as_str()) {
-            expected_fields.push(name);
-        }
-    }
-    assert_eq!(rw.fields, expected_fields, "fields");
+    assert_eq!(
+        rw.count(),
+        sensitive.iter().filter(|s| **s).count(),
+        "count"
+    );
+    let expected_names: Vec<&str> = original
+        .iter()
+        .zip(&sensitive)
+        .filter(|(_, s)| **s)
+        .map(|((name, _), _)| name.as_str())
+        .collect();
+    let names: Vec<&str> = rw.names(&pairs).collect();
+    assert_eq!(names, expected_names, "names");
 
     let again = form::parse(&rw.bytes).expect("the rewritten form parses");
     assert_eq!(again.len(), original.len(), "pair count after rewrite");
