@@ -597,6 +597,12 @@ impl Rewritten {
         self.encrypted.len()
     }
 
+    /// Where in `pairs` (the slice [`rewrite`] was given) the encrypted
+    /// pairs are, in input order.
+    pub fn encrypted(&self) -> &[usize] {
+        &self.encrypted
+    }
+
     /// The names of the encrypted pairs, in input order, repeats included
     /// (for the access log). `pairs` is the slice [`rewrite`] was given.
     pub fn names<'s, 'p: 's>(

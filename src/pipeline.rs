@@ -266,7 +266,9 @@ impl Proxy {
                 .map_err(Rejection::MalformedForm)?,
             None => Vec::new(),
         };
-        let verified = self.verify(&url, &parts, &body, &signing_order(&body_pairs), signed);
+        // Sorted where they are: the verifier reads them in place.
+        sort_for_signing(&mut body_pairs);
+        let verified = self.verify(&url, &parts, &body, &body_pairs, signed);
         log.signature = match &verified {
             Ok(verified) => SignatureOutcome::Valid(verified.key),
             Err(e) => SignatureOutcome::Invalid(e.reason()),
@@ -280,7 +282,8 @@ impl Proxy {
         let new_query = parts
             .uri
             .query()
-            .and_then(|q| self.encrypt(q.as_bytes(), &mut query_pairs, log));
+            .and_then(|q| self.encrypt(q.as_bytes(), &mut query_pairs, log))
+            .map(|rewritten| rewritten.bytes);
         let mut query: Option<Cow<'_, str>> = match new_query {
             Some(q) => Some(Cow::Owned(
                 String::from_utf8(q).expect("a str query with hex spliced in is UTF-8"),
@@ -288,9 +291,15 @@ impl Proxy {
             None => parts.uri.query().map(Cow::Borrowed),
         };
         let forwarded_body = match signed {
-            SignedContent::Form => self
-                .encrypt(&body, &mut body_pairs, log)
-                .map_or_else(|| body.clone(), Bytes::from),
+            SignedContent::Form => match self.encrypt(&body, &mut body_pairs, log) {
+                Some(rewritten) => {
+                    if !still_sorted(&body_pairs, rewritten.encrypted()) {
+                        sort_for_signing(&mut body_pairs);
+                    }
+                    Bytes::from(rewritten.bytes)
+                }
+                None => body.clone(),
+            },
             SignedContent::BodyHash if !body.is_empty() => match self.encrypt_json(&body, log)? {
                 Some(json) => {
                     // The app checks `bodySHA256` against what it receives.
@@ -314,12 +323,12 @@ impl Proxy {
         };
 
         // 4. re-sign
-        let params = signing_order(&body_pairs);
         let signature = if path_and_query == request_target {
-            self.verifier.sign_after(&verified, &url, &params)
+            self.verifier.sign_after(&verified, &url, &body_pairs)
         } else {
             let signed_url = [origin.origin.as_str(), &path_and_query].concat();
-            self.verifier.sign_after(&verified, &signed_url, &params)
+            self.verifier
+                .sign_after(&verified, &signed_url, &body_pairs)
         };
 
         let uri = match (&path_and_query, parts.uri.path_and_query()) {
@@ -356,7 +365,7 @@ impl Proxy {
         url: &'u str,
         parts: &Parts,
         body: &[u8],
-        params: &[signature::Pair<'_>],
+        params: &[FormPair<'_>],
         signed: SignedContent,
     ) -> Result<signature::Verified<'u>, signature::SignatureError> {
         // `bodySHA256` is checked whenever present, whatever the content
@@ -384,7 +393,7 @@ impl Proxy {
         raw: &'a [u8],
         pairs: &mut [FormPair<'a>],
         log: &mut AccessRecord,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<form::Rewritten> {
         let rewritten = form::rewrite(raw, pairs, &self.fields, |plain, out| {
             self.cipher.encrypt_hex_into(plain, out)
         })?;
@@ -392,7 +401,7 @@ impl Proxy {
         for name in rewritten.names(pairs) {
             log.add_encrypted(name);
         }
-        Some(rewritten.bytes)
+        Some(rewritten)
     }
 
     /// Encrypts configured fields inside a `bodySHA256`-signed JSON body. A
@@ -633,15 +642,40 @@ fn single_header<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, Re
     Ok(Some(text))
 }
 
-/// Decoded pairs in the order Twilio signs them, as the signature module
-/// takes them.
-fn signing_order<'p>(pairs: &'p [FormPair<'_>]) -> Vec<signature::Pair<'p>> {
-    let mut params: Vec<signature::Pair<'p>> = pairs
-        .iter()
-        .map(|p| (p.name.as_ref(), p.value.as_ref()))
-        .collect();
-    signature::in_signing_order(&mut params);
-    params
+/// A parsed pair is signed by its decoded name and value.
+impl signature::Param for FormPair<'_> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn value(&self) -> &str {
+        &self.value
+    }
+}
+
+/// Sorts pairs in the order Twilio signs them: by name, then value (byte
+/// order). An equal pair next to another is counted once when hashed, so
+/// they need no dedup.
+fn sort_for_signing(pairs: &mut [FormPair<'_>]) {
+    pairs.sort_unstable_by(|a, b| {
+        (a.name.as_ref(), a.value.as_ref()).cmp(&(b.name.as_ref(), b.value.as_ref()))
+    });
+}
+
+/// Whether pairs sorted for signing still are after the rewrite replaced
+/// the values at `changed`. Names did not change, so only a changed pair
+/// next to one of the same name can be out of place (or no longer equal to
+/// it): then they are sorted again.
+fn still_sorted(pairs: &[FormPair<'_>], changed: &[usize]) -> bool {
+    changed.iter().all(|&i| {
+        let name = pairs.get(i).map(|pair| &pair.name);
+        let shares_name = |neighbour: Option<usize>| {
+            neighbour
+                .and_then(|j| pairs.get(j))
+                .is_some_and(|pair| Some(&pair.name) == name)
+        };
+        !shares_name(i.checked_sub(1)) && !shares_name(i.checked_add(1))
+    })
 }
 
 /// `query` with the value of `bodySHA256` replaced by `hash`.
@@ -663,4 +697,43 @@ fn find<'p>(pairs: &'p [FormPair<'_>], name: &str) -> Option<&'p str> {
         .iter()
         .find(|p| p.name == name)
         .map(|p| p.value.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted(input: &[u8]) -> Vec<FormPair<'_>> {
+        let mut pairs = form::parse(input).expect("valid form");
+        sort_for_signing(&mut pairs);
+        pairs
+    }
+
+    #[test]
+    fn sorts_by_name_then_value_in_byte_order() {
+        let pairs = sorted(b"b=1&a=2&B=0&a=1&a=1");
+        let order: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|p| (p.name.as_ref(), p.value.as_ref()))
+            .collect();
+        assert_eq!(
+            order,
+            [("B", "0"), ("a", "1"), ("a", "1"), ("a", "2"), ("b", "1")]
+        );
+    }
+
+    #[test]
+    fn only_a_changed_pair_beside_its_own_name_needs_sorting_again() {
+        // Sorted: A=1, Digits=1, Digits=2, Z=3.
+        let pairs = sorted(b"Z=3&Digits=2&A=1&Digits=1");
+        assert!(still_sorted(&pairs, &[]));
+        assert!(still_sorted(&pairs, &[0, 3]), "names unique at both ends");
+        assert!(!still_sorted(&pairs, &[1]), "the next pair shares its name");
+        assert!(
+            !still_sorted(&pairs, &[2]),
+            "the pair before shares its name"
+        );
+        let pairs = sorted(b"Digits=9&A=1&Z=3");
+        assert!(still_sorted(&pairs, &[1]));
+    }
 }
