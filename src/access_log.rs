@@ -124,7 +124,7 @@ impl AccessRecord {
 }
 
 /// A `CallSid` as it is logged: `CA` and 32 hex digits, held inline.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(PartialEq)]
 struct CallSid([u8; 34]);
 
 impl CallSid {

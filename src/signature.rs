@@ -130,9 +130,8 @@ impl SigningKey {
         tag: &[u8],
     ) -> (bool, Hmac<Sha1>) {
         let resume_at = resume_at.min(pairs.len());
-        let mut mac = self.sha1.clone();
-        mac.update(url.as_bytes());
-        let mac = feed(mac, pairs.get(..resume_at).unwrap_or_default(), 0);
+        let shared = pairs.get(..resume_at).unwrap_or_default();
+        let mac = mac_over(self.sha1.clone(), &[url, "", ""], shared);
         let kept = mac.clone();
         let matched = feed(mac, pairs, resume_at).verify_slice(tag).is_ok();
         (matched, kept)
