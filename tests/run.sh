@@ -41,6 +41,22 @@ cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component ad
 cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
 echo "cargo $(cargo --version | cut -d' ' -f2), $("$PYTHON" --version), node $(node --version), npm $(npm --version 2>/dev/null)"
 
+# A clean run writes about 5.5 GiB (target/, the interop and example
+# environments, the container images). On a full disk the linker dies of
+# SIGBUS half-way through clippy, which says nothing about the cause: say it
+# here instead.
+free_kib() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 { print $4 }'; }
+for dir in "$ROOT" "${CARGO_TARGET_DIR:-$ROOT}"; do
+  mkdir -p "$dir"
+  free="$(free_kib "$dir")"
+  [[ -n "$free" ]] || continue
+  ((free >= 3 * 1024 * 1024)) \
+    || die "only $((free / 1024)) MiB free on the disk of $dir; a clean run needs about 6 GiB (df -h $dir)"
+  ((free >= 7 * 1024 * 1024)) \
+    || echo "warning: $((free / 1024)) MiB free on the disk of $dir; a clean run needs about 6 GiB"
+done
+echo "disk: $(($(free_kib "$ROOT") / 1024 / 1024)) GiB free on the disk of $ROOT"
+
 phase "Python interop environment (tests/interop/.venv)"
 PY_STAMP="$VENV/.installed-requirements"
 PY_WANT="$(fingerprint "$INTEROP/requirements.txt")"
