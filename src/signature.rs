@@ -42,8 +42,10 @@ pub const SIGNATURE_HEADER: &str = "x-twilio-signature";
 /// The header naming the SharedKey and algorithm of a shared-key signature.
 pub const SETTINGS_HEADER: &str = "x-twilio-webhooks-signature-settings";
 
-const SIGNATURE_HEADER_NAME: HeaderName = HeaderName::from_static(SIGNATURE_HEADER);
-const SETTINGS_HEADER_NAME: HeaderName = HeaderName::from_static(SETTINGS_HEADER);
+/// [`SIGNATURE_HEADER`] as a header name, so a lookup needs no parse.
+pub const SIGNATURE_HEADER_NAME: HeaderName = HeaderName::from_static(SIGNATURE_HEADER);
+/// [`SETTINGS_HEADER`] as a header name.
+pub const SETTINGS_HEADER_NAME: HeaderName = HeaderName::from_static(SETTINGS_HEADER);
 
 /// The query parameter Twilio adds to JSON webhooks (\[SEC\] "A few notes").
 pub const BODY_SHA256_PARAM: &str = "bodySHA256";

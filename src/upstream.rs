@@ -241,8 +241,10 @@ pub struct InFlight(
     #[allow(dead_code)] OwnedSemaphorePermit,
 );
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1). A
+/// `static`: a `const` array of `HeaderName`s is built and dropped again at
+/// every use.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
