@@ -25,6 +25,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::balance::{Arrival, Seat};
 use crate::body::ProxyBody;
 use crate::config::ServerSettings;
 use crate::pipeline::Proxy;
@@ -99,9 +100,11 @@ impl Builders {
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops
 /// accepting and waits up to `drain_timeout` for in-flight requests.
 /// Returns false if the drain timed out. Every connection holds one of
-/// `permits` (`server.max_connections`, shared by all workers).
+/// `permits` (`server.max_connections`, shared by all workers). `seat` is
+/// this worker's place in the spread of connections ([`crate::balance`]).
 pub async fn serve(
     listener: TcpListener,
+    mut seat: Seat,
     proxy: SharedProxy,
     settings: &ServerSettings,
     readiness: Arc<Readiness>,
@@ -111,18 +114,30 @@ pub async fn serve(
     let builders = Arc::new(Builders::new(settings));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    seat.serving();
     readiness.set(true);
+    let mut permit = None;
     loop {
-        // Back-pressure: past max_connections, stop accepting until one ends
-        // (the kernel backlog holds new ones) instead of collapsing.
-        let permit = tokio::select! {
+        let arrival = tokio::select! {
+            biased;
             () = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
+            // Connections other workers accepted and handed over carry
+            // their own connection slot.
+            Some(arrival) = seat.handed() => arrival,
+            // Back-pressure: past max_connections, stop accepting until one
+            // ends (the kernel backlog holds new ones) instead of collapsing.
+            acquired = permits.clone().acquire_owned(), if permit.is_none() => {
+                permit = Some(acquired.expect("semaphore is never closed"));
+                continue;
+            }
+            accepted = listener.accept(), if permit.is_some() => match accepted {
+                Ok((stream, peer)) => {
+                    let Some(slot) = permit.take() else { continue };
+                    match seat.place(stream, peer, slot) {
+                        Some(arrival) => arrival,
+                        None => continue,
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     // e.g. EMFILE: back off instead of spinning.
@@ -131,6 +146,12 @@ pub async fn serve(
                 }
             },
         };
+        let Arrival {
+            stream,
+            peer,
+            permit,
+            open,
+        } = arrival;
         let _ = stream.set_nodelay(true);
         // TLS as it is now: a reload changes the certificate for new
         // connections only.
@@ -182,7 +203,7 @@ pub async fn serve(
                     }
                 })
                 .await;
-                drop(permit);
+                drop((permit, open));
                 return;
             }
             let known = tokio::time::timeout(first_bytes_timeout, protocol(&stream)).await;
@@ -205,10 +226,11 @@ pub async fn serve(
                 }
                 Ok(None) | Err(_) => {}
             }
-            drop(permit);
+            drop((permit, open));
         });
     }
     readiness.set(false);
+    seat.leaving();
     drop(listener);
     tracing::info!(in_flight_connections = graceful.count(), "draining");
     tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
