@@ -13,7 +13,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use crate::balance::Balance;
 use crate::body::{self, ProxyBody};
 use crate::metrics::Sampled;
 use crate::reload::SharedProxy;
@@ -23,7 +22,6 @@ use crate::server::Readiness;
 pub struct AdminState {
     pub proxy: SharedProxy,
     pub readiness: Arc<Readiness>,
-    pub balance: Arc<Balance>,
     pub dropped_log_lines: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
@@ -77,7 +75,6 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody>
                 encryptions: proxy.cipher().encryptions(),
                 dropped_log_lines: (state.dropped_log_lines)(),
                 upstream_connections_open: proxy.upstream_connections_open() as u64,
-                client_connections_open: &state.balance.open_connections(),
             });
             text(
                 StatusCode::OK,

@@ -6,7 +6,6 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod balance;
 pub mod body;
 pub mod cipher;
 pub mod cli;

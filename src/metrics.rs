@@ -39,7 +39,6 @@ pub struct Metrics {
     encryptions_this_key: Gauge,
     log_lines_dropped: Gauge,
     upstream_connections_open: Gauge,
-    client_connections_open: Family<[(&'static str, String); 1], Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -114,12 +113,6 @@ impl Metrics {
             "Connections open to the app, idle ones included (at most upstream.max_connections)",
             upstream_connections_open.clone(),
         );
-        let client_connections_open = Family::<[(&'static str, String); 1], Gauge>::default();
-        registry.register(
-            "client_connections_open",
-            "Client connections open, per worker thread (see server.workers)",
-            client_connections_open.clone(),
-        );
         Metrics {
             registry,
             requests,
@@ -133,7 +126,6 @@ impl Metrics {
             encryptions_this_key,
             log_lines_dropped,
             upstream_connections_open,
-            client_connections_open,
         }
     }
 
@@ -173,20 +165,12 @@ impl Metrics {
     }
 
     /// Prometheus text format, with the gauges sampled now.
-    pub fn render(&self, now: Sampled<'_>) -> String {
+    pub fn render(&self, now: Sampled) -> String {
         let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         self.encryptions_this_key.set(gauge(now.encryptions));
         self.log_lines_dropped.set(gauge(now.dropped_log_lines));
         self.upstream_connections_open
             .set(gauge(now.upstream_connections_open));
-        for (worker, open) in now.client_connections_open.iter().enumerate() {
-            // A worker not serving (draining) keeps its last value.
-            if let Some(open) = open {
-                self.client_connections_open
-                    .get_or_create(&[("worker", worker.to_string())])
-                    .set(gauge(*open as u64));
-            }
-        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -195,13 +179,11 @@ impl Metrics {
 
 /// The gauges' values, read when `/metrics` is rendered.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Sampled<'a> {
+pub struct Sampled {
     /// Values encrypted with the current key.
     pub encryptions: u64,
     pub dropped_log_lines: u64,
     pub upstream_connections_open: u64,
-    /// Per worker; `None` for a worker not serving.
-    pub client_connections_open: &'a [Option<usize>],
 }
 
 /// Shards per sharded metric: workers beyond this share shards (still
@@ -337,14 +319,8 @@ mod tests {
         let text = m.render(Sampled {
             encryptions: 7,
             upstream_connections_open: 3,
-            client_connections_open: &[Some(5), None],
             ..Sampled::default()
         });
-        assert!(
-            text.contains(r#"ivrguard_client_connections_open{worker="0"} 5"#),
-            "{text}"
-        );
-        assert!(!text.contains(r#"worker="1""#), "{text}");
         assert!(
             text.contains(r#"ivrguard_requests_total{outcome="forwarded"} 1"#),
             "{text}"

@@ -3,9 +3,8 @@
 //!
 //! Serving is thread-per-core: `server.workers` threads (one per CPU by
 //! default), each with a single-threaded event loop, its own `SO_REUSEPORT`
-//! socket on the listen address and its own pool of connections to the app.
-//! A worker keeps the connections it accepts unless another has fewer open
-//! ([`crate::balance`]). No request moves between threads, so
+//! socket on the listen address (it keeps every connection it accepts) and
+//! its own pool of connections to the app. No request moves between threads, so
 //! none waits for a wake-up from another core (measured: `bench/RESULTS.md`).
 //!
 //! [`start`] is also what the demo and the integration tests use, so they
@@ -21,7 +20,6 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
-use crate::balance::{Balance, Seat};
 use crate::config::{ServerSettings, Settings};
 use crate::metrics::Metrics;
 use crate::reload::{self, Reloader, SharedProxy};
@@ -67,7 +65,6 @@ pub async fn start(
 ) -> Result<Started, String> {
     let proxy = reload::initial(settings, Arc::new(Metrics::new()));
     let readiness = Arc::new(Readiness::default());
-    let (balance, seats) = Balance::new(settings.server.workers);
 
     let listen = settings.server.listen;
     let cannot = |e: std::io::Error| format!("server.listen: cannot listen on {listen}: {e}");
@@ -89,7 +86,6 @@ pub async fn start(
             let state = Arc::new(AdminState {
                 proxy: proxy.clone(),
                 readiness: readiness.clone(),
-                balance: balance.clone(),
                 dropped_log_lines,
             });
             (
@@ -105,14 +101,11 @@ pub async fn start(
     let permits = Arc::new(Semaphore::new(settings.server.max_connections));
     let (stop_workers, workers_stop) = watch::channel(false);
     let mut workers = Vec::new();
-    let mut seats = seats.into_iter();
-    let seat = seats.next().expect("at least one worker");
-    for (index, seat) in (1..settings.server.workers).zip(seats) {
+    for index in 1..settings.server.workers {
         let socket = bind(addr).and_then(|l| l.into_std()).map_err(cannot)?;
         let worker = Worker {
             index,
             listener: socket,
-            seat,
             proxy: proxy.clone(),
             settings: settings.server.clone(),
             readiness: readiness.clone(),
@@ -134,16 +127,8 @@ pub async fn start(
             }
             let _ = stop_workers.send(true);
         };
-        let drained = server::serve(
-            listener,
-            seat,
-            proxy,
-            &server_settings,
-            ready,
-            permits,
-            either,
-        )
-        .await;
+        let drained =
+            server::serve(listener, proxy, &server_settings, ready, permits, either).await;
         let others = tokio::task::spawn_blocking(move || {
             workers
                 .into_iter()
@@ -168,11 +153,10 @@ pub async fn start(
 }
 
 /// One worker's listening socket. Every worker binds the same address with
-/// `SO_REUSEPORT`, so the kernel spreads new connections across them by a
-/// hash of the client's address (one shared socket would let whichever
-/// thread wakes first take a whole burst); [`crate::balance`] evens out
-/// what the hash leaves uneven. The kernel backlog (1,024) holds
-/// connections past `server.max_connections` until one ends.
+/// `SO_REUSEPORT`, so the kernel spreads new connections evenly across them
+/// (one shared socket would let whichever thread wakes first take a whole
+/// burst). The kernel backlog (1,024) holds connections past
+/// `server.max_connections` until one ends.
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
@@ -189,7 +173,6 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 struct Worker {
     index: usize,
     listener: std::net::TcpListener,
-    seat: Seat,
     proxy: SharedProxy,
     settings: ServerSettings,
     readiness: Arc<Readiness>,
@@ -233,7 +216,6 @@ impl Worker {
             };
             server::serve(
                 listener,
-                self.seat,
                 self.proxy,
                 &self.settings,
                 self.readiness,

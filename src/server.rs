@@ -25,7 +25,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::balance::{Arrival, Seat};
 use crate::body::ProxyBody;
 use crate::config::ServerSettings;
 use crate::pipeline::Proxy;
@@ -100,11 +99,9 @@ impl Builders {
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops
 /// accepting and waits up to `drain_timeout` for in-flight requests.
 /// Returns false if the drain timed out. Every connection holds one of
-/// `permits` (`server.max_connections`, shared by all workers). `seat` is
-/// this worker's place in the spread of connections ([`crate::balance`]).
+/// `permits` (`server.max_connections`, shared by all workers).
 pub async fn serve(
     listener: TcpListener,
-    mut seat: Seat,
     proxy: SharedProxy,
     settings: &ServerSettings,
     readiness: Arc<Readiness>,
@@ -114,30 +111,18 @@ pub async fn serve(
     let builders = Arc::new(Builders::new(settings));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    seat.serving();
     readiness.set(true);
-    let mut permit = None;
     loop {
-        let arrival = tokio::select! {
-            biased;
+        // Back-pressure: past max_connections, stop accepting until one ends
+        // (the kernel backlog holds new ones) instead of collapsing.
+        let permit = tokio::select! {
             () = &mut shutdown => break,
-            // Connections other workers accepted and handed over carry
-            // their own connection slot.
-            Some(arrival) = seat.handed() => arrival,
-            // Back-pressure: past max_connections, stop accepting until one
-            // ends (the kernel backlog holds new ones) instead of collapsing.
-            acquired = permits.clone().acquire_owned(), if permit.is_none() => {
-                permit = Some(acquired.expect("semaphore is never closed"));
-                continue;
-            }
-            accepted = listener.accept(), if permit.is_some() => match accepted {
-                Ok((stream, peer)) => {
-                    let Some(slot) = permit.take() else { continue };
-                    match seat.place(stream, peer, slot) {
-                        Some(arrival) => arrival,
-                        None => continue,
-                    }
-                }
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     // e.g. EMFILE: back off instead of spinning.
@@ -146,12 +131,6 @@ pub async fn serve(
                 }
             },
         };
-        let Arrival {
-            stream,
-            peer,
-            permit,
-            open,
-        } = arrival;
         let _ = stream.set_nodelay(true);
         // TLS as it is now: a reload changes the certificate for new
         // connections only.
@@ -203,7 +182,7 @@ pub async fn serve(
                     }
                 })
                 .await;
-                drop((permit, open));
+                drop(permit);
                 return;
             }
             let known = tokio::time::timeout(first_bytes_timeout, protocol(&stream)).await;
@@ -226,11 +205,10 @@ pub async fn serve(
                 }
                 Ok(None) | Err(_) => {}
             }
-            drop((permit, open));
+            drop(permit);
         });
     }
     readiness.set(false);
-    seat.leaving();
     drop(listener);
     tracing::info!(in_flight_connections = graceful.count(), "draining");
     tokio::time::timeout(settings.drain_timeout, graceful.shutdown())

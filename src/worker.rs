@@ -2,9 +2,7 @@
 //!
 //! `ivrguard run` serves from `server.workers` threads, each with its own
 //! single-threaded event loop (see [`crate::run`]): a connection, and every
-//! request on it, stays on the thread that serves it (the one that accepted
-//! it, or the one it was handed to when it opened, see [`crate::balance`]).
-//! Per-worker state,
+//! request on it, stays on the thread that accepted it. Per-worker state,
 //! such as the pool of connections to the app, is picked by this index, so
 //! a request does not wait on another thread (the one exception: when
 //! `upstream.max_connections` is reached and only another worker's pool

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::backend::{closed_port_url, Backend, Behaviour, Captured, BACKEND_TWIML};
 use support::canary::{assert_no_leak, find_leaks, luhn_valid, text_needles, Canaries};
@@ -1849,74 +1848,4 @@ async fn workers_each_listen_on_the_port_and_all_callers_are_served() {
         );
     }
     assert_eq!(h.backend.count(), 48);
-}
-
-/// `ivrguard_client_connections_open` per worker, from `/metrics`.
-async fn client_connections_per_worker(admin: std::net::SocketAddr) -> Vec<u64> {
-    let text = client::get(admin, "/metrics").await.text();
-    let mut per_worker: Vec<(usize, u64)> = text
-        .lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix("ivrguard_client_connections_open{worker=\"")?;
-            let (worker, value) = rest.split_once("\"} ")?;
-            Some((worker.parse().ok()?, value.parse().ok()?))
-        })
-        .collect();
-    per_worker.sort_unstable();
-    per_worker.into_iter().map(|(_, open)| open).collect()
-}
-
-/// The kernel spreads connections over the workers' sockets by a hash of
-/// the client's port, unevenly; a worker that accepts a connection while
-/// another has fewer hands it over, and the connection is served there. 30
-/// keep-alive connections over 3 workers end up 10/10/10 (by the kernel's
-/// hash alone that happens about 4 times in 100), every request on them is
-/// answered, and the counts fall back to 0 when they close.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_are_spread_evenly_over_the_workers_and_served_there() {
-    let h = harness(Behaviour::Twiml, |c| c.workers = 3).await;
-    let admin = h.proxy.admin_addr.expect("admin listener");
-    let token = h.proxy.secrets.token.clone();
-    let mut open = Vec::new();
-    for i in 0..30 {
-        let body = join_raw(&gather_pieces(&format!("{i:04}"), "yes", &random_sid("CA")));
-        let request = signed_post(&token, "/ivr/gather", &body).header("Connection", "keep-alive");
-        let mut stream = tokio::net::TcpStream::connect(h.proxy.addr).await.unwrap();
-        stream.write_all(&request.to_bytes()).await.unwrap();
-        // One whole response on a connection that stays open: the
-        // connection has been accepted, placed and served.
-        let mut raw = Vec::new();
-        let answered = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = stream.read(&mut buf).await.unwrap();
-                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&raw));
-                raw.extend_from_slice(&buf[..n]);
-                let (responses, _) = client::split_responses(&raw);
-                if let Some(response) = responses.into_iter().next() {
-                    return response;
-                }
-            }
-        })
-        .await
-        .expect("a response within 10 s");
-        assert_eq!(
-            (answered.status, answered.text().as_str()),
-            (200, BACKEND_TWIML)
-        );
-        open.push(stream);
-    }
-    assert_eq!(client_connections_per_worker(admin).await, [10, 10, 10]);
-    assert_eq!(h.backend.count(), 30);
-
-    drop(open);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = client_connections_per_worker(admin).await;
-        if now == [0, 0, 0] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still open: {now:?}");
-        tokio::task::yield_now().await;
-    }
 }
