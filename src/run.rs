@@ -153,9 +153,12 @@ pub async fn start(
 }
 
 /// One worker's listening socket. Every worker binds the same address with
-/// `SO_REUSEPORT`, so the kernel spreads new connections evenly across them
-/// (one shared socket would let whichever thread wakes first take a whole
-/// burst). The kernel backlog (1,024) holds connections past
+/// `SO_REUSEPORT`, so the kernel spreads new connections across them by a
+/// hash of the client's address and port: even on average, not for a few
+/// connections (wrk's 32 split from 16/18 to 21/12 here; handing connections
+/// over to even that out was measured and not kept, `bench/RESULTS.md`).
+/// One shared socket would be worse: whichever thread wakes first takes a
+/// whole burst. The kernel backlog (1,024) holds connections past
 /// `server.max_connections` until one ends.
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
