@@ -434,9 +434,9 @@ impl Proxy {
     ) -> Result<Request<Full<Bytes>>, Rejection> {
         let mut headers = parts.headers;
         upstream::strip_hop_by_hop(&mut headers);
-        headers.remove(signature::SETTINGS_HEADER_NAME);
+        headers.remove(signature::SETTINGS_HEADER);
         headers.insert(
-            signature::SIGNATURE_HEADER_NAME,
+            signature::SIGNATURE_HEADER,
             HeaderValue::try_from(signature).expect("base64 is a valid header value"),
         );
         // Up to four headers are added below: one allocation, not several.

@@ -37,15 +37,12 @@ use subtle::ConstantTimeEq;
 
 use crate::secret::{Secret, REDACTED};
 
-/// The header carrying the signature (lower case, as `http` stores names).
-pub const SIGNATURE_HEADER: &str = "x-twilio-signature";
+/// The header carrying the signature. A `HeaderName`, so a lookup or an
+/// insert needs no parse of the name.
+pub const SIGNATURE_HEADER: HeaderName = HeaderName::from_static("x-twilio-signature");
 /// The header naming the SharedKey and algorithm of a shared-key signature.
-pub const SETTINGS_HEADER: &str = "x-twilio-webhooks-signature-settings";
-
-/// [`SIGNATURE_HEADER`] as a header name, so a lookup needs no parse.
-pub const SIGNATURE_HEADER_NAME: HeaderName = HeaderName::from_static(SIGNATURE_HEADER);
-/// [`SETTINGS_HEADER`] as a header name.
-pub const SETTINGS_HEADER_NAME: HeaderName = HeaderName::from_static(SETTINGS_HEADER);
+pub const SETTINGS_HEADER: HeaderName =
+    HeaderName::from_static("x-twilio-webhooks-signature-settings");
 
 /// The query parameter Twilio adds to JSON webhooks (\[SEC\] "A few notes").
 pub const BODY_SHA256_PARAM: &str = "bodySHA256";
@@ -601,13 +598,13 @@ impl Verifier {
         headers: &HeaderMap,
         may_change: impl Fn(&str) -> bool,
     ) -> Result<Verified<'u>, SignatureError> {
-        let mut signatures = headers.get_all(&SIGNATURE_HEADER_NAME).iter();
+        let mut signatures = headers.get_all(&SIGNATURE_HEADER).iter();
         let signature = signatures.next().ok_or(SignatureError::Missing)?;
         if signatures.next().is_some() {
             return Err(SignatureError::Duplicate);
         }
 
-        let mut settings_values = headers.get_all(&SETTINGS_HEADER_NAME).iter();
+        let mut settings_values = headers.get_all(&SETTINGS_HEADER).iter();
         let settings = match settings_values.next() {
             None => None,
             Some(_) if settings_values.next().is_some() => {
@@ -1752,10 +1749,10 @@ mod tests {
         ) {
             let mut h = HeaderMap::new();
             if let Ok(value) = HeaderValue::from_bytes(&signature) {
-                h.insert(SIGNATURE_HEADER_NAME, value);
+                h.insert(SIGNATURE_HEADER, value);
             }
             if let Some(Ok(value)) = settings.map(|s| HeaderValue::from_bytes(&s)) {
-                h.insert(SETTINGS_HEADER_NAME, value);
+                h.insert(SETTINGS_HEADER, value);
             }
             let _ = with_shared_key().verify(&url, &params, &h);
         }

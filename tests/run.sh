@@ -46,7 +46,9 @@ echo "cargo $(cargo --version | cut -d' ' -f2), $("$PYTHON" --version), node $(n
 # SIGBUS half-way through clippy, which says nothing about the cause: say it
 # here instead.
 free_kib() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 { print $4 }'; }
-for dir in "$ROOT" "${CARGO_TARGET_DIR:-$ROOT}"; do
+disk_dirs=("$ROOT")
+[[ -z "${CARGO_TARGET_DIR:-}" ]] || disk_dirs+=("$CARGO_TARGET_DIR")
+for dir in "${disk_dirs[@]}"; do
   mkdir -p "$dir"
   free="$(free_kib "$dir")"
   [[ -n "$free" ]] || continue
