@@ -5,11 +5,11 @@
 //!   request that could not start on time because the connection was still
 //!   busy is timed from when it *should* have started, so a stall shows up
 //!   in every request it delayed. A request that starts late only because
-//!   this tool's timer woke late (tokio's timer ticks in whole
-//!   milliseconds) is timed from when it really started: that lateness is
-//!   the tool's, not the server's. One thread, hyper's HTTP/1.1 client,
-//!   keep-alive; about 5–10 µs of CPU per request (printed), against ~100
-//!   µs for `oha` on this machine (perf notes §A4).
+//!   this tool's sleep overshot is timed from when it really started: that
+//!   lateness is the tool's, not the server's. One thread per connection,
+//!   blocking sockets, keep-alive (so the sends stay spread as scheduled;
+//!   see [`rate`]); its CPU per request is printed (oha costs ~100 µs per
+//!   request on this machine, perf notes §A4).
 //! - `hold`: opens N keep-alive connections, sends one request on each, and
 //!   keeps them open, so the script can read the proxy's memory meanwhile.
 //! - `startup`: runs a command and reports the time until a URL answers 200.
@@ -39,7 +39,7 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let result = match args.first().map(String::as_str) {
-        Some("rate") if args.len() >= 6 => runtime.block_on(rate(&args[1..])),
+        Some("rate") if args.len() >= 6 => rate(&args[1..]),
         Some("hold") if args.len() >= 5 => runtime.block_on(hold(&args[1..])),
         Some("startup") if args.len() >= 4 => runtime.block_on(startup(&args[1..])),
         _ => Err("usage: see the header of bench/openloop.rs".to_string()),
@@ -97,6 +97,24 @@ impl Target {
         request
     }
 
+    /// The request as bytes on the wire, for [`rate`]'s blocking sockets.
+    fn raw_request(&self) -> Vec<u8> {
+        let mut head = format!("POST {} HTTP/1.1\r\n", self.uri);
+        if !self
+            .headers
+            .iter()
+            .any(|(name, _)| name == http::header::HOST)
+        {
+            head.push_str(&format!("Host: {}\r\n", self.addr));
+        }
+        for (name, value) in &self.headers {
+            let value = value.to_str().unwrap_or_default();
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", self.body.len()));
+        [head.as_bytes(), &self.body].concat()
+    }
+
     async fn connect(&self) -> Result<Sender, String> {
         let stream = TcpStream::connect(self.addr)
             .await
@@ -130,46 +148,64 @@ struct Samples {
     errors: u64,
 }
 
-async fn rate(args: &[String]) -> Result<(), String> {
+/// How long a socket read or write may wait before the request counts as
+/// failed.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Each connection runs on a thread of its own, with blocking sockets and
+/// `thread::sleep` to wait for its next send time. A sleep overshoots by
+/// tens of microseconds at most, so the connections' sends stay spread as
+/// scheduled. (The first version used tokio, whose timer fires in whole
+/// milliseconds: at 10,000/s it sent ten requests at once every
+/// millisecond, and what it measured was mostly how fast a burst of ten
+/// drains.)
+fn rate(args: &[String]) -> Result<(), String> {
     let target = Target::parse(&args[0], &args[1], &args[5..])?;
     let rate: f64 = args[2].parse().map_err(|_| "RATE must be a number")?;
     let connections: usize = args[3].parse().map_err(|_| "CONNECTIONS")?;
     let seconds: f64 = args[4].parse().map_err(|_| "SECONDS")?;
-    let target = std::sync::Arc::new(target);
     let period = Duration::from_secs_f64(connections as f64 / rate);
     let per_connection = (seconds * rate / connections as f64).floor() as u64;
+    let request: std::sync::Arc<[u8]> = target.raw_request().into();
 
-    let mut senders = Vec::with_capacity(connections);
+    let mut streams = Vec::with_capacity(connections);
     for _ in 0..connections {
-        senders.push(target.connect().await?);
+        streams.push(connect_blocking(target.addr)?);
     }
     let cpu_before = cpu_time();
     let start = Instant::now() + Duration::from_millis(20);
-    let tasks: Vec<_> = senders
+    let threads: Vec<_> = streams
         .into_iter()
         .enumerate()
-        .map(|(i, mut sender)| {
-            let target = target.clone();
+        .map(|(i, mut stream)| {
+            let (request, addr) = (request.clone(), target.addr);
             // Stagger the connections evenly over one period.
             let first = start + period.mul_f64(i as f64 / connections as f64);
-            tokio::spawn(async move {
+            std::thread::spawn(move || {
                 let mut samples = Samples {
                     latencies: Vec::with_capacity(per_connection as usize),
                     errors: 0,
                 };
+                let mut buf = vec![0u8; 16 * 1024];
                 let mut previous_done = Instant::now();
                 for k in 0..per_connection {
                     let intended = first + period.mul_f64(k as f64);
                     let busy_past_due = previous_done > intended;
-                    tokio::time::sleep_until(intended.into()).await;
+                    let now = Instant::now();
+                    if intended > now {
+                        std::thread::sleep(intended - now);
+                    }
                     let sent = Instant::now();
-                    let ok = exchange(&mut sender, target.request()).await;
+                    let ok = exchange_blocking(&mut stream, &request, &mut buf);
                     let done = Instant::now();
                     previous_done = done;
-                    if !ok {
+                    if !matches!(ok, Ok(true)) {
                         samples.errors += 1;
-                        if let Ok(fresh) = target.connect().await {
-                            sender = fresh;
+                        if ok.is_err() {
+                            match connect_blocking(addr) {
+                                Ok(fresh) => stream = fresh,
+                                Err(_) => continue,
+                            }
                         }
                         continue;
                     }
@@ -184,8 +220,8 @@ async fn rate(args: &[String]) -> Result<(), String> {
         .collect();
     let mut latencies = Vec::new();
     let mut errors = 0;
-    for task in tasks {
-        let samples = task.await.map_err(|e| e.to_string())?;
+    for thread in threads {
+        let samples = thread.join().map_err(|_| "a connection thread panicked")?;
         latencies.extend(samples.latencies);
         errors += samples.errors;
     }
@@ -214,6 +250,74 @@ async fn rate(args: &[String]) -> Result<(), String> {
         cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
     );
     Ok(())
+}
+
+fn connect_blocking(addr: SocketAddr) -> Result<std::net::TcpStream, String> {
+    let stream = std::net::TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+        .map_err(|e| format!("socket timeouts: {e}"))?;
+    Ok(stream)
+}
+
+/// Sends `request` and reads one response (its length from
+/// `Content-Length`; the servers measured all send one): `Ok(true)` for a
+/// 2xx, `Ok(false)` for any other status, `Err` when the connection is no
+/// longer usable.
+fn exchange_blocking(
+    stream: &mut std::net::TcpStream,
+    request: &[u8],
+    buf: &mut [u8],
+) -> std::io::Result<bool> {
+    use std::io::{Error, ErrorKind, Read, Write};
+    stream.write_all(request)?;
+    let mut filled = 0;
+    let (head, length, ok) = loop {
+        if filled == buf.len() {
+            return Err(Error::other("response head larger than the buffer"));
+        }
+        match stream.read(&mut buf[filled..])? {
+            0 => return Err(ErrorKind::UnexpectedEof.into()),
+            n => filled += n,
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf[..filled]).map_err(Error::other)? {
+            httparse::Status::Partial => continue,
+            httparse::Status::Complete(head) => {
+                let length = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .ok_or_else(|| Error::other("response without Content-Length"))?;
+                let ok = response.code.is_some_and(|code| (200..300).contains(&code));
+                break (head, length, ok);
+            }
+        }
+    };
+    // Requests are not pipelined: nothing may follow this response's body.
+    let mut remaining = match (head + length).checked_sub(filled) {
+        Some(remaining) => remaining,
+        None => return Err(Error::other("bytes after the response")),
+    };
+    while remaining > 0 {
+        let chunk = remaining.min(buf.len());
+        match stream.read(&mut buf[..chunk])? {
+            0 => return Err(ErrorKind::UnexpectedEof.into()),
+            n => remaining -= n,
+        }
+    }
+    Ok(ok)
 }
 
 async fn hold(args: &[String]) -> Result<(), String> {
@@ -297,4 +401,54 @@ fn cpu_time() -> Duration {
     // utime and stime are fields 14 and 15 of stat: indices 11 and 12 here.
     let per_second = 100; // USER_HZ on Linux
     Duration::from_millis((ticks(11) + ticks(12)) * 1000 / per_second)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// `exchange_blocking` against a server that answers each request with
+    /// `answer`, written in two parts so the head arrives split.
+    fn answered(answer: &'static [u8]) -> std::io::Result<bool> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut request = [0u8; 256];
+            let _ = socket.read(&mut request).unwrap();
+            let (first, rest) = answer.split_at(answer.len() / 3);
+            socket.write_all(first).unwrap();
+            socket.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+            socket.write_all(rest).unwrap();
+        });
+        let mut stream = connect_blocking(addr).unwrap();
+        let mut buf = vec![0u8; 64];
+        let result = exchange_blocking(&mut stream, b"GET / HTTP/1.1\r\n\r\n", &mut buf);
+        server.join().unwrap();
+        result
+    }
+
+    #[test]
+    fn reads_a_whole_response_split_across_reads_and_larger_than_the_buffer() {
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n\
+            0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789";
+        assert!(answered(answer).unwrap());
+    }
+
+    #[test]
+    fn a_status_outside_2xx_is_a_failed_request_on_a_usable_connection() {
+        assert!(!answered(b"HTTP/1.1 503 Unavailable\r\ncontent-length: 2\r\n\r\nno").unwrap());
+    }
+
+    #[test]
+    fn refuses_responses_it_cannot_frame() {
+        assert!(
+            answered(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").is_err()
+        );
+        assert!(answered(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA").is_err());
+        assert!(answered(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nshort").is_err());
+    }
 }
