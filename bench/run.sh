@@ -398,14 +398,17 @@ minmax() { sort -g | awk 'NR == 1 { min = $1 } { max = $1 } END { print min " " 
 col() { # file filter-regex key
     grep -E "$2" "$1" | sed -n "s/.* $3=\([^ ]*\).*/\1/p"
 }
-ratio_rounds() { # key numerator denominator-expression(awk over a b c)
-    local key=$1
-    for round in $(seq "$ROUNDS"); do
+# One ratio per round: an awk expression over i, n, h and b (ivrguard,
+# nginx, HAProxy, backend), from the saturation rounds or, given a file,
+# a line prefix and a round count, from those.
+ratio_rounds() { # key expression [file prefix rounds]
+    local key=$1 file=${3:-$RESULTS} prefix=${4:-} rounds=${5:-$ROUNDS}
+    for round in $(seq "$rounds"); do
         local i n h b
-        i=$(col "$RESULTS" "^round=$round target=ivrguard " "$key")
-        n=$(col "$RESULTS" "^round=$round target=nginx " "$key")
-        h=$(col "$RESULTS" "^round=$round target=haproxy " "$key")
-        b=$(col "$RESULTS" "^round=$round target=backend " "$key")
+        i=$(col "$file" "^${prefix}round=$round target=ivrguard " "$key")
+        n=$(col "$file" "^${prefix}round=$round target=nginx " "$key")
+        h=$(col "$file" "^${prefix}round=$round target=haproxy " "$key")
+        b=$(col "$file" "^${prefix}round=$round target=backend " "$key")
         awk -v i="$i" -v n="$n" -v h="$h" -v b="$b" "BEGIN { print $2 }"
     done
 }
@@ -431,9 +434,9 @@ bad=$(grep -Ev 'non2xx=0 sockerr=0' "$RESULTS" || true)
 [ -n "$bad" ] && echo "INVALID: non-2xx or socket errors in: $bad"
 echo
 echo "ratios, per round (same minutes), min / median / max:"
-show_ratio() {
+show_ratio() { # label key expression [file prefix rounds]
     local r
-    r=$(ratio_rounds "$2" "$3")
+    r=$(ratio_rounds "${@:2}")
     printf '  %-44s %s / %s / %s\n' "$1" $(minmax <<<"$r" | cut -d' ' -f1) "$(median <<<"$r")" $(minmax <<<"$r" | cut -d' ' -f2)
 }
 show_ratio "throughput ivrguard / nginx" rps "i / n"
@@ -462,6 +465,11 @@ for rate in $RATES; do
     done
 done
 echo "  (median across $FIXED_ROUNDS rounds; every round: $(awk '{print $3}' "$FIXED" | sort | uniq -c | tr '\n' ' '))"
+echo "  ratios, per round, min / median / max:"
+for rate in $RATES; do
+    show_ratio "p50 at $rate/s ivrguard / better of the two" p50_ms "i / (n < h ? n : h)" "$FIXED" "rate=$rate " "$FIXED_ROUNDS"
+    show_ratio "p99 at $rate/s ivrguard / better of the two" p99_ms "i / (n < h ? n : h)" "$FIXED" "rate=$rate " "$FIXED_ROUNDS"
+done
 echo
 echo "memory and start-up (ivrguard):"
 echo "  idle RSS after start-up:                     $((IDLE_RSS / 1024)) MiB ($IDLE_RSS KiB)"
