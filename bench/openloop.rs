@@ -99,20 +99,22 @@ impl Target {
 
     /// The request as bytes on the wire, for [`rate`]'s blocking sockets.
     fn raw_request(&self) -> Vec<u8> {
-        let mut head = format!("POST {} HTTP/1.1\r\n", self.uri);
+        let mut wire = format!("POST {} HTTP/1.1\r\n", self.uri).into_bytes();
         if !self
             .headers
             .iter()
             .any(|(name, _)| name == http::header::HOST)
         {
-            head.push_str(&format!("Host: {}\r\n", self.addr));
+            wire.extend_from_slice(format!("Host: {}\r\n", self.addr).as_bytes());
         }
         for (name, value) in &self.headers {
-            let value = value.to_str().unwrap_or_default();
-            head.push_str(&format!("{name}: {value}\r\n"));
+            for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+                wire.extend_from_slice(part);
+            }
         }
-        head.push_str(&format!("Content-Length: {}\r\n\r\n", self.body.len()));
-        [head.as_bytes(), &self.body].concat()
+        wire.extend_from_slice(format!("Content-Length: {}\r\n\r\n", self.body.len()).as_bytes());
+        wire.extend_from_slice(&self.body);
+        wire
     }
 
     async fn connect(&self) -> Result<Sender, String> {
@@ -201,10 +203,10 @@ fn rate(args: &[String]) -> Result<(), String> {
                     previous_done = done;
                     if !matches!(ok, Ok(true)) {
                         samples.errors += 1;
+                        // The connection is unusable after an I/O error.
                         if ok.is_err() {
-                            match connect_blocking(addr) {
-                                Ok(fresh) => stream = fresh,
-                                Err(_) => continue,
+                            if let Ok(fresh) = connect_blocking(addr) {
+                                stream = fresh;
                             }
                         }
                         continue;
@@ -429,6 +431,24 @@ mod tests {
         let result = exchange_blocking(&mut stream, b"GET / HTTP/1.1\r\n\r\n", &mut buf);
         server.join().unwrap();
         result
+    }
+
+    #[test]
+    fn the_raw_request_carries_the_headers_a_host_and_the_body_length() {
+        let body = std::env::temp_dir().join(format!("openloop-test-{}", std::process::id()));
+        std::fs::write(&body, b"a=1&b=2").unwrap();
+        let headers = ["X-Twilio-Signature: abc=".to_string()];
+        let target = Target::parse(
+            "http://127.0.0.1:9/ivr?x=1",
+            body.to_str().unwrap(),
+            &headers,
+        );
+        std::fs::remove_file(&body).unwrap();
+        assert_eq!(
+            String::from_utf8(target.unwrap().raw_request()).unwrap(),
+            "POST /ivr?x=1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nx-twilio-signature: abc=\r\n\
+             Content-Length: 7\r\n\r\na=1&b=2"
+        );
     }
 
     #[test]
