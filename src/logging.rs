@@ -19,11 +19,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use regex::bytes::Regex;
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
+use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, WorkerGuard};
+use tracing_subscriber::filter::{filter_fn, FilterFn};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
@@ -511,6 +514,21 @@ pub fn init(settings: &LogSettings) -> LogHandle {
     init_with(settings, io::stdout())
 }
 
+/// Other crates' events and spans at `info` and above only, whatever
+/// `log.level` asks for. Below that, the HTTP libraries describe what the
+/// peer sent: h2 logs a `:path` it refuses, query and all, at `debug`,
+/// before ivrguard has seen the request, let alone redacted it. ivrguard's
+/// own events (targets `ivrguard` and `ivrguard::…`) follow `log.level`.
+pub fn dependencies_at_info() -> FilterFn<fn(&Metadata<'_>) -> bool> {
+    filter_fn(|meta| *meta.level() <= Level::INFO || is_ours(meta.target()))
+}
+
+fn is_ours(target: &str) -> bool {
+    target
+        .strip_prefix("ivrguard")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+}
+
 /// Installs the global subscriber writing scrubbed lines to `out` through
 /// the bounded non-blocking queue. The demo passes a capturing writer.
 pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> LogHandle {
@@ -528,8 +546,16 @@ pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> L
         .with_writer(make_writer);
     // A second init in one process keeps the first subscriber.
     let _ = match settings.format {
-        LogFormat::Json => builder.event_format(JsonLines).try_init(),
-        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Json => builder
+            .event_format(JsonLines)
+            .finish()
+            .with(dependencies_at_info())
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(false)
+            .finish()
+            .with(dependencies_at_info())
+            .try_init(),
     };
     LogHandle {
         _guard: guard,
@@ -683,6 +709,31 @@ mod tests {
         for line in ours.lines() {
             serde_json::from_str::<serde_json::Value>(line).expect("valid JSON");
         }
+    }
+
+    #[test]
+    fn other_crates_log_at_info_and_above_only_whatever_the_level() {
+        let out = Capture::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(JsonLines)
+            .with_env_filter(EnvFilter::new("trace"))
+            .with_writer(move || writer.clone())
+            .finish()
+            .with(dependencies_at_info());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::debug!(target: "h2::server", "dropped: h2 debug");
+            tracing::trace!(target: "hyper::proto::h1::io", "dropped: hyper trace");
+            tracing::debug!(target: "ivrguardian", "dropped: a crate named alike");
+            tracing::info!(target: "hyper_util::client", "kept: dependency info");
+            tracing::warn!(target: "h2::proto", "kept: dependency warn");
+            tracing::trace!(target: "ivrguard", "kept: ours at trace");
+            tracing::debug!(target: "ivrguard::upstream", "kept: ours at debug");
+            tracing::trace!("kept: this module's own target");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("dropped"), "{text}");
+        assert_eq!(text.matches("kept").count(), 5, "{text}");
     }
 
     #[test]

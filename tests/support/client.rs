@@ -280,3 +280,59 @@ fn parse_one(raw: &[u8]) -> Option<(HttpResponse, usize)> {
         end,
     ))
 }
+
+/// Sends one HTTP/2 (cleartext, prior knowledge) request of just `fields`
+/// (pseudo-headers first, as given) and no body, written by hand so that
+/// values no HTTP library would send (a space in `:path`) go out as they
+/// are: the preface, an empty SETTINGS frame, and one HEADERS frame
+/// (END_STREAM | END_HEADERS) whose HPACK block is literal fields, never
+/// indexed, no Huffman coding. Returns every byte the server sent until it
+/// closed the connection or 2 s passed.
+pub async fn h2_raw_headers(addr: SocketAddr, fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x10); // literal header field never indexed, new name
+        hpack_string(&mut block, name.as_bytes());
+        hpack_string(&mut block, value.as_bytes());
+    }
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2_frame(&mut bytes, 0x4, 0, 0, &[]); // SETTINGS
+    h2_frame(&mut bytes, 0x1, 0x5, 1, &block); // HEADERS, stream 1
+    let mut stream = TcpStream::connect(addr).await.expect("connect to ivrguard");
+    stream.write_all(&bytes).await.expect("send the h2 request");
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            received.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    received
+}
+
+/// An HPACK string literal without Huffman coding: the length as an
+/// integer with a 7-bit prefix (RFC 7541 §5.1), then the bytes.
+fn hpack_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut len = bytes.len();
+    if len < 0x7f {
+        out.push(len as u8);
+    } else {
+        out.push(0x7f);
+        len -= 0x7f;
+        while len >= 0x80 {
+            out.push((len % 0x80) as u8 | 0x80);
+            len /= 0x80;
+        }
+        out.push(len as u8);
+    }
+    out.extend_from_slice(bytes);
+}
+
+/// One HTTP/2 frame: 24-bit length, type, flags, 31-bit stream id, payload.
+fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
