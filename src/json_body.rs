@@ -2,8 +2,9 @@
 //! scheme).
 //!
 //! A JSON body is forwarded byte for byte unless it contains a configured
-//! field name as an object key, at any depth, with a string or number value.
-//! Then each such value becomes its ciphertext (a JSON string), the body is
+//! field name as an object key, at any depth. Then every string and number
+//! in that key's value (the value itself, or each one inside an array or
+//! object under it) becomes its ciphertext (a JSON string), the body is
 //! re-serialised (key order kept, whitespace compacted, numbers with the
 //! digits they were sent with), and the pipeline
 //! replaces `bodySHA256` in the query with the new body's hash before
@@ -44,7 +45,7 @@ pub fn rewrite(
         fields: Vec::new(),
         count: 0,
     };
-    walk(&mut value, fields, &mut encrypt, &mut out, 0)?;
+    walk(&mut value, fields, None, &mut encrypt, &mut out, 0)?;
     if out.count == 0 {
         return Ok(None);
     }
@@ -52,9 +53,15 @@ pub fn rewrite(
     Ok(Some(out))
 }
 
+/// Encrypts every string and number under a configured key, at any depth:
+/// the key's value itself, or each one inside an array or object under it
+/// (a repeated `Digits`, a structured `TranscriptionData`), which keeps its
+/// shape and its keys. `null` and booleans are left as they are. `under`
+/// is the configured key the value sits under, if any.
 fn walk(
     value: &mut Value,
     fields: &FieldSet,
+    under: Option<&str>,
     encrypt: &mut impl FnMut(&[u8]) -> String,
     out: &mut Rewritten,
     depth: usize,
@@ -65,31 +72,30 @@ fn walk(
     match value {
         Value::Object(map) => {
             for (key, v) in map.iter_mut() {
-                let plain = match v {
-                    Value::String(s) if fields.contains(key) => {
-                        Some(std::mem::take(s).into_bytes())
-                    }
-                    Value::Number(n) if fields.contains(key) => Some(n.to_string().into_bytes()),
-                    _ => None,
-                };
-                match plain {
-                    Some(plain) => {
-                        *v = Value::String(encrypt(&plain));
-                        out.count += 1;
-                        if !out.fields.iter().any(|f| f == key) {
-                            out.fields.push(key.clone());
-                        }
-                    }
-                    None => walk(v, fields, encrypt, out, depth + 1)?,
-                }
+                let under = under.or_else(|| fields.contains(key).then_some(key.as_str()));
+                walk(v, fields, under, encrypt, out, depth + 1)?;
             }
         }
         Value::Array(items) => {
             for item in items {
-                walk(item, fields, encrypt, out, depth + 1)?;
+                walk(item, fields, under, encrypt, out, depth + 1)?;
             }
         }
-        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+        Value::String(_) | Value::Number(_) => {
+            if let Some(name) = under {
+                let plain = match std::mem::take(value) {
+                    Value::String(s) => s.into_bytes(),
+                    // A number's text as it was sent (`arbitrary_precision`).
+                    number => number.to_string().into_bytes(),
+                };
+                *value = Value::String(encrypt(&plain));
+                out.count += 1;
+                if !out.fields.iter().any(|f| f == name) {
+                    out.fields.push(name.to_owned());
+                }
+            }
+        }
+        Value::Null | Value::Bool(_) => {}
     }
     Ok(())
 }
@@ -127,6 +133,34 @@ mod tests {
         );
         assert_eq!(out.fields, ["Digits", "SpeechResult"]);
         assert_eq!(out.count, 3);
+    }
+
+    #[test]
+    fn encrypts_every_string_and_number_inside_an_array_or_object_under_a_configured_key() {
+        // Found in review: these reached the app in plaintext.
+        let body = br#"{"Digits":["1234",5678,null,true,[["90"]]],"SpeechResult":{"text":"my pin","confidence":0.9,"words":[{"w":"pin"}]},"other":["1234"]}"#;
+        let out = rewrite(body, &fields(), fake).unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(out.bytes).unwrap(),
+            r#"{"Digits":["enc(1234)","enc(5678)",null,true,[["enc(90)"]]],"SpeechResult":{"text":"enc(my pin)","confidence":"enc(0.9)","words":[{"w":"enc(pin)"}]},"other":["1234"]}"#
+        );
+        assert_eq!(out.fields, ["Digits", "SpeechResult"]);
+        assert_eq!(out.count, 6);
+        // An empty array or object under a configured key has nothing to hide.
+        assert!(
+            rewrite(br#"{"Digits":[],"SpeechResult":{}}"#, &fields(), fake)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn refuses_a_configured_key_whose_value_nests_too_deep() {
+        let deep = format!(r#"{{"Digits":{}"1"{}}}"#, "[".repeat(70), "]".repeat(70));
+        assert_eq!(
+            rewrite(deep.as_bytes(), &fields(), fake).unwrap_err(),
+            NotJson
+        );
     }
 
     #[test]

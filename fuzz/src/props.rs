@@ -656,9 +656,10 @@ pub fn config_load(data: &[u8]) {
 ///
 /// - not JSON (by `serde_json`) ⇔ `Err`, or the JSON nests deeper than the
 ///   walk allows;
-/// - `Ok(None)` ⇔ no sensitive key holds a string or a number;
+/// - `Ok(None)` ⇔ no string or number sits under a sensitive key (as its
+///   value, or anywhere inside an array or object that is);
 /// - otherwise the output is JSON of the same shape, key order kept; each
-///   sensitive string or number became a hex string that decrypts to the
+///   such string or number became a hex string that decrypts to the
 ///   string's bytes or the number's text as sent (it occurs in the input);
 ///   everything else is equal;
 ///   `count` and `fields` are right.
@@ -673,7 +674,7 @@ pub fn json_rewrite(data: &[u8]) {
         return;
     };
     let mut expected = JsonExpect::default();
-    json_expect(&original, fields, 0, &mut expected);
+    json_expect(&original, fields, None, 0, &mut expected);
     let rewritten = match result {
         Err(_) => {
             assert!(expected.too_deep, "rewrite refused JSON of allowed depth");
@@ -692,7 +693,7 @@ pub fn json_rewrite(data: &[u8]) {
     assert_eq!(rw.count, expected.count, "count");
     assert_eq!(rw.fields, expected.fields, "fields");
     let out: Value = serde_json::from_slice(&rw.bytes).expect("the output is JSON");
-    json_compare(data, &original, &out, fields, cipher);
+    json_compare(data, &original, &out, fields, None, cipher);
 }
 
 /// Deepest nesting `json_body` walks before refusing (its `MAX_DEPTH`).
@@ -705,12 +706,21 @@ struct JsonExpect {
     too_deep: bool,
 }
 
-fn json_sensitive_leaf(key: &str, value: &serde_json::Value, fields: &FieldSet) -> bool {
-    fields.contains(key) && (value.is_string() || value.is_number())
+/// The configured key a value sits under: `under` if already inside one,
+/// else `key` if it is configured.
+fn json_under<'k>(under: Option<&'k str>, key: &'k str, fields: &FieldSet) -> Option<&'k str> {
+    under.or_else(|| fields.contains(key).then_some(key))
 }
 
-/// What the walk should find: every value it visits is at `depth`.
-fn json_expect(value: &serde_json::Value, fields: &FieldSet, depth: usize, out: &mut JsonExpect) {
+/// What the walk should find: every value it visits is at `depth`; every
+/// string and number under a configured key (`under`) is sensitive.
+fn json_expect(
+    value: &serde_json::Value,
+    fields: &FieldSet,
+    under: Option<&str>,
+    depth: usize,
+    out: &mut JsonExpect,
+) {
     use serde_json::Value;
     if depth > JSON_MAX_DEPTH {
         out.too_deep = true;
@@ -719,22 +729,23 @@ fn json_expect(value: &serde_json::Value, fields: &FieldSet, depth: usize, out: 
     match value {
         Value::Object(map) => {
             for (key, v) in map {
-                if json_sensitive_leaf(key, v, fields) {
-                    out.count += 1;
-                    if !out.fields.contains(key) {
-                        out.fields.push(key.clone());
-                    }
-                } else {
-                    json_expect(v, fields, depth + 1, out);
-                }
+                json_expect(v, fields, json_under(under, key, fields), depth + 1, out);
             }
         }
         Value::Array(items) => {
             for item in items {
-                json_expect(item, fields, depth + 1, out);
+                json_expect(item, fields, under, depth + 1, out);
             }
         }
-        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+        Value::Number(_) | Value::String(_) => {
+            if let Some(name) = under {
+                out.count += 1;
+                if !out.fields.iter().any(|f| f == name) {
+                    out.fields.push(name.to_owned());
+                }
+            }
+        }
+        Value::Null | Value::Bool(_) => {}
     }
 }
 
@@ -743,6 +754,7 @@ fn json_compare(
     original: &serde_json::Value,
     out: &serde_json::Value,
     fields: &FieldSet,
+    under: Option<&str>,
     cipher: &FieldCipher,
 ) {
     use serde_json::Value;
@@ -750,35 +762,35 @@ fn json_compare(
         (Value::Object(a), Value::Object(b)) => {
             assert!(a.keys().eq(b.keys()), "keys and their order are kept");
             for ((key, va), vb) in a.iter().zip(b.values()) {
-                if json_sensitive_leaf(key, va, fields) {
-                    let plain = match va {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    let hex = vb.as_str().expect("a sensitive value becomes a string");
-                    assert!(is_lower_hex(hex.as_bytes()), "ciphertext is hex");
-                    let got = cipher.decrypt_hex(hex.as_bytes()).expect("it decrypts");
-                    assert_eq!(got.as_slice(), plain.as_bytes(), "decrypts to the value");
-                    if va.is_number() {
-                        // The app must get the digits the caller sent: the
-                        // number's text is in the input (serde_json spells
-                        // an exponent `e+3`/`e-3`, the input may say `E3`).
-                        assert!(
-                            number_spellings(&plain)
-                                .iter()
-                                .any(|t| input.windows(t.len()).any(|w| w == t.as_bytes())),
-                            "a sensitive number decrypts to text that is not in the input"
-                        );
-                    }
-                } else {
-                    json_compare(input, va, vb, fields, cipher);
-                }
+                let under = json_under(under, key, fields);
+                json_compare(input, va, vb, fields, under, cipher);
             }
         }
         (Value::Array(a), Value::Array(b)) => {
             assert_eq!(a.len(), b.len(), "array length");
             for (va, vb) in a.iter().zip(b) {
-                json_compare(input, va, vb, fields, cipher);
+                json_compare(input, va, vb, fields, under, cipher);
+            }
+        }
+        (va @ (Value::String(_) | Value::Number(_)), vb) if under.is_some() => {
+            let plain = match va {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let hex = vb.as_str().expect("a sensitive value becomes a string");
+            assert!(is_lower_hex(hex.as_bytes()), "ciphertext is hex");
+            let got = cipher.decrypt_hex(hex.as_bytes()).expect("it decrypts");
+            assert_eq!(got.as_slice(), plain.as_bytes(), "decrypts to the value");
+            if va.is_number() {
+                // The app must get the digits the caller sent: the number's
+                // text is in the input (serde_json spells an exponent
+                // `e+3`/`e-3`, the input may say `E3`).
+                assert!(
+                    number_spellings(&plain)
+                        .iter()
+                        .any(|t| input.windows(t.len()).any(|w| w == t.as_bytes())),
+                    "a sensitive number decrypts to text that is not in the input"
+                );
             }
         }
         (a, b) => assert_eq!(a, b, "non-sensitive values are kept"),
