@@ -535,32 +535,64 @@ enum SignedContent {
 
 impl SignedContent {
     /// A body ivrguard cannot inspect for sensitive fields is refused (415)
-    /// rather than forwarded with plaintext in it.
+    /// rather than forwarded with plaintext in it. The app reads a body by
+    /// its `Content-Type` and `Content-Encoding`, so ivrguard reads it the
+    /// same way or not at all.
     fn classify(parts: &Parts, body: &[u8]) -> Result<Self, Rejection> {
+        // Twilio never compresses a webhook; an app that inflates a body
+        // would read what ivrguard could not.
+        if has_content_coding(parts) {
+            return Err(Rejection::UnsupportedMediaType);
+        }
+        let media_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| essence(v.as_bytes()));
         // A duplicated `bodySHA256` also lands here; `verify` refuses it.
         let has_body_hash = !matches!(
             signature::body_sha256_param(parts.uri.query().unwrap_or("")),
             Ok(None)
         );
         if has_body_hash {
-            return Ok(SignedContent::BodyHash);
+            // Twilio adds `bodySHA256` to JSON requests only, and only JSON
+            // is rewritten under it: a form-typed body signed this way
+            // would reach the app's form parser as it was sent.
+            return match body.is_empty() || media_type.is_some_and(is_json) {
+                true => Ok(SignedContent::BodyHash),
+                false => Err(Rejection::UnsupportedMediaType),
+            };
         }
-        let content_type = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.as_bytes());
-        let is_form = content_type.is_some_and(|ct| {
-            let essence = ct.split(|b| *b == b';').next().unwrap_or_default();
-            essence
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
-        });
+        let is_form = media_type
+            .is_some_and(|t| t.eq_ignore_ascii_case(b"application/x-www-form-urlencoded"));
         match (is_form, body.is_empty()) {
             (true, _) => Ok(SignedContent::Form),
             (false, true) => Ok(SignedContent::None),
             (false, false) => Err(Rejection::UnsupportedMediaType),
         }
     }
+}
+
+/// A media type without its parameters: `application/json` of
+/// `application/json; charset=utf-8`.
+fn essence(content_type: &[u8]) -> &[u8] {
+    let until_parameters = content_type.split(|b| *b == b';').next();
+    until_parameters.unwrap_or_default().trim_ascii()
+}
+
+/// `application/json` or a structured `application/…+json` type.
+fn is_json(media_type: &[u8]) -> bool {
+    let lower = media_type.to_ascii_lowercase();
+    lower == b"application/json"
+        || (lower.starts_with(b"application/") && lower.ends_with(b"+json"))
+}
+
+/// Whether `Content-Encoding` names any coding but `identity`.
+fn has_content_coding(parts: &Parts) -> bool {
+    let codings = parts.headers.get_all(header::CONTENT_ENCODING).iter();
+    codings
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"))
 }
 
 /// Twilio sends GET and POST; nothing else is a webhook. HTTP/1 requests in

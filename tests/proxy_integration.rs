@@ -632,9 +632,12 @@ async fn encrypts_sensitive_keys_in_body_sha256_json_and_rehashes() {
     let h = harness(Behaviour::Twiml, |_| {}).await;
     let canaries = Canaries::generate();
     let sid = random_sid("CA");
+    // Under a configured key, every string and number is encrypted, in
+    // arrays and objects too (found in review: those reached the app).
     let body = format!(
-        r#"{{"CallSid":"{sid}","Digits":"{}","nested":{{"SpeechResult":"{}","n":[1,2]}}}}"#,
-        canaries.pin, canaries.speech
+        r#"{{"CallSid":"{sid}","Digits":"{pin}","nested":{{"SpeechResult":"{speech}","n":[1,2]}},"more":[{{"Digits":["{pin}",{pin}]}},{{"SpeechResult":{{"transcript":"{speech}","confidence":0.93,"final":true}}}}]}}"#,
+        pin = canaries.pin,
+        speech = canaries.speech
     );
     let target = format!("/events?bodySHA256={}", sha256_hex(body.as_bytes()));
 
@@ -654,6 +657,15 @@ async fn encrypts_sensitive_keys_in_body_sha256_json_and_rehashes() {
     assert_eq!(decrypt(&got["nested"]["SpeechResult"]), canaries.speech);
     assert_eq!(got["CallSid"], sid.as_str());
     assert_eq!(got["nested"]["n"], serde_json::json!([1, 2]));
+    let more = &got["more"];
+    assert_eq!(decrypt(&more[0]["Digits"][0]), canaries.pin);
+    assert_eq!(decrypt(&more[0]["Digits"][1]), canaries.pin);
+    assert_eq!(
+        decrypt(&more[1]["SpeechResult"]["transcript"]),
+        canaries.speech
+    );
+    assert_eq!(decrypt(&more[1]["SpeechResult"]["confidence"]), "0.93");
+    assert_eq!(more[1]["SpeechResult"]["final"], true);
     // The app can still check the body against a signed bodySHA256.
     assert_eq!(r.path(), "/events");
     assert_eq!(
@@ -673,6 +685,84 @@ async fn encrypts_sensitive_keys_in_body_sha256_json_and_rehashes() {
     let line = h.proxy.only_access().await;
     assert_eq!(line["signature"], "valid");
     assert_eq!(encrypted_fields(&line), ["Digits", "SpeechResult"]);
+}
+
+/// Found in review: with `bodySHA256` the body was read as JSON whatever
+/// its type, so a body that is JSON to ivrguard but a form to the app
+/// (`"&Digits=1234&"`) went through as sent, with its form type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_body_sha256_body_that_is_not_typed_as_json() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let c = Canaries::generate();
+    let body = format!(r#""&Digits={}&""#, c.pin);
+    let target = format!("/events?bodySHA256={}", sha256_hex(body.as_bytes()));
+    let token = h.proxy.secrets.token.clone();
+    let typed = |content_type: Option<&str>| {
+        let request = RawRequest::new("POST", &target, HOST)
+            .header("X-Twilio-Signature", sign_url(&token, &target))
+            .body(&body);
+        match content_type {
+            Some(t) => request.header("Content-Type", t),
+            None => request,
+        }
+    };
+
+    for content_type in [Some(FORM), Some("text/plain"), None] {
+        let response = client::send(h.proxy.addr, &typed(content_type)).await;
+        assert_eq!(
+            response.status,
+            415,
+            "{content_type:?}: {}",
+            response.text()
+        );
+    }
+    // JSON types, structured ones included, are read as JSON.
+    for content_type in [
+        "application/json",
+        "Application/JSON; charset=utf-8",
+        "application/vnd.twilio.event+json",
+    ] {
+        let response = client::send(h.proxy.addr, &typed(Some(content_type))).await;
+        assert_eq!(response.status, 200, "{content_type}: {}", response.text());
+    }
+
+    let lines = h.proxy.wait_access(6).await;
+    for line in &lines[..3] {
+        assert_eq!(line["reason"], "unsupported_media_type", "{line}");
+    }
+    // The three JSON bodies are a JSON string without configured keys:
+    // forwarded as they are, and read by the app as JSON.
+    let received = h.backend.wait_for_requests(3).await;
+    assert_eq!(
+        received.len(),
+        3,
+        "only the JSON-typed requests reach the app"
+    );
+}
+
+/// Found in review: a deflated body went through unread, and an app that
+/// inflates bodies (Express does) read a plaintext `Digits` in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_body_in_any_content_coding() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    for coding in ["gzip", "deflate", "identity, br", "x-custom"] {
+        let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body)
+            .header("Content-Encoding", coding);
+        let response = client::send(h.proxy.addr, &request).await;
+        assert_eq!(response.status, 415, "{coding}: {}", response.text());
+    }
+    // `identity` is no coding at all.
+    let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body)
+        .header("Content-Encoding", "identity");
+    let response = client::send(h.proxy.addr, &request).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+
+    let lines = h.proxy.wait_access(5).await;
+    for line in &lines[..4] {
+        assert_eq!(line["reason"], "unsupported_media_type", "{line}");
+    }
+    assert_eq!(h.backend.wait_for_requests(1).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
