@@ -368,52 +368,64 @@ pub struct SignatureSettings<'a> {
     pub algorithm: Algorithm,
 }
 
+/// What a settings header says: `Ok(None)` is the auth-token scheme.
+pub type ParsedSettings<'a> = Result<Option<SignatureSettings<'a>>, SignatureError>;
+
 /// Parses `X-Twilio-Webhooks-Signature-Settings: key=<id>,algorithm=<alg>`.
 ///
-/// twilio-python 9.13.0 (`get_signature_algorithm`) reads only `algorithm`,
-/// trims whitespace everywhere, upper-cases the value, lets the first
-/// `algorithm` win and treats an empty header as the auth-token scheme. We
-/// keep its meaning but not its leniency, because this header chooses which
-/// secret is trusted:
+/// As lenient as twilio-python 9.13.0 (`get_signature_algorithm`) where
+/// that cannot change which secret is trusted, so that Twilio adding an
+/// element to this (beta) header does not turn every webhook into a 403:
 ///
-/// - the value is a comma-separated list of `name=value` elements; spaces or
-///   tabs around an element are allowed (HTTP list syntax), nowhere else;
-/// - names are exactly `key` and `algorithm` (case-sensitive), each at most
-///   once; any other name, an empty element or a second `=` is
-///   [`SignatureError::MalformedSettings`];
-/// - `key` is required and non-empty (an empty header never means "use the
-///   auth token"); its value is taken verbatim;
-/// - `algorithm` is exactly `HMAC_SHA1` or `HMAC_SHA256` (case-sensitive, as
-///   Twilio sends it); any other value is [`SignatureError::UnknownAlgorithm`];
-///   absent, it is `HMAC_SHA1`, as in Python.
-pub fn parse_settings_header(value: &[u8]) -> Result<SignatureSettings<'_>, SignatureError> {
+/// - the value is a comma-separated list of `name=value` elements; spaces
+///   and tabs around elements, names and values are ignored, and so are
+///   empty elements;
+/// - elements other than `key` and `algorithm` (names are case-sensitive),
+///   and elements without `=`, are ignored;
+/// - `key` is taken verbatim and must not be empty or hold `=`, a space or
+///   a tab; `key` or `algorithm` twice is
+///   [`SignatureError::MalformedSettings`] (which would win is ambiguous);
+/// - `algorithm` is `HMAC_SHA1` or `HMAC_SHA256` in any case (Python
+///   upper-cases it); any other value is [`SignatureError::UnknownAlgorithm`];
+///   empty or absent, it is `HMAC_SHA1`, as in Python;
+/// - with neither `key` nor `algorithm` (an empty header), it is
+///   `Ok(None)`: the auth-token scheme, as in Python and as if the header
+///   were absent. With an algorithm but no key, no secret can be chosen:
+///   [`SignatureError::MalformedSettings`].
+pub fn parse_settings_header(value: &[u8]) -> ParsedSettings<'_> {
     let text = std::str::from_utf8(value).map_err(|_| SignatureError::MalformedSettings)?;
-    let mut key_id = None;
-    let mut algorithm = None;
+    let (mut key_id, mut algorithm) = (None, None);
     for element in text.split(',') {
-        let element = element.trim_matches([' ', '\t']);
-        let (name, value) = element
-            .split_once('=')
-            .ok_or(SignatureError::MalformedSettings)?;
-        if value.is_empty() || value.contains(['=', ' ', '\t']) {
-            return Err(SignatureError::MalformedSettings);
-        }
-        let slot = match name {
+        let Some((name, value)) = element.split_once('=') else {
+            continue;
+        };
+        let value = value.trim_matches([' ', '\t']);
+        let slot = match name.trim_matches([' ', '\t']) {
+            "key" if value.is_empty() || value.contains(['=', ' ', '\t']) => {
+                return Err(SignatureError::MalformedSettings)
+            }
             "key" => &mut key_id,
+            "algorithm" if value.is_empty() => continue,
             "algorithm" => &mut algorithm,
-            _ => return Err(SignatureError::MalformedSettings),
+            _ => continue,
         };
         if slot.replace(value).is_some() {
             return Err(SignatureError::MalformedSettings);
         }
     }
-    let key_id = key_id.ok_or(SignatureError::MalformedSettings)?;
+    let Some(key_id) = key_id else {
+        return match algorithm {
+            None => Ok(None),
+            Some(_) => Err(SignatureError::MalformedSettings),
+        };
+    };
     let algorithm = match algorithm {
-        None | Some("HMAC_SHA1") => Algorithm::HmacSha1,
-        Some("HMAC_SHA256") => Algorithm::HmacSha256,
+        None => Algorithm::HmacSha1,
+        Some(name) if name.eq_ignore_ascii_case("HMAC_SHA1") => Algorithm::HmacSha1,
+        Some(name) if name.eq_ignore_ascii_case("HMAC_SHA256") => Algorithm::HmacSha256,
         Some(_) => return Err(SignatureError::UnknownAlgorithm),
     };
-    Ok(SignatureSettings { key_id, algorithm })
+    Ok(Some(SignatureSettings { key_id, algorithm }))
 }
 
 /// The raw value of the `bodySHA256` query parameter, if present.
@@ -610,7 +622,7 @@ impl Verifier {
             Some(_) if settings_values.next().is_some() => {
                 return Err(SignatureError::MalformedSettings)
             }
-            Some(value) => Some(parse_settings_header(value.as_bytes())?),
+            Some(value) => parse_settings_header(value.as_bytes())?,
         };
 
         // Without settings: the auth tokens, primary first. With settings:
@@ -1398,7 +1410,7 @@ mod tests {
     #[test]
     fn shared_key_unknown_algorithm_rejected() {
         let v = with_shared_key();
-        for alg in ["HMAC_MD5", "hmac_sha256", "HMAC_SHA512", "SHA256"] {
+        for alg in ["HMAC_MD5", "HMAC_SHA512", "SHA256", "HMAC-SHA256"] {
             let h = shared_signed(
                 &format!("key=webhooks_sharedkey_1,algorithm={alg}"),
                 SHARED_SHA256,
@@ -1409,6 +1421,12 @@ mod tests {
                 "{alg}"
             );
         }
+        // twilio-python upper-cases the name.
+        let h = shared_signed(
+            "key=webhooks_sharedkey_1,algorithm=hmac_sha256",
+            SHARED_SHA256,
+        );
+        assert_eq!(v.verify(URL, &PARAMS, &h), Ok(KeyUsed::SharedKey));
     }
 
     #[test]
@@ -1463,12 +1481,17 @@ mod tests {
     }
 
     #[test]
-    fn empty_settings_header_does_not_mean_auth_token() {
-        // twilio-python treats "" as the legacy scheme; we refuse it.
+    fn empty_settings_header_means_the_auth_token_as_in_python() {
+        // As if the header were absent, which anyone could arrange.
         let v = token_only();
         assert_eq!(
             v.verify(URL, &PARAMS, &shared_signed("", SIG)),
-            Err(SignatureError::MalformedSettings)
+            Ok(KeyUsed::Primary)
+        );
+        assert_eq!(
+            v.verify(URL, &PARAMS, &shared_signed(" , ", SHARED_SHA256)),
+            Err(SignatureError::Malformed),
+            "a SHA-256 signature is not an auth-token (SHA-1) one"
         );
     }
 
@@ -1478,8 +1501,8 @@ mod tests {
     fn settings_header_parsing_table() {
         use Algorithm::{HmacSha1, HmacSha256};
         use SignatureError::{MalformedSettings as Bad, UnknownAlgorithm as Unknown};
-        let ok = |key_id, algorithm| Ok(SignatureSettings { key_id, algorithm });
-        let cases: &[(&[u8], Result<SignatureSettings<'_>, SignatureError>)] = &[
+        let ok = |key_id, algorithm| Ok(Some(SignatureSettings { key_id, algorithm }));
+        let cases: &[(&[u8], ParsedSettings<'_>)] = &[
             (b"key=abc,algorithm=HMAC_SHA256", ok("abc", HmacSha256)),
             (b"key=abc,algorithm=HMAC_SHA1", ok("abc", HmacSha1)),
             (b"algorithm=HMAC_SHA256,key=abc", ok("abc", HmacSha256)),
@@ -1488,34 +1511,48 @@ mod tests {
                 b"key=webhooks_sharedkey_1.v2-x",
                 ok("webhooks_sharedkey_1.v2-x", HmacSha1),
             ),
-            // Optional whitespace around list elements only.
+            // Whitespace around elements, names and values; empty elements
+            // (twilio-python strips them all).
             (b"key=abc, algorithm=HMAC_SHA256", ok("abc", HmacSha256)),
             (b" key=abc ,\talgorithm=HMAC_SHA256 ", ok("abc", HmacSha256)),
-            (b"key = abc,algorithm=HMAC_SHA256", Err(Bad)),
-            (b"key= abc,algorithm=HMAC_SHA256", Err(Bad)),
-            (b"key=abc,algorithm= HMAC_SHA256", Err(Bad)),
-            (b"key=a b", Err(Bad)),
-            // Key id required and non-empty; nothing empty.
-            (b"", Err(Bad)),
-            (b"   ", Err(Bad)),
+            (
+                b"key = abc , algorithm = HMAC_SHA256",
+                ok("abc", HmacSha256),
+            ),
+            (b"key=abc,", ok("abc", HmacSha1)),
+            (b",key=abc,,algorithm=HMAC_SHA256,", ok("abc", HmacSha256)),
+            // Elements it does not know are ignored (Twilio may add some),
+            // names are exact, and an empty algorithm is no algorithm.
+            (
+                b"key=abc,algorithm=HMAC_SHA256,version=2",
+                ok("abc", HmacSha256),
+            ),
+            (b"key=abc,Algorithm=HMAC_SHA256", ok("abc", HmacSha1)),
+            (b"key=abc,flag,algorithm=HMAC_SHA256", ok("abc", HmacSha256)),
+            (b"key=abc,algorithm=", ok("abc", HmacSha1)),
+            // Algorithm names in any case, as Python upper-cases them.
+            (b"key=abc,algorithm=hmac_sha256", ok("abc", HmacSha256)),
+            (b"key=abc,algorithm=Hmac_Sha1", ok("abc", HmacSha1)),
+            // Neither key nor algorithm: the auth-token scheme.
+            (b"", Ok(None)),
+            (b"   ", Ok(None)),
+            (b",", Ok(None)),
+            (b"version=2", Ok(None)),
+            (b"Key=abc", Ok(None)),
+            // An algorithm without a key names no secret.
             (b"algorithm=HMAC_SHA256", Err(Bad)),
+            (b"Key=abc,algorithm=HMAC_SHA1", Err(Bad)),
+            // The key id: not empty, no '=', no inner whitespace.
             (b"key=,algorithm=HMAC_SHA256", Err(Bad)),
-            (b"key=abc,algorithm=", Err(Bad)),
-            (b"key", Err(Bad)),
-            (b"key=abc,", Err(Bad)),
-            (b",key=abc", Err(Bad)),
-            (b"key=abc,,algorithm=HMAC_SHA1", Err(Bad)),
-            // Each name once, names exact, no extra names, one '='.
-            (b"key=abc,key=abc", Err(Bad)),
-            (b"key=abc,algorithm=HMAC_SHA1,algorithm=HMAC_SHA1", Err(Bad)),
-            (b"Key=abc", Err(Bad)),
-            (b"key=abc,Algorithm=HMAC_SHA256", Err(Bad)),
-            (b"key=abc,version=2", Err(Bad)),
+            (b"key= ", Err(Bad)),
+            (b"key=a b", Err(Bad)),
             (b"key=a=b", Err(Bad)),
             (b"key=abc;algorithm=HMAC_SHA256", Err(Bad)),
+            // Each of the two at most once: which would win is ambiguous.
+            (b"key=abc,key=abc", Err(Bad)),
+            (b"key=abc,algorithm=HMAC_SHA1,algorithm=HMAC_SHA1", Err(Bad)),
             (b"key=\xff\xfe", Err(Bad)),
-            // Algorithm names are exact.
-            (b"key=abc,algorithm=hmac_sha256", Err(Unknown)),
+            // Only the two algorithms.
             (b"key=abc,algorithm=HMAC_SHA512", Err(Unknown)),
             (b"key=abc,algorithm=HMAC-SHA256", Err(Unknown)),
             (b"key=abc,algorithm=MD5", Err(Unknown)),

@@ -1101,6 +1101,21 @@ fn webhooks(account: &str, signer: Signer) -> Vec<Webhook> {
                 forwarded: true,
             },
             Webhook {
+                // Spelt as twilio-python still reads it: its own
+                // `compute_signature` upper-cases the algorithm, and Twilio
+                // may add elements to this beta header.
+                id: "post-shared-key-lenient-settings-header",
+                method: "POST",
+                path: "/ivr?step=getPin".into(),
+                params: base(&random_digits(8)),
+                sign: json!({
+                    "token": "shared",
+                    "algorithm": "hmac_sha256",
+                    "settings": format!(" key = {SHARED_KEY_ID} , algorithm=hmac_sha256,version=2,"),
+                }),
+                forwarded: true,
+            },
+            Webhook {
                 id: "get-shared-key-hmac-sha1",
                 method: "GET",
                 path: "/ivr/gather?step=pin".into(),

@@ -278,8 +278,9 @@ fn check_string_to_sign(pairs: &[(String, String)]) {
 ///
 /// - the settings parser agrees with a reference written from its doc
 ///   comment, error kind included; an accepted header round-trips (written
-///   back in either element order, with optional spaces, it parses to the
-///   same settings) and its key id has no `,`, `=`, space or tab;
+///   back in either element order, with spaces, empty and unknown elements
+///   and a lower-case algorithm, it parses to the same settings) and its key
+///   id has no `,`, `=`, space or tab;
 /// - `body_sha256_param` agrees with a reference (none / one / more than one
 ///   `bodySHA256` segment);
 /// - `body_hash_matches` accepts the input's own SHA-256 and refuses the
@@ -287,7 +288,7 @@ fn check_string_to_sign(pairs: &[(String, String)]) {
 pub fn signature_settings(data: &[u8]) {
     let parsed = signature::parse_settings_header(data);
     assert_eq!(parsed, reference_settings(data), "parse_settings_header");
-    if let Ok(settings) = parsed {
+    if let Ok(Some(settings)) = parsed {
         assert!(!settings.key_id.is_empty());
         assert!(!settings.key_id.contains([',', '=', ' ', '\t']));
         let (id, alg) = (settings.key_id, settings.algorithm.as_str());
@@ -295,6 +296,7 @@ pub fn signature_settings(data: &[u8]) {
             format!("key={id},algorithm={alg}"),
             format!("algorithm={alg},key={id}"),
             format!(" key={id} ,\talgorithm={alg} "),
+            format!("key = {id},, algorithm = {},version=2,", alg.to_lowercase()),
         ];
         if settings.algorithm == Algorithm::HmacSha1 {
             spellings.push(format!("key={id}"));
@@ -302,7 +304,7 @@ pub fn signature_settings(data: &[u8]) {
         for header in &spellings {
             assert_eq!(
                 signature::parse_settings_header(header.as_bytes()),
-                Ok(settings),
+                Ok(Some(settings)),
                 "settings round-trip"
             );
         }
@@ -324,38 +326,49 @@ fn hex_lower(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The settings grammar of `parse_settings_header`'s doc comment.
-fn reference_settings(value: &[u8]) -> Result<SignatureSettings<'_>, SignatureError> {
+/// The settings grammar of `parse_settings_header`'s doc comment, written
+/// element by element with byte offsets rather than `split_once`.
+fn reference_settings(value: &[u8]) -> signature::ParsedSettings<'_> {
     use SignatureError::{MalformedSettings, UnknownAlgorithm};
     let text = std::str::from_utf8(value).map_err(|_| MalformedSettings)?;
+    let blank = |c: char| c == ' ' || c == '\t';
     let mut key: Option<&str> = None;
     let mut algorithm: Option<&str> = None;
     for element in text.split(',') {
-        let element = element.trim_matches(|c| c == ' ' || c == '\t');
         let Some(eq) = element.find('=') else {
-            return Err(MalformedSettings);
+            continue;
         };
-        let (name, value) = (&element[..eq], &element[eq + 1..]);
-        if value.is_empty() || value.contains(['=', ' ', '\t']) {
-            return Err(MalformedSettings);
-        }
+        let name = element[..eq].trim_matches(blank);
+        let value = element[eq + 1..].trim_matches(blank);
         let slot = match name {
-            "key" => &mut key,
-            "algorithm" => &mut algorithm,
-            _ => return Err(MalformedSettings),
+            "key" => {
+                if value.is_empty() || value.contains(['=', ' ', '\t']) {
+                    return Err(MalformedSettings);
+                }
+                &mut key
+            }
+            "algorithm" if !value.is_empty() => &mut algorithm,
+            _ => continue,
         };
         if slot.is_some() {
             return Err(MalformedSettings);
         }
         *slot = Some(value);
     }
-    let key_id = key.ok_or(MalformedSettings)?;
-    let algorithm = match algorithm {
-        None | Some("HMAC_SHA1") => Algorithm::HmacSha1,
-        Some("HMAC_SHA256") => Algorithm::HmacSha256,
-        Some(_) => return Err(UnknownAlgorithm),
-    };
-    Ok(SignatureSettings { key_id, algorithm })
+    let upper = algorithm.map(str::to_ascii_uppercase);
+    match (key, upper.as_deref()) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(MalformedSettings),
+        (Some(key_id), None | Some("HMAC_SHA1")) => Ok(Some(SignatureSettings {
+            key_id,
+            algorithm: Algorithm::HmacSha1,
+        })),
+        (Some(key_id), Some("HMAC_SHA256")) => Ok(Some(SignatureSettings {
+            key_id,
+            algorithm: Algorithm::HmacSha256,
+        })),
+        (Some(_), Some(_)) => Err(UnknownAlgorithm),
+    }
 }
 
 fn reference_body_sha256(query: &str) -> Result<Option<&str>, SignatureError> {
