@@ -29,3 +29,4 @@ pub mod upstream;
 pub mod upstream_connections;
 pub mod upstream_pool;
 pub mod worker;
+pub mod write_stall;

@@ -30,6 +30,7 @@ use crate::config::ServerSettings;
 use crate::pipeline::Proxy;
 use crate::reload::SharedProxy;
 use crate::tls;
+use crate::write_stall::WriteStallLimit;
 
 /// Shared readiness: true once listening, false as soon as draining starts.
 #[derive(Debug, Default)]
@@ -151,6 +152,9 @@ pub async fn serve(
         let builders = builders.clone();
         let watcher = graceful.watcher();
         let first_bytes_timeout = settings.header_read_timeout;
+        // A client that takes none of what we write for a whole request
+        // timeout is gone, or hostile: its connection ends (write_stall.rs).
+        let write_stall = settings.request_timeout;
         tokio::spawn(async move {
             // The bytes that tell HTTP/1 from HTTP/2 get the header-read
             // timeout: a client that connects and sends nothing must not hold
@@ -167,12 +171,14 @@ pub async fn serve(
                         tls::accept(&acceptor, stream, first_bytes_timeout, &metrics).await;
                     match accepted {
                         Some(stream) if stream.is_http2() => {
+                            let stream = WriteStallLimit::new(stream, write_stall);
                             let conn = builders
                                 .http2
                                 .serve_connection(TokioIo::new(stream), service);
                             let _ = watcher.watch(conn).await;
                         }
                         Some(stream) => {
+                            let stream = WriteStallLimit::new(stream, write_stall);
                             let conn = builders
                                 .http1
                                 .serve_connection(TokioIo::new(stream), service);
@@ -186,6 +192,7 @@ pub async fn serve(
                 return;
             }
             let known = tokio::time::timeout(first_bytes_timeout, protocol(&stream)).await;
+            let stream = WriteStallLimit::new(stream, write_stall);
             match known {
                 Ok(Some(Protocol::Http1)) => {
                     let conn = builders

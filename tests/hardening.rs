@@ -1174,6 +1174,59 @@ async fn zero_window_reader_is_cut_at_the_request_deadline() {
     assert_eq!(line["status"], 200, "{line}");
 }
 
+/// Found in review: a client that pipelines requests and never reads their
+/// answers was never disconnected (hyper has no write timeout), so
+/// `server.max_connections` such clients stopped the listener for as long
+/// as they liked, without a signature. Now a write that makes no progress
+/// for `request_timeout_ms` ends the connection (src/write_stall.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_cut_and_free_their_connection_slots() {
+    let h = harness(Behaviour::Twiml, |c| {
+        c.server_extra.push("max_connections = 2".into());
+        c.request_timeout_ms = 1500;
+        c.upstream_timeout_ms = 1000;
+    })
+    .await;
+    // Both slots: unsigned requests, pipelined until the 403s answering them
+    // fill every buffer between ivrguard and a reader that never reads.
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(h.proxy.addr).await.unwrap();
+        let batch = RawRequest::new("GET", "/ivr/unsigned", HOST)
+            .header("Connection", "keep-alive")
+            .to_bytes()
+            .repeat(1000);
+        hogs.push(tokio::spawn(async move {
+            let started = Instant::now();
+            while stream.write_all(&batch).await.is_ok() {}
+            // Writing failed: ivrguard closed the connection.
+            (started.elapsed(), stream)
+        }));
+    }
+
+    // A caller behind them is answered once ivrguard gives up on them
+    // (`client::send` waits 10 s at most).
+    let body = gather_body("1234", "yes");
+    let started = Instant::now();
+    let response = client::send(
+        h.proxy.addr,
+        &signed_post(&h.proxy.secrets.token, "/ivr/gather", &body),
+    )
+    .await;
+
+    assert_eq!(response.status, 200, "{}", response.text());
+    for hog in hogs {
+        let (held, _stream) = tokio::time::timeout(Duration::from_secs(10), hog)
+            .await
+            .expect("the reader that stopped reading was cut")
+            .unwrap();
+        assert!(held < Duration::from_secs(10), "held for {held:?}");
+    }
+    eprintln!("the caller waited {:?}", started.elapsed());
+}
+
 // ===================================================== I16 HTTP oddities
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
