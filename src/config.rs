@@ -157,6 +157,11 @@ pub struct ServerSettings {
     pub reload_poll_interval: Option<Duration>,
     /// Serve TLS on `listen`; `None`: plain HTTP (TLS ends at an ingress).
     pub tls: Option<TlsSettings>,
+    /// Also serve HTTP/2 (prior knowledge on plain TCP, ALPN `h2` with TLS).
+    /// Off by default: Twilio sends HTTP/1.1, and an HTTP/2 connection can
+    /// stay open idle while its peer answers pings, and carry many bodies
+    /// at once.
+    pub http2: bool,
 }
 
 /// `server.tls_cert_file` and `server.tls_key_file`, loaded and checked.
@@ -384,6 +389,7 @@ impl Settings {
             "reload_poll_interval_ms = {}",
             s.reload_poll_interval.map_or(0, |d| d.as_millis())
         ));
+        out.push(format!("http2 = {}", s.http2));
         match &s.tls {
             Some(tls) => {
                 out.push(format!(
@@ -723,6 +729,7 @@ struct RawServer {
     reload_poll_interval_ms: Option<u64>,
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
+    http2: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1007,6 +1014,7 @@ fn server_settings(raw: RawServer) -> Result<ServerSettings, ConfigError> {
             ),
         ));
     }
+    let http2 = raw.http2.unwrap_or(false);
     Ok(ServerSettings {
         listen: socket_addr("server.listen", &listen)?,
         admin_listen: non_empty(raw.admin_listen)
@@ -1045,7 +1053,8 @@ fn server_settings(raw: RawServer) -> Result<ServerSettings, ConfigError> {
             0 => None,
             ms => Some(Duration::from_millis(ms)),
         },
-        tls: tls_settings(raw.tls_cert_file, raw.tls_key_file)?,
+        tls: tls_settings(raw.tls_cert_file, raw.tls_key_file, http2)?,
+        http2,
     })
 }
 
@@ -1055,6 +1064,7 @@ fn server_settings(raw: RawServer) -> Result<ServerSettings, ConfigError> {
 fn tls_settings(
     cert_file: Option<String>,
     key_file: Option<String>,
+    http2: bool,
 ) -> Result<Option<TlsSettings>, ConfigError> {
     const CERT: &str = "server.tls_cert_file";
     const KEY: &str = "server.tls_key_file";
@@ -1079,13 +1089,11 @@ fn tls_settings(
             .map(Zeroizing::new)
             .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", file_what(path))))
     };
-    let config = crate::tls::server_config(&read(&cert_file, CERT)?, &read(&key_file, KEY)?)
-        .map_err(|e| match e.file() {
-            PemFile::Certificate => {
-                ConfigError::new(CERT, format!("{} {e}", file_what(&cert_file)))
-            }
-            PemFile::Key => ConfigError::new(KEY, format!("{} {e}", file_what(&key_file))),
-        })?;
+    let (cert, key) = (read(&cert_file, CERT)?, read(&key_file, KEY)?);
+    let config = crate::tls::server_config(&cert, &key, http2).map_err(|e| match e.file() {
+        PemFile::Certificate => ConfigError::new(CERT, format!("{} {e}", file_what(&cert_file))),
+        PemFile::Key => ConfigError::new(KEY, format!("{} {e}", file_what(&key_file))),
+    })?;
     Ok(Some(TlsSettings {
         cert_file,
         key_file,
@@ -1599,6 +1607,7 @@ key_env = "IVRGUARD_KEY"
         assert!(!s.server.trust_forwarded_headers);
         assert_eq!(s.server.max_body_bytes, 65_536);
         assert_eq!(s.server.header_read_timeout, Duration::from_millis(5_000));
+        assert!(!s.server.http2, "HTTP/2 is off by default");
         assert_eq!(s.server.request_timeout, Duration::from_millis(14_000));
         assert_eq!(s.server.drain_timeout, Duration::from_millis(10_000));
         assert_eq!(s.server.max_connections, 4_096);
@@ -1643,6 +1652,7 @@ request_timeout_ms = 9000
 drain_timeout_ms = 1002
 max_connections = 7
 workers = 3
+http2 = true
 
 [upstream]
 url = "http://app.internal:8000/legacy/"
@@ -1686,6 +1696,7 @@ scrub_card_numbers = false
         assert_eq!(s.server.drain_timeout, Duration::from_millis(1002));
         assert_eq!(s.server.max_connections, 7);
         assert_eq!(s.server.workers, 3);
+        assert!(s.server.http2);
         assert_eq!(s.upstream.scheme_authority, "http://app.internal:8000");
         assert_eq!(s.upstream.path_prefix, "/legacy");
         assert_eq!(s.upstream.connect_timeout, Duration::from_millis(1004));

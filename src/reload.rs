@@ -82,6 +82,31 @@ impl Reloader {
         if settings.server.workers != self.running.server.workers {
             return Err("server.workers: changing the number of workers needs a restart".into());
         }
+        // Read once, when the listeners start (found in review: a reload
+        // said "reloaded" and kept the old values).
+        let (new, old) = (&settings.server, &self.running.server);
+        let fixed = [
+            (
+                "server.header_read_timeout_ms",
+                new.header_read_timeout != old.header_read_timeout,
+            ),
+            (
+                "server.drain_timeout_ms",
+                new.drain_timeout != old.drain_timeout,
+            ),
+            (
+                "server.max_connections",
+                new.max_connections != old.max_connections,
+            ),
+            (
+                "server.reload_poll_interval_ms",
+                new.reload_poll_interval != old.reload_poll_interval,
+            ),
+            ("server.http2", new.http2 != old.http2),
+        ];
+        if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            return Err(format!("{key}: changing it needs a restart"));
+        }
         if settings.server.tls.is_some() != self.running.server.tls.is_some() {
             return Err(
                 "server.tls_cert_file/server.tls_key_file: turning TLS on or off needs a restart"

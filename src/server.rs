@@ -1,6 +1,6 @@
 //! Listeners and connection lifecycle: accept under a connection limit,
-//! serve HTTP/1.1 (and HTTP/2 cleartext) with header-read timeouts, catch
-//! panics at the service boundary, drain on SIGTERM/SIGINT.
+//! serve HTTP/1.1 (and HTTP/2, when `server.http2` is on) with header-read
+//! timeouts, catch panics at the service boundary, drain on SIGTERM/SIGINT.
 //!
 //! hyper's `header_read_timeout` does nothing without a timer, so both
 //! protocol builders get `TokioTimer`. For HTTP/1 the same timeout also ends
@@ -51,6 +51,9 @@ pub const MAX_HEADERS: usize = 100;
 /// not fit gets 431. Twilio's webhook heads are well under 2 KiB.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// Requests in flight on one HTTP/2 connection (`server.http2`).
+pub const MAX_HTTP2_STREAMS: u32 = 32;
+
 /// The HTTP connection builders with ivrguard's limits. hyper's own, one
 /// per protocol: the protocol is known before a connection is served
 /// ([`protocol`] peeks at plain TCP, [`tls::accept`] reads the TLS stream).
@@ -91,7 +94,9 @@ impl Builders {
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(settings.header_read_timeout))
             .keep_alive_timeout(settings.header_read_timeout)
-            .max_concurrent_streams(256)
+            // Each stream may hold a whole body before it is verified, so
+            // a connection holds at most this many `max_body_bytes`.
+            .max_concurrent_streams(MAX_HTTP2_STREAMS)
             .max_header_list_size(MAX_HEAD_BYTES as u32);
         Builders { http1, http2 }
     }
@@ -155,6 +160,7 @@ pub async fn serve(
         // A client that takes none of what we write for a whole request
         // timeout is gone, or hostile: its connection ends (write_stall.rs).
         let write_stall = settings.request_timeout;
+        let http2 = settings.http2;
         tokio::spawn(async move {
             // The bytes that tell HTTP/1 from HTTP/2 get the header-read
             // timeout: a client that connects and sends nothing must not hold
@@ -170,6 +176,7 @@ pub async fn serve(
                     let accepted =
                         tls::accept(&acceptor, stream, first_bytes_timeout, &metrics).await;
                     match accepted {
+                        Some(stream) if stream.is_http2() && !http2 => drop(stream),
                         Some(stream) if stream.is_http2() => {
                             let stream = WriteStallLimit::new(stream, write_stall);
                             let conn = builders
@@ -200,6 +207,8 @@ pub async fn serve(
                         .serve_connection(TokioIo::new(stream), service);
                     let _ = watcher.watch(conn).await;
                 }
+                // HTTP/2 is off (`server.http2`): the preface gets no answer.
+                Ok(Some(Protocol::Http2)) if !http2 => {}
                 Ok(Some(Protocol::Http2)) => {
                     // Boxed, as rare: inline it would size every connection's task.
                     Box::pin(async move {

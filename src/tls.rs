@@ -1,6 +1,7 @@
 //! The optional TLS listener, for deployments without an ingress:
 //! certificate chain and private key from PEM files, TLS 1.2 and 1.3 only,
-//! ALPN `h2` and `http/1.1`, rustls with the `ring` provider.
+//! ALPN `http/1.1` (and `h2` with `server.http2`), rustls with the `ring`
+//! provider.
 //!
 //! - **Loading** ([`server_config`]) is part of validating the config
 //!   (config.rs): a missing, malformed or mismatched certificate or key stops
@@ -81,7 +82,11 @@ impl fmt::Display for LoadError {
 
 /// Builds the TLS server configuration from the PEM texts of the
 /// certificate chain (server's certificate first) and the private key.
-pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, LoadError> {
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    http2: bool,
+) -> Result<Arc<ServerConfig>, LoadError> {
     let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| LoadError::NotPem(PemFile::Certificate))?;
@@ -107,9 +112,12 @@ pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig
             }
             _ => LoadError::UnusableKey,
         })?;
-    // The auto builder in server.rs serves both. rustls picks the first of
-    // these that the client offers.
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // server.rs serves what the client chose; rustls picks the first of
+    // these that the client offers. `h2` only when `server.http2` is on.
+    config.alpn_protocols = match http2 {
+        true => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        false => vec![b"http/1.1".to_vec()],
+    };
     Ok(Arc::new(config))
 }
 
@@ -314,7 +322,7 @@ mod tests {
     const EC_SEC1_KEY: &[u8] = include_bytes!("../tests/data/tls/ec-sec1.key");
 
     #[test]
-    fn loads_pkcs8_pkcs1_and_sec1_keys_and_offers_h2_then_http1() {
+    fn loads_pkcs8_pkcs1_and_sec1_keys_and_offers_h2_only_when_on() {
         let (cert, key) = pkcs8_pair();
         assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
         assert!(
@@ -326,16 +334,18 @@ mod tests {
             (RSA_CERT, RSA_PKCS1_KEY),
             (EC_CERT, EC_SEC1_KEY),
         ] {
-            let config = server_config(cert, key).unwrap();
+            let config = server_config(cert, key, true).unwrap();
             assert_eq!(
                 config.alpn_protocols,
                 [b"h2".to_vec(), b"http/1.1".to_vec()]
             );
+            let config = server_config(cert, key, false).unwrap();
+            assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
         }
         // Certificate and key in one file, in either order.
         let (cert, key) = pkcs8_pair();
         let both = format!("{key}{cert}");
-        assert!(server_config(both.as_bytes(), both.as_bytes()).is_ok());
+        assert!(server_config(both.as_bytes(), both.as_bytes(), false).is_ok());
     }
 
     #[test]
@@ -404,7 +414,11 @@ mod tests {
             ),
         ];
         for (what, cert, key, expected) in cases {
-            assert_eq!(server_config(cert, key).err(), Some(expected), "{what}");
+            assert_eq!(
+                server_config(cert, key, false).err(),
+                Some(expected),
+                "{what}"
+            );
         }
     }
 

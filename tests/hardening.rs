@@ -57,6 +57,13 @@ async fn proxy_for(upstream_url: String, tweak: impl FnOnce(&mut ProxyConfig)) -
 }
 
 /// A `<Gather>` webhook body (already form-encoded).
+/// A signed gather webhook (Digits 1234) on a new connection, and its answer.
+async fn send_gather(h: &Harness) -> HttpResponse {
+    let body = gather_body("1234", "yes");
+    let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
+    client::send(h.proxy.addr, &request).await
+}
+
 fn gather_body(digits: &str, speech: &str) -> String {
     join_raw(&[
         ("AccountSid", random_sid("AC")),
@@ -1060,20 +1067,19 @@ async fn silent_connection_is_closed_after_the_header_read_timeout() {
         );
     }
     // The slots are free again: a request goes through.
-    let body = gather_body("1234", "yes");
-    let response = client::send(
-        h.proxy.addr,
-        &signed_post(&h.proxy.secrets.token, "/ivr/gather", &body),
-    )
-    .await;
+    let response = send_gather(&h).await;
     assert_eq!(response.status, 200);
 }
 
-/// The protocol detection that the timeout above bounds still lets a real
-/// HTTP/2 cleartext (prior knowledge) client through.
+/// With `server.http2` on, the protocol detection that the timeout above
+/// bounds still lets a real HTTP/2 cleartext (prior knowledge) client
+/// through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h2c_prior_knowledge_is_still_served() {
-    let h = harness(Behaviour::Twiml, |_| {}).await;
+async fn h2c_prior_knowledge_is_served_when_http2_is_on() {
+    let h = harness(Behaviour::Twiml, |c| {
+        c.server_extra.push("http2 = true".into())
+    })
+    .await;
     let body = gather_body("1234", "yes");
     let sig = sign_form(&h.proxy.secrets.token, "/ivr/h2", &body);
     let stream = TcpStream::connect(h.proxy.addr).await.unwrap();
@@ -1096,6 +1102,32 @@ async fn h2c_prior_knowledge_is_still_served() {
     let params = form_decode(r.body_str());
     let digits = &params.iter().find(|(n, _)| n == "Digits").unwrap().1;
     assert_eq!(decrypt_field(&h.proxy.secrets.key(), digits), b"1234");
+}
+
+/// HTTP/2 is off by default (found in review: an idle HTTP/2 connection
+/// stays open while its peer answers pings, so a few held every slot, and
+/// each carried up to 256 bodies): the preface gets no answer, and HTTP/1.1
+/// callers are served as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_is_refused_by_default() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let stream = TcpStream::connect(h.proxy.addr).await.unwrap();
+    let handshake =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await;
+    let (mut sender, conn) = handshake.expect("the client side of the handshake is local");
+    tokio::spawn(conn);
+    let request = Request::get(format!("http://{HOST}/ivr/h2"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await;
+    assert!(
+        matches!(sent, Ok(Err(_))),
+        "an HTTP/2 request got an answer: {sent:?}"
+    );
+
+    let response = send_gather(&h).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(h.backend.count(), 1, "only the HTTP/1.1 request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2016,6 +2048,44 @@ async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config
             .is_some_and(|e| e.starts_with("server.workers:"))),
         "the refusal names server.workers"
     );
+    assert_eq!(status_with(&proxy, &new).await, 200);
+    // Nor can the settings the listeners read when they start (found in
+    // review: these were "reloaded" and silently kept their old values).
+    for (n, (line, key)) in [
+        ("max_connections = 2", "server.max_connections"),
+        (
+            "header_read_timeout_ms = 500",
+            "server.header_read_timeout_ms",
+        ),
+        ("", "server.drain_timeout_ms"),
+        (
+            "reload_poll_interval_ms = 500",
+            "server.reload_poll_interval_ms",
+        ),
+        ("http2 = true", "server.http2"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut changed = config.clone();
+        match line {
+            "" => changed.drain_timeout_ms += 1,
+            line => changed.server_extra.push(line.to_owned()),
+        }
+        std::fs::write(proxy.config_path(), changed.toml()).unwrap();
+        proxy.signal("HUP");
+        let refused = proxy
+            .wait_log(
+                "configuration reload refused; the running configuration stays",
+                3 + n,
+            )
+            .await;
+        let error = refused.last().unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(error.starts_with(&format!("{key}:")), "{line}: {error}");
+    }
     assert_eq!(status_with(&proxy, &new).await, 200);
     let reloads: Vec<Value> = proxy
         .log_lines()

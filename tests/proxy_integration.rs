@@ -1515,6 +1515,8 @@ async fn no_canary_or_secret_leaks_on_any_surface() {
         config.secondary = true;
         config.shared_key = true;
         config.max_body_bytes = 4096;
+        // HTTP/2 too, for its libraries' log lines (below).
+        config.server_extra.push("http2 = true".into());
         config
     };
     let pin_form = join_raw(&gather_pieces(&c.pin, &c.speech, &sid));

@@ -190,6 +190,11 @@ async fn serves_a_signed_webhook_over_https_verified_against_the_https_url() {
         Some(rustls::ProtocolVersion::TLSv1_3)
     );
     assert_eq!(tls::peer_certificate(&stream), h.leaf.der);
+    // HTTP/2 is off by default (`server.http2`): ALPN does not offer it.
+    let prefers_h2 = h.ca.client(&[b"h2", b"http/1.1"]);
+    let other = tls::connect(h.proxy.addr, &prefers_h2).await.unwrap();
+    assert_eq!(other.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    drop(other);
     let (request, _) = gather(&token, "https", "1234");
     stream.write_all(&request.to_bytes()).await.unwrap();
     let response = client::read_response(stream).await;
@@ -275,8 +280,8 @@ async fn a_trusted_proxy_without_forwarded_proto_means_https_on_the_tls_listener
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_http2_when_alpn_chooses_it() {
-    let h = harness(|_| {}).await;
+async fn serves_http2_when_alpn_chooses_it_and_http2_is_on() {
+    let h = harness(|c| c.server_extra.push("http2 = true".into())).await;
     let connector = h.ca.client(&[b"h2", b"http/1.1"]);
     let stream = tls::connect(h.proxy.addr, &connector).await.unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
