@@ -217,6 +217,11 @@ impl Proxy {
             .send(request)
             .await
             .map_err(Rejection::Upstream)?;
+        if response.status().is_informational() {
+            // hyper hands over only a `101`, and ivrguard asked for no
+            // upgrade (it strips `Upgrade`): the app broke the protocol.
+            return Err(Rejection::Upstream(upstream::UpstreamError::Failed));
+        }
         log.upstream_status = Some(response.status().as_u16());
         if matches!(response.status().as_u16(), 401 | 403) {
             // The request was Twilio's and was re-signed: the app refusing it

@@ -1446,17 +1446,20 @@ async fn blackhole_upstream_gets_fallback_at_the_upstream_timeout() {
 // ================================ F4 reset, garbage, reset mid-response
 
 async fn broken_upstream() -> RawBackend {
-    // Connection n: even → reset after reading the request; odd → garbage.
+    // Connection n: reset after reading the request; garbage; or a `101
+    // Switching Protocols` no upgrade was asked for (found in review: it
+    // reached the caller).
     RawBackend::start(|n, mut stream| async move {
         if read_request(&mut stream).await.is_none() {
             return;
         }
-        if n % 2 == 0 {
-            reset(stream);
-        } else {
-            let _ = stream.write_all(b"HELLO I AM NOT HTTP\r\n\r\n").await;
-            let _ = stream.shutdown().await;
-        }
+        let answer: &[u8] = match n % 3 {
+            0 => return reset(stream),
+            1 => b"HELLO I AM NOT HTTP\r\n\r\n",
+            _ => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\nbytes after",
+        };
+        let _ = stream.write_all(answer).await;
+        let _ = stream.shutdown().await;
     })
     .await
 }
@@ -1472,7 +1475,7 @@ async fn upstream_reset_or_garbage_before_headers_gets_fallback_or_502() {
             c.upstream_timeout_ms = 2000;
         })
         .await;
-        for kind in ["reset", "garbage"] {
+        for kind in ["reset", "garbage", "101"] {
             let response = client::send(
                 proxy.addr,
                 &signed_post(&proxy.secrets.token, "/ivr/gather", &body),
@@ -1488,7 +1491,7 @@ async fn upstream_reset_or_garbage_before_headers_gets_fallback_or_502() {
                 assert_eq!(response.text(), FALLBACK_TWIML, "{kind}");
             }
         }
-        let lines = proxy.wait_access(2).await;
+        let lines = proxy.wait_access(3).await;
         for line in &lines {
             assert_eq!(line["reason"], "upstream_error", "{on_error}: {line}");
         }
@@ -2670,6 +2673,58 @@ async fn descriptor_exhaustion_is_survived_and_service_recovers() {
     }
     let response = send(h.proxy.addr, token.clone(), body.clone()).await;
     assert_eq!(response.text(), BACKEND_TWIML, "the app is reached again");
+}
+
+/// F12 on the admin listener (found in review: with descriptors gone and a
+/// health probe waiting, its accept loop spun at 74 % CPU). It backs off as
+/// the main listener does, and answers once descriptors are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_backs_off_when_descriptors_run_out() {
+    let h = harness(Behaviour::Twiml, |c| {
+        c.server_extra.push("header_read_timeout_ms = 30000".into());
+    })
+    .await;
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    let pid = h.proxy.pid();
+    let limit = fd_count(pid) + 2;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:")) // the soft limit only: it goes back up below
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+    // Idle callers take the last descriptors; then probes wait on admin.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(TcpStream::connect(h.proxy.addr).await.unwrap());
+    }
+    for _ in 0..3 {
+        held.push(TcpStream::connect(admin).await.unwrap());
+    }
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<u64> = after_name
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields[0] + fields[1] // utime + stime, in clock ticks (1/100 s)
+    };
+    let before = ticks();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = ticks() - before;
+    assert!(
+        used < 40,
+        "{used} ticks of CPU in 2 s (200 = one core) with descriptors gone"
+    );
+
+    drop(held);
+    let mut raised = std::process::Command::new("prlimit");
+    raised.arg(format!("--pid={pid}")).arg("--nofile=1024:");
+    assert!(raised.status().expect("run prlimit").success());
+    assert_eq!(client::get(admin, "/healthz").await.status, 200);
 }
 
 // ======================================================= F8 port in use
