@@ -484,6 +484,7 @@ impl Proxy {
             | Rejection::BodyTooLarge
             | Rejection::BodyRead
             | Rejection::UnsupportedMediaType
+            | Rejection::UnsupportedTransferCoding
             | Rejection::MethodNotAllowed
             | Rejection::MissingHost
             | Rejection::AbsoluteTarget
@@ -549,10 +550,12 @@ impl SignedContent {
         if has_content_coding(parts) {
             return Err(Rejection::UnsupportedMediaType);
         }
-        let media_type = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .map(|v| essence(v.as_bytes()));
+        let mut content_types = parts.headers.get_all(header::CONTENT_TYPE).iter();
+        let media_type = content_types.next().map(|v| essence(v.as_bytes()));
+        if content_types.next().is_some() {
+            // Which one the app reads is anyone's guess.
+            return Err(Rejection::UnsupportedMediaType);
+        }
         // A duplicated `bodySHA256` also lands here; `verify` refuses it.
         let has_body_hash = !matches!(
             signature::body_sha256_param(parts.uri.query().unwrap_or("")),
@@ -593,11 +596,16 @@ fn is_json(media_type: &[u8]) -> bool {
 
 /// Whether `Content-Encoding` names any coding but `identity`.
 fn has_content_coding(parts: &Parts) -> bool {
-    let codings = parts.headers.get_all(header::CONTENT_ENCODING).iter();
-    codings
+    codings(parts, header::CONTENT_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"identity"))
+}
+
+/// The codings a comma-separated header lists, in all its copies.
+fn codings(parts: &Parts, name: header::HeaderName) -> impl Iterator<Item = &[u8]> {
+    let values = parts.headers.get_all(name).into_iter();
+    values
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
-        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"))
+        .filter(|coding| !coding.is_empty())
 }
 
 /// Twilio sends GET and POST; nothing else is a webhook. HTTP/1 requests in
@@ -609,6 +617,12 @@ fn check_head(parts: &Parts) -> Result<(), Rejection> {
     }
     if parts.version <= http::Version::HTTP_11 && parts.uri.scheme().is_some() {
         return Err(Rejection::AbsoluteTarget);
+    }
+    // RFC 9112 §6.1: 501 for a transfer coding not understood. hyper takes
+    // any list that ends in `chunked` and removes only that one, so a
+    // `gzip, chunked` body would be read, and forwarded, still gzipped.
+    if codings(parts, header::TRANSFER_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"chunked")) {
+        return Err(Rejection::UnsupportedTransferCoding);
     }
     // RFC 9112 §3.2: 400 for an HTTP/1.1 request without `Host` and for any
     // request with more than one, even when `public_url` makes the signed

@@ -25,6 +25,8 @@ pub enum Rejection {
     BodyRead,
     #[error("content type cannot be inspected for sensitive fields")]
     UnsupportedMediaType,
+    #[error("transfer coding other than chunked")]
+    UnsupportedTransferCoding,
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request has no usable Host")]
@@ -48,6 +50,7 @@ impl Rejection {
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::BodyRead => "body_read_error",
             Rejection::UnsupportedMediaType => "unsupported_media_type",
+            Rejection::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::MissingHost => "missing_host",
             Rejection::AbsoluteTarget => "absolute_target",
@@ -68,6 +71,9 @@ impl Rejection {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "Unsupported Media Type\n",
             ),
+            Rejection::UnsupportedTransferCoding => {
+                (StatusCode::NOT_IMPLEMENTED, "Not Implemented\n")
+            }
             Rejection::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"),
             Rejection::MissingHost => (StatusCode::BAD_REQUEST, "Bad Request\n"),
             Rejection::AbsoluteTarget => (StatusCode::BAD_REQUEST, "Bad Request\n"),
