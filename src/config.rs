@@ -207,6 +207,20 @@ pub struct UpstreamSettings {
     pub fallback_twiml: String,
 }
 
+impl UpstreamSettings {
+    /// Whether `other` describes the same connections to the app: a reload
+    /// that keeps them keeps the pools and their slots.
+    pub fn same_connections(&self, other: &UpstreamSettings) -> bool {
+        self.scheme_authority == other.scheme_authority
+            && self.path_prefix == other.path_prefix
+            && self.connect_timeout == other.connect_timeout
+            && self.timeout == other.timeout
+            && self.pool_idle_timeout == other.pool_idle_timeout
+            && self.pool_max_idle_per_host == other.pool_max_idle_per_host
+            && self.max_connections == other.max_connections
+    }
+}
+
 /// What the caller gets when the application cannot answer in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnUpstreamError {

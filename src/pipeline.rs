@@ -51,7 +51,9 @@ pub struct Proxy {
     verifier: Verifier,
     cipher: Arc<FieldCipher>,
     fields: FieldSet,
-    upstream: Upstream,
+    /// Shared with the proxy a reload replaces when `[upstream]` is the
+    /// same: its pools and its `max_connections` slots carry on.
+    upstream: Arc<Upstream>,
     fallback: Fallback,
     origin: OriginRule,
     max_body_bytes: usize,
@@ -101,7 +103,7 @@ impl Proxy {
             ),
             cipher,
             fields: FieldSet::new(settings.encryption.fields.iter().cloned()),
-            upstream: Upstream::new(&settings.upstream, settings.server.workers),
+            upstream: Arc::new(Upstream::new(&settings.upstream, settings.server.workers)),
             fallback: Fallback::new(
                 settings.upstream.on_error,
                 &settings.upstream.fallback_twiml,
@@ -117,6 +119,13 @@ impl Proxy {
                 .as_ref()
                 .map(|tls| tls.config.clone().into()),
         }
+    }
+
+    /// Takes over `previous`'s connections to the app: its pools, and the
+    /// slots that bound them to `upstream.max_connections` (a reload that
+    /// started new ones let the app see the cap once more per reload).
+    pub fn keep_upstream_of(&mut self, previous: &Proxy) {
+        self.upstream = previous.upstream.clone();
     }
 
     pub fn cipher(&self) -> &FieldCipher {

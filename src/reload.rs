@@ -124,7 +124,10 @@ impl Reloader {
         } else {
             Arc::new(FieldCipher::new(&settings.encryption.key))
         };
-        let proxy = Proxy::new(&settings, cipher, current.metrics_arc());
+        let mut proxy = Proxy::new(&settings, cipher, current.metrics_arc());
+        if settings.upstream.same_connections(&self.running.upstream) {
+            proxy.keep_upstream_of(&current);
+        }
         self.shared.store(Arc::new(proxy));
         self.fingerprint = fingerprint(&self.path, &settings);
         self.running = settings;

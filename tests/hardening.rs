@@ -2105,12 +2105,13 @@ async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config
     );
 }
 
-/// A reload starts new pools to the app. The old pool's idle connection
-/// closes as soon as no request uses it, not after
-/// `pool_idle_timeout_ms` (a minute here), so the app never holds both
-/// pools' connections for long.
+/// A reload that leaves `[upstream]` alone keeps the pools to the app (and
+/// their `max_connections` slots, below); one that changes it starts new
+/// pools, and the old pool's idle connection closes as soon as no request
+/// uses it, not after `pool_idle_timeout_ms` (a minute here), so the app
+/// never holds both pools' connections for long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_closes_the_old_pools_idle_connections() {
+async fn a_reload_keeps_the_pools_unless_upstream_changed_then_closes_the_old_ones() {
     let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
     let app = RawBackend::start(move |_, mut stream| {
         let closed = closed_tx.clone();
@@ -2128,23 +2129,68 @@ async fn a_reload_closes_the_old_pools_idle_connections() {
         }
     })
     .await;
-    let proxy = proxy_for(app.url(), |c| {
-        c.upstream_extra.push("pool_idle_timeout_ms = 60000".into());
-        c.workers = 1;
-    })
-    .await;
+    let mut config = ProxyConfig::new(app.url());
+    config
+        .upstream_extra
+        .push("pool_idle_timeout_ms = 60000".into());
+    config.workers = 1;
+    let proxy = Proxy::start(&config).await;
     let token = proxy.secrets.token.clone();
     assert_eq!(status_with(&proxy, &token).await, 200);
     assert_eq!(app.accepted(), 1);
 
     proxy.signal("HUP");
     wait_log(&proxy, "configuration reloaded", 1).await;
+    assert_eq!(status_with(&proxy, &token).await, 200);
+    assert_eq!(app.accepted(), 1, "the same pool, the same connection");
+
+    config
+        .upstream_extra
+        .push("pool_max_idle_per_host = 7".into());
+    std::fs::write(proxy.config_path(), config.toml()).unwrap();
+    proxy.signal("HUP");
+    wait_log(&proxy, "configuration reloaded", 2).await;
     tokio::time::timeout(Duration::from_secs(5), closed.recv())
         .await
         .expect("the old pool's idle connection closed after the reload")
         .expect("the app is running");
     assert_eq!(status_with(&proxy, &token).await, 200);
     assert_eq!(app.accepted(), 2, "the new pool opened its own connection");
+}
+
+/// Found in review: every reload brought a new set of
+/// `upstream.max_connections` slots, so with requests in flight across
+/// three reloads the app saw four times the cap at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_upstream_max_connections() {
+    let backend = Backend::start(Behaviour::Delay(Duration::from_millis(600))).await;
+    let mut config = ProxyConfig::new(backend.url());
+    config.upstream_extra.push("max_connections = 2".into());
+    config.upstream_timeout_ms = 5000;
+    let proxy = Proxy::start(&config).await;
+    let body = gather_body("1234", "yes");
+    let mut calls = Vec::new();
+    for reload in 1..=3 {
+        for _ in 0..2 {
+            let request = signed_post(&proxy.secrets.token, "/ivr/gather", &body);
+            let addr = proxy.addr;
+            calls.push(tokio::spawn(
+                async move { client::send(addr, &request).await },
+            ));
+        }
+        // Both slots are taken (the app holds each request 600 ms).
+        backend.wait_for_requests(2 * reload - 1).await;
+        proxy.signal("HUP");
+        wait_log(&proxy, "configuration reloaded", reload).await;
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().text(), BACKEND_TWIML);
+    }
+    assert_eq!(
+        backend.connections(),
+        2,
+        "the app saw more connections than upstream.max_connections"
+    );
 }
 
 // =========================================================== F10 SIGTERM drain
