@@ -128,6 +128,11 @@ impl Proxy {
         self.upstream = previous.upstream.clone();
     }
 
+    /// `server.request_timeout_ms`, as loaded.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     pub fn cipher(&self) -> &FieldCipher {
         &self.cipher
     }

@@ -138,12 +138,16 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        // TLS as it is now: a reload changes the certificate for new
-        // connections only.
-        let tls = {
+        // TLS and the request timeout as they are now (a reload changes
+        // them for new connections only). A client that takes none of what
+        // we write for a request timeout is gone, or hostile, and its
+        // connection ends (write_stall.rs).
+        let (tls, write_stall) = {
             let now = proxy.load();
-            now.tls()
-                .map(|acceptor| (acceptor.clone(), now.metrics_arc()))
+            let tls = now
+                .tls()
+                .map(|acceptor| (acceptor.clone(), now.metrics_arc()));
+            (tls, now.request_timeout())
         };
         let proxy = proxy.clone();
         let service = service_fn(move |request: Request<Incoming>| {
@@ -157,9 +161,6 @@ pub async fn serve(
         let builders = builders.clone();
         let watcher = graceful.watcher();
         let first_bytes_timeout = settings.header_read_timeout;
-        // A client that takes none of what we write for a whole request
-        // timeout is gone, or hostile: its connection ends (write_stall.rs).
-        let write_stall = settings.request_timeout;
         let http2 = settings.http2;
         tokio::spawn(async move {
             // The bytes that tell HTTP/1 from HTTP/2 get the header-read
