@@ -49,8 +49,8 @@ pub enum Command {
         #[arg(long)]
         url: String,
         /// A POST parameter, NAME=VALUE (not URL-encoded); repeatable
-        #[arg(long = "param", value_name = "NAME=VALUE")]
-        params: Vec<String>,
+        #[arg(long = "param", value_name = "NAME=VALUE", value_parser = name_value)]
+        params: Vec<(String, String)>,
     },
     /// Zero-setup tour: sample IVR backend + ivrguard + a simulated Twilio caller
     Demo,
@@ -62,12 +62,25 @@ pub enum Command {
     },
 }
 
+/// `--param NAME=VALUE`; without `=` it is a usage error (exit 2), as
+/// clap's own.
+fn name_value(arg: &str) -> Result<(String, String), String> {
+    arg.split_once('=')
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .ok_or_else(|| "expected NAME=VALUE".to_owned())
+}
+
 impl Cli {
-    /// The config path: `--config`, then `$IVRGUARD_CONFIG`, then the default.
+    /// The config path: `--config`, then `$IVRGUARD_CONFIG` (empty counts as
+    /// unset, as everywhere in the config), then the default.
     pub fn config_path(&self) -> PathBuf {
         self.config
             .clone()
-            .or_else(|| std::env::var_os("IVRGUARD_CONFIG").map(PathBuf::from))
+            .or_else(|| {
+                std::env::var_os("IVRGUARD_CONFIG")
+                    .filter(|path| !path.is_empty())
+                    .map(PathBuf::from)
+            })
             .unwrap_or_else(|| PathBuf::from("config/ivrguard.toml"))
     }
 }

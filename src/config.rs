@@ -1029,11 +1029,20 @@ fn server_settings(raw: RawServer) -> Result<ServerSettings, ConfigError> {
         ));
     }
     let http2 = raw.http2.unwrap_or(false);
+    let listen = socket_addr("server.listen", &listen)?;
+    let admin_listen = non_empty(raw.admin_listen)
+        .map(|addr| socket_addr("server.admin_listen", &addr))
+        .transpose()?;
+    if admin_listen == Some(listen) && listen.port() != 0 {
+        // `check` must not pass what `run` cannot start.
+        return Err(ConfigError::new(
+            "server.admin_listen",
+            format!("must differ from server.listen ({listen})"),
+        ));
+    }
     Ok(ServerSettings {
-        listen: socket_addr("server.listen", &listen)?,
-        admin_listen: non_empty(raw.admin_listen)
-            .map(|addr| socket_addr("server.admin_listen", &addr))
-            .transpose()?,
+        listen,
+        admin_listen,
         trust_forwarded_headers: raw.trust_forwarded_headers.unwrap_or(false),
         max_body_bytes: to_usize("server.max_body_bytes", max_body_bytes)?,
         header_read_timeout: millis(

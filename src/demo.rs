@@ -85,6 +85,14 @@ const SAY_CARD: &str = "Please enter the last 4 digits of your payment card.";
 const SAY_PIN: &str = "Please enter your 4 digit PIN.";
 const SAY_REFUSED: &str = "We were not able to locate you in our system. Goodbye.";
 
+/// `println!` that returns an error instead of panicking when stdout is
+/// gone (`ivrguard demo | head`): exit 1 with one line, not a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(io::stdout(), $($arg)*).map_err(|e| format!("writing stdout: {e}"))?
+    };
+}
+
 /// `ivrguard demo`: runs the tour and prints it. `Err` (exit 1) if anything
 /// it demonstrates did not hold.
 pub fn run() -> Result<(), String> {
@@ -161,7 +169,7 @@ async fn tour() -> Result<(), String> {
         .set(origin.clone())
         .map_err(|_| "demo: origin set twice".to_string())?;
 
-    print_intro(backend_addr, started.addr, &toml);
+    print_intro(backend_addr, started.addr, &toml)?;
 
     // 2. The call, then a forged webhook.
     let caller = Caller::new(origin, secrets.verifier());
@@ -252,7 +260,7 @@ async fn call(
     backend: &Backend,
     logs: &LogCapture,
 ) -> Result<Vec<String>, String> {
-    println!(
+    say!(
         "The call {} from {CALLER_NUMBER} to {IVR_NUMBER}",
         caller.call_sid
     );
@@ -260,19 +268,17 @@ async fn call(
     let mut action = VOICE_WEBHOOK_PATH.to_owned();
     let mut digits: Option<&str> = None;
     for step in 1..=MAX_WEBHOOKS {
-        println!();
+        say!();
         match digits {
-            None => println!("Step {step}: the call comes in"),
+            None => say!("Step {step}: the call comes in"),
             Some(typed) => {
-                println!("Step {step}: the caller answers the <Gather>");
-                println!(
-                    "  caller pressed      {typed}   (plaintext: the caller's own phone keypad)"
-                );
+                say!("Step {step}: the caller answers the <Gather>");
+                say!("  caller pressed      {typed}   (plaintext: the caller's own phone keypad)");
             }
         }
         let (status, twiml) = caller.post(&action, digits).await?;
         let twiml = Twiml::parse(&twiml);
-        println!(
+        say!(
             "  Twilio -> ivrguard  POST {}   {}, signed with the auth token",
             display_target(&action),
             if digits.is_some() {
@@ -283,7 +289,7 @@ async fn call(
         );
         if status != StatusCode::OK {
             if let Ok(line) = logs.wait_for_access_line(step).await {
-                println!("  access log          {line}");
+                say!("  access log          {line}");
             }
             return Err(format!(
                 "demo: ivrguard answered {status} to a correctly signed webhook"
@@ -291,9 +297,9 @@ async fn call(
         }
         print_backend_side(backend, step)?;
         let line = logs.wait_for_access_line(step).await?;
-        println!("  access log          {line}");
+        say!("  access log          {line}");
         for say in &twiml.says {
-            println!("  caller heard        \"{say}\"");
+            say!("  caller heard        \"{say}\"");
         }
         match twiml.gather_action {
             Some(next) if !twiml.hangup => {
@@ -305,7 +311,7 @@ async fn call(
                 );
             }
             _ => {
-                println!("  call ends           <Hangup/>");
+                say!("  call ends           <Hangup/>");
                 return Ok(twiml.says);
             }
         }
@@ -321,22 +327,22 @@ fn print_backend_side(backend: &Backend, step: usize) -> Result<(), String> {
     let got = received
         .get(step - 1)
         .ok_or_else(|| format!("demo: the backend did not receive webhook {step}"))?;
-    println!(
+    say!(
         "  backend received    {} {}",
         got.method,
         display_target(&got.target)
     );
     match &got.digits {
-        Some(digits) => println!("                      Digits = {}", shorten(digits)),
-        None => println!("                      (no caller input in this request)"),
+        Some(digits) => say!("                      Digits = {}", shorten(digits)),
+        None => say!("                      (no caller input in this request)"),
     }
     let check = match got.signature {
         Ok(()) => "valid (ivrguard re-signed the rewritten request)".to_owned(),
         Err(reason) => format!("FAILED ({reason})"),
     };
-    println!("                      its own X-Twilio-Signature check: {check}");
+    say!("                      its own X-Twilio-Signature check: {check}");
     if let Some(verdict) = &got.bank_verdict {
-        println!("  bank (holds the key) {verdict}");
+        say!("  bank (holds the key) {verdict}");
     }
     Ok(())
 }
@@ -349,10 +355,8 @@ async fn forged_webhook(
     backend: &Backend,
     logs: &LogCapture,
 ) -> Result<bool, String> {
-    println!();
-    println!(
-        "And a forged webhook: a GET with Digits in its query, signed with a wrong auth token"
-    );
+    say!();
+    say!("And a forged webhook: a GET with Digits in its query, signed with a wrong auth token");
     let before = backend.received().len();
     let forger = Caller {
         verifier: Arc::new(Verifier::new(&random_token(), None, &[])),
@@ -362,8 +366,8 @@ async fn forged_webhook(
     let (status, _) = forger.get(&target).await?;
     let line = logs.wait_for_access_line(before + 1).await?;
     let after = backend.received().len();
-    println!("  forger -> ivrguard  GET {target}   answered {status}");
-    println!(
+    say!("  forger -> ivrguard  GET {target}   answered {status}");
+    say!(
         "  backend received    {}",
         if after == before {
             "nothing"
@@ -371,7 +375,7 @@ async fn forged_webhook(
             "THE FORGED REQUEST"
         }
     );
-    println!("  access log          {line}");
+    say!("  access log          {line}");
     // Refused before the backend, and its query redacted in the log.
     Ok(status == StatusCode::FORBIDDEN && after == before && line.contains("Digits=*REDACTED*"))
 }
@@ -447,14 +451,14 @@ fn summarise(
             },
         ),
     ];
-    println!();
-    println!("Summary");
+    say!();
+    say!("Summary");
     for (ok, text) in &checks {
-        println!("  [{}] {text}", if *ok { "ok" } else { "FAILED" });
+        say!("  [{}] {text}", if *ok { "ok" } else { "FAILED" });
     }
-    println!();
-    println!("To run ivrguard in front of your own app, see README.md, \"Put ivrguard in front of your app\":");
-    println!("  ivrguard keygen  ->  a config like the one above  ->  ivrguard run --config FILE");
+    say!();
+    say!("To run ivrguard in front of your own app, see README.md, \"Put ivrguard in front of your app\":");
+    say!("  ivrguard keygen  ->  a config like the one above  ->  ivrguard run --config FILE");
 
     match checks.iter().filter(|(ok, _)| !ok).count() {
         0 => Ok(()),
@@ -464,21 +468,20 @@ fn summarise(
     }
 }
 
-fn print_intro(backend: SocketAddr, ivrguard: SocketAddr, toml: &str) {
-    println!("ivrguard demo: a simulated Twilio call through ivrguard, on this machine only");
-    println!();
-    println!("  sample IVR backend  http://{backend}   the two-step IVR of the Twilio encrypted-<Gather> guide");
-    println!("  ivrguard            http://{ivrguard}   verifies, encrypts Digits, re-signs, forwards to the backend");
-    println!(
-        "  simulated Twilio    signs each webhook like Twilio and follows the TwiML it gets back"
-    );
-    println!("  secrets             a random auth token and AES-256 key, generated for this run, never printed");
-    println!();
-    println!("ivrguard's configuration for this run:");
+fn print_intro(backend: SocketAddr, ivrguard: SocketAddr, toml: &str) -> Result<(), String> {
+    say!("ivrguard demo: a simulated Twilio call through ivrguard, on this machine only");
+    say!();
+    say!("  sample IVR backend  http://{backend}   the two-step IVR of the Twilio encrypted-<Gather> guide");
+    say!("  ivrguard            http://{ivrguard}   verifies, encrypts Digits, re-signs, forwards to the backend");
+    say!("  simulated Twilio    signs each webhook like Twilio and follows the TwiML it gets back");
+    say!("  secrets             a random auth token and AES-256 key, generated for this run, never printed");
+    say!();
+    say!("ivrguard's configuration for this run:");
     for line in toml.lines() {
-        println!("  | {line}");
+        say!("  | {line}");
     }
-    println!();
+    say!();
+    Ok(())
 }
 
 /// `9f3a1c…a0e27b (64 hex chars)` for long values; short ones as they are.

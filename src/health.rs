@@ -14,6 +14,7 @@
 //! environment, same mounts). Kubernetes probes do not need this command;
 //! they call `/healthz` and `/readyz` over HTTP themselves.
 
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -67,7 +68,8 @@ impl Target {
             .authority()
             .ok_or_else(|| format!("--url {url:?} has no host"))?;
         if authority.as_str().contains('@') {
-            return Err(format!("--url {url:?}: user:password is not supported"));
+            // Not quoted: the URL holds a password.
+            return Err("--url: user:password is not supported".to_string());
         }
         let host = authority.host();
         let host = host
@@ -124,7 +126,9 @@ pub fn run(config_path: &Path, url: Option<&str>) -> Result<(), String> {
         .build()
         .map_err(|e| format!("health: cannot start the runtime: {e}"))?;
     runtime.block_on(probe(&target, TIMEOUT))?;
-    println!("healthy: {target} answered 200");
+    // Healthy whether or not the line can be written (a probe's stdout
+    // may be closed).
+    let _ = writeln!(std::io::stdout(), "healthy: {target} answered 200");
     Ok(())
 }
 
@@ -244,6 +248,13 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("did not answer"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_url_with_a_password_is_refused_without_quoting_it() {
+        let error = Target::parse("http://user:pw-canary-77@127.0.0.1:9901/x").unwrap_err();
+        assert!(error.contains("user:password"), "{error}");
+        assert!(!error.contains("pw-canary-77"), "{error}");
     }
 
     #[test]

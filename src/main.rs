@@ -17,11 +17,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Run => load(&cli).and_then(|s| ivrguard::run::run(&cli.config_path(), s)),
-        Command::Check => load(&cli).map(|s| print!("{}", s.describe())),
-        Command::Keygen => {
-            println!("{}", FieldKey::generate().to_hex().as_str());
-            Ok(())
-        }
+        Command::Check => load(&cli).and_then(|s| out(&s.describe())),
+        Command::Keygen => out(&format!("{}\n", FieldKey::generate().to_hex().as_str())),
         Command::Encrypt { key_env } => {
             cipher_from_env(key_env).and_then(|c| lines(|l| Ok(c.encrypt_hex(l.as_bytes()))))
         }
@@ -30,8 +27,16 @@ fn main() -> ExitCode {
                 let plain = c
                     .decrypt_hex(l.as_bytes())
                     .map_err(|e| format!("decrypt: {e}"))?;
-                String::from_utf8(plain.to_vec())
-                    .map_err(|_| "decrypt: plaintext is not UTF-8".to_string())
+                let text = String::from_utf8(plain.to_vec())
+                    .map_err(|_| "decrypt: plaintext is not UTF-8".to_string())?;
+                // One line out per line in: a value with a line break (the
+                // proxy encrypts decoded values, so `%0A` is one) would
+                // shift every later line, and other control characters
+                // reach the terminal.
+                match text.chars().any(|c| c.is_control() && c != '\t') {
+                    true => Err("decrypt: the plaintext holds a line break or another control character, which one output line cannot carry".to_string()),
+                    false => Ok(text),
+                }
             })
         }),
         Command::Sign {
@@ -89,17 +94,26 @@ fn lines(f: impl Fn(&str) -> Result<String, String>) -> Result<(), String> {
     Ok(())
 }
 
-fn sign(token_env: &str, url: &str, params: &[String]) -> Result<(), String> {
+fn sign(token_env: &str, url: &str, params: &[(String, String)]) -> Result<(), String> {
     let token = env_secret(token_env, "--token-env")?;
-    let pairs = params
+    let pairs: Vec<(&str, &str)> = params
         .iter()
-        .map(|p| {
-            p.split_once('=')
-                .ok_or_else(|| "--param must be NAME=VALUE".to_string())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    println!("{}", Verifier::new(&token, None, &[]).sign(url, &pairs));
-    Ok(())
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    out(&format!(
+        "{}\n",
+        Verifier::new(&token, None, &[]).sign(url, &pairs)
+    ))
+}
+
+/// Writes to stdout; a closed or full stdout (`ivrguard keygen | true`) is
+/// an error line and exit 1, not a panic.
+fn out(text: &str) -> Result<(), String> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("writing stdout: {e}"))
 }
 
 /// Panics print where they happened, never their message: a message could

@@ -589,6 +589,91 @@ fn ivrguard_decrypt_reads_what_python_cryptography_encrypts() {
     assert_eq!(ivrguard_cipher_lines("decrypt", &key, &ciphertexts), values);
 }
 
+/// Found in review: the proxy encrypts decoded values, so a `%0A` in a
+/// `SpeechResult` is a line break in the plaintext, and `decrypt` printed
+/// two lines for one. Now such a line is an error (exit 1), with the
+/// plaintext withheld, after the lines before it.
+#[test]
+fn decrypt_refuses_a_plaintext_that_one_output_line_cannot_carry() {
+    let key = random_hex(32);
+    let values: Vec<String> = ["1234", "my pin is\n9137", "esc\u{1b}[2Jcode", "4321"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let ciphertexts: Vec<String> = python_aes("encrypt", &key, &values)
+        .into_iter()
+        .map(|r| r.expect("AESGCM encrypt works"))
+        .collect();
+    for bad in [1, 2] {
+        let input = [ciphertexts[0].clone(), ciphertexts[bad].clone()];
+        let out = ivrguard_cipher("decrypt", &key, &input);
+        assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+        assert_eq!(out.stdout, "1234\n");
+        assert!(out.stderr.contains("line 2:"), "{}", out.stderr);
+        assert!(!out.stderr.contains("9137") && !out.stderr.contains("code"));
+    }
+    // A tab is one line still.
+    let tab = ivrguard_cipher_lines(
+        "decrypt",
+        &key,
+        &python_aes("encrypt", &key, &["a\tb".to_string()])
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(tab, ["a\tb"]);
+}
+
+/// A closed or full stdout is one error line and exit 1, not a panic (exit
+/// 101), for every command that prints (found in review: `demo | head`).
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let key = random_hex(32);
+    for args in [
+        &["keygen"][..],
+        &["demo"],
+        &[
+            "sign",
+            "--token-env",
+            "INTEROP_KEY",
+            "--url",
+            "https://x.example/",
+        ],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let mut cmd = ivrguard();
+        cmd.args(args).env("INTEROP_KEY", &key);
+        cmd.stdout(full).stderr(Stdio::piped()).stdin(Stdio::null());
+        let out = cmd.output().expect("run ivrguard");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("writing stdout"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panic"), "{args:?}: {stderr}");
+    }
+}
+
+/// `--param` without `=` is a usage error (exit 2), like clap's own.
+#[test]
+fn sign_param_without_equals_is_a_usage_error() {
+    let mut cmd = ivrguard();
+    cmd.args([
+        "sign",
+        "--token-env",
+        "INTEROP_KEY",
+        "--url",
+        "https://x.example/",
+        "--param",
+        "Digits",
+    ])
+    .env("INTEROP_KEY", random_hex(16));
+    let out = run(cmd, b"", "ivrguard sign");
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("NAME=VALUE"), "{}", out.stderr);
+}
+
 #[test]
 fn keygen_prints_a_key_that_node_and_python_accept() {
     let keygen = || {

@@ -1218,6 +1218,53 @@ fn check_names_missing_key_variable() {
     );
 }
 
+/// Found in review: an empty `IVRGUARD_CONFIG` was read as the path "";
+/// empty counts as unset, so `config/ivrguard.toml` is used. And `check`
+/// refuses what `run` could not start: the admin listener on `listen`.
+#[test]
+fn check_treats_an_empty_ivrguard_config_as_unset_and_refuses_one_address_twice() {
+    let secrets = Secrets::generate();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    let toml = check_config().replacen(
+        "\nlisten = \"127.0.0.1:0\"",
+        "\nlisten = \"127.0.0.1:18085\"",
+        1,
+    );
+    std::fs::write(dir.path().join("config/ivrguard.toml"), &toml).unwrap();
+    let check = |toml: Option<&str>| {
+        if let Some(toml) = toml {
+            std::fs::write(dir.path().join("config/ivrguard.toml"), toml).unwrap();
+        }
+        std::process::Command::new(env!("CARGO_BIN_EXE_ivrguard"))
+            .arg("check")
+            .current_dir(dir.path())
+            .env_clear()
+            .envs(secrets.env(false))
+            .env("IVRGUARD_CONFIG", "")
+            .output()
+            .unwrap()
+    };
+    let output = check(None);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("127.0.0.1:18085"));
+
+    let admin_on_listen = toml.replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        "admin_listen = \"127.0.0.1:18085\"",
+    );
+    assert_ne!(admin_on_listen, toml, "the config has an admin listener");
+    let output = check(Some(&admin_on_listen));
+    assert_eq!(output.status.code(), Some(1));
+    let lines = stderr_lines(&output);
+    assert!(lines[0].contains("server.admin_listen"), "{lines:?}");
+}
+
 #[test]
 fn check_names_short_key_variable_without_its_value() {
     let secrets = Secrets::generate();
