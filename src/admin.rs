@@ -4,19 +4,22 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::body::{self, ProxyBody};
 use crate::metrics::Sampled;
 use crate::reload::SharedProxy;
 use crate::server::Readiness;
+use crate::write_stall::WriteStallLimit;
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -25,20 +28,33 @@ pub struct AdminState {
     pub dropped_log_lines: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
-/// Serves the admin endpoints until the task is dropped.
+/// At most this many admin connections at once; more are closed at once.
+/// Probes and scrapes need a handful.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// A head within this, and no write waits longer than this.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the admin endpoints until the task is dropped. HTTP/1.1 only
+/// (probes and Prometheus speak it), with the same guards as the main
+/// listener against clients that hold a connection: a head timeout, a
+/// write-stall limit and a connection cap (found in review: slow readers
+/// here could take every descriptor the main listener needed).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(5));
+        .header_read_timeout(ADMIN_TIMEOUT);
     let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // e.g. EMFILE: back off instead of spinning (found in review:
             // 74 % CPU while a health probe waited), as the main listener.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            continue; // dropped: closed at once
         };
         let state = state.clone();
         let builder = builder.clone();
@@ -47,9 +63,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &request)) }
             });
+            let stream = WriteStallLimit::new(stream, ADMIN_TIMEOUT);
             let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(permit);
         });
     }
 }

@@ -635,7 +635,12 @@ fn check_head(parts: &Parts) -> Result<(), Rejection> {
     // RFC 9112 §6.1: 501 for a transfer coding not understood. hyper takes
     // any list that ends in `chunked` and removes only that one, so a
     // `gzip, chunked` body would be read, and forwarded, still gzipped.
-    if codings(parts, header::TRANSFER_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"chunked")) {
+    // Chunked twice is refused too (§7.1: never more than once).
+    let mut transfer = codings(parts, header::TRANSFER_ENCODING);
+    let chunked_once = transfer
+        .next()
+        .is_none_or(|c| c.eq_ignore_ascii_case(b"chunked"));
+    if !chunked_once || transfer.next().is_some() {
         return Err(Rejection::UnsupportedTransferCoding);
     }
     // RFC 9112 §3.2: 400 for an HTTP/1.1 request without `Host` and for any

@@ -2773,6 +2773,45 @@ async fn the_admin_listener_backs_off_when_descriptors_run_out() {
     assert_eq!(client::get(admin, "/healthz").await.status, 200);
 }
 
+/// Found in review: the admin listener had no connection cap and no bound
+/// on a client that stops reading, so such clients could take every
+/// descriptor the main listener needed. Past 64 connections it closes new
+/// ones at once, and a reader that stops is cut like on the main listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_caps_connections_and_cuts_readers_that_stop() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(TcpStream::connect(admin).await.unwrap());
+    }
+    // Accepted in order: once the 64 are in, the next is closed unanswered.
+    let mut over = TcpStream::connect(admin).await.unwrap();
+    let _ = over
+        .write_all(&RawRequest::new("GET", "/healthz", HOST).to_bytes())
+        .await;
+    let (answer, end) = read_for(&mut over, Duration::from_secs(5)).await;
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    assert_ne!(end, End::Open, "the 65th connection was not closed");
+    drop(held);
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(admin).await.unwrap();
+    let batch = RawRequest::new("GET", "/metrics", HOST)
+        .header("Connection", "keep-alive")
+        .to_bytes()
+        .repeat(200);
+    let started = Instant::now();
+    let cut = tokio::time::timeout(Duration::from_secs(60), async {
+        while stream.write_all(&batch).await.is_ok() {}
+    })
+    .await;
+    assert!(cut.is_ok(), "a reader that stopped was never cut");
+    eprintln!("cut after {:?}", started.elapsed());
+    assert_eq!(client::get(admin, "/healthz").await.status, 200);
+}
+
 // ======================================================= F8 port in use
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
