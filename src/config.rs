@@ -830,13 +830,70 @@ impl RawConfig {
         let root: RawRoot = merged
             .try_deserialize()
             .map_err(|e| deserialize_error("", e, env))?;
-        Ok(RawConfig {
+        let raw = RawConfig {
             server: section(root.server, "server", env)?,
             upstream: section(root.upstream, "upstream", env)?,
             twilio: section(root.twilio, "twilio", env)?,
             encryption: section(root.encryption, "encryption", env)?,
             log: section(root.log, "log", env)?,
-        })
+        };
+        // After the type checks, which name wrong types better.
+        strict_keys_and_numbers(text)?;
+        Ok(raw)
+    }
+}
+
+/// What the `config` crate would let through silently: a key in another
+/// case (it lowercases keys, so `LISTEN` would be read as `listen`, and a
+/// second spelling of one key ignored), and a decimal number (it rounds
+/// `max_body_bytes = 1023.9` to a whole one). Every ivrguard key is lower
+/// case and no setting is a decimal. A file that is not TOML is left to the
+/// `config` crate, which says where.
+fn strict_keys_and_numbers(text: &str) -> Result<(), ConfigError> {
+    match text.parse::<toml::Table>() {
+        Ok(table) => strict_table(&table, ""),
+        Err(_) => Ok(()),
+    }
+}
+
+fn strict_table(table: &toml::Table, prefix: &str) -> Result<(), ConfigError> {
+    for (key, value) in table {
+        let path = match prefix {
+            "" => key.clone(),
+            prefix => format!("{prefix}.{key}"),
+        };
+        if key.chars().any(|c| c.is_ascii_uppercase()) {
+            // Named by where it is, not by itself: a pasted secret can
+            // land where a key goes.
+            const WHY: &str = "TOML keys are case-sensitive; ivrguard's are all lower case";
+            return Err(match prefix {
+                "" => ConfigError::new(
+                    "config",
+                    format!("a section name is not lower case ({WHY})"),
+                ),
+                prefix => ConfigError::new(
+                    prefix,
+                    format!("holds a key that is not lower case ({WHY})"),
+                ),
+            });
+        }
+        strict_value(value, &path)?;
+    }
+    Ok(())
+}
+
+fn strict_value(value: &toml::Value, path: &str) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::Table(table) => strict_table(table, path),
+        toml::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| strict_value(item, &format!("{path}[{i}]"))),
+        toml::Value::Float(_) => Err(ConfigError::new(
+            path,
+            "expected a whole number, found a decimal number",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -1841,6 +1898,34 @@ scrub_card_numbers = false
             err.to_string(),
             r#"config: unknown key "upstream.timeout" (from environment variable IVRGUARD__UPSTREAM__TIMEOUT)"#
         );
+    }
+
+    #[test]
+    fn keys_in_another_case_and_decimal_numbers_are_refused() {
+        // Found in review: the `config` crate lowercases keys and rounds
+        // decimals, so these passed (and `LISTEN` beside `listen` was
+        // silently ignored).
+        let upper = MINIMAL.replacen("[upstream]", "[UPSTREAM]", 1);
+        assert_ne!(upper, MINIMAL);
+        let err = error(&upper, &env(&[]));
+        assert_eq!(err.key(), "config");
+        assert!(
+            err.to_string().contains("section name is not lower case"),
+            "{err}"
+        );
+        let err = error(&with(&[("server", "Max_Body_Bytes = 2048")]), &env(&[]));
+        assert_eq!(err.key(), "server");
+        assert!(err.to_string().contains("not lower case"), "{err}");
+        assert!(!err.to_string().contains("Max_Body"), "{err}");
+        let err = error(&with(&[("server", "max_body_bytes = 1023.9")]), &env(&[]));
+        assert_eq!(err.key(), "server.max_body_bytes");
+        assert!(!err.to_string().contains("1023"), "{err}");
+        let toml =
+            format!("{MINIMAL}\n[[twilio.shared_keys]]\nid = \"k\"\nsecret_env = \"S\"\nx = 1.5\n");
+        let err = error(&toml, &env(&[("S", "CANARY")]));
+        assert_eq!(err.key(), "twilio.shared_keys[0].x");
+        // Whole numbers and lower-case keys are fine.
+        assert!(load(&with(&[("server", "max_body_bytes = 2048")]), &env(&[])).is_ok());
     }
 
     #[test]
