@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::cipher::FieldCipher;
-use crate::config::{self, SecretSource, Settings};
+use crate::config::{self, SecretSource, ServerSettings, Settings};
 use crate::metrics::Metrics;
 use crate::pipeline::Proxy;
 
@@ -46,6 +46,52 @@ pub struct Reloader {
     /// The files' state when a reload was last refused: not retried (or
     /// logged again) until they change once more.
     refused: Option<[u8; 32]>,
+}
+
+/// Why `new` cannot be applied by a reload, if it cannot: what the
+/// listeners and workers read once, when they start (found in review: a
+/// reload said "reloaded" and kept the old values of some of these).
+fn needs_restart(new: &ServerSettings, old: &ServerSettings) -> Option<String> {
+    let fixed = [
+        (
+            "server.listen/server.admin_listen",
+            "changing a listener",
+            new.listen != old.listen || new.admin_listen != old.admin_listen,
+        ),
+        (
+            "server.workers",
+            "changing the number of workers",
+            new.workers != old.workers,
+        ),
+        (
+            "server.tls_cert_file/server.tls_key_file",
+            "turning TLS on or off",
+            new.tls.is_some() != old.tls.is_some(),
+        ),
+        (
+            "server.header_read_timeout_ms",
+            "changing it",
+            new.header_read_timeout != old.header_read_timeout,
+        ),
+        (
+            "server.drain_timeout_ms",
+            "changing it",
+            new.drain_timeout != old.drain_timeout,
+        ),
+        (
+            "server.max_connections",
+            "changing it",
+            new.max_connections != old.max_connections,
+        ),
+        (
+            "server.reload_poll_interval_ms",
+            "changing it",
+            new.reload_poll_interval != old.reload_poll_interval,
+        ),
+        ("server.http2", "changing it", new.http2 != old.http2),
+    ];
+    let (key, what, _) = fixed.iter().find(|(_, _, changed)| *changed)?;
+    Some(format!("{key}: {what} needs a restart"))
 }
 
 impl Reloader {
@@ -72,46 +118,8 @@ impl Reloader {
     fn try_reload(&mut self) -> Result<(), String> {
         let settings =
             Settings::load(&self.path, &config::process_env()).map_err(|e| e.to_string())?;
-        if settings.server.listen != self.running.server.listen
-            || settings.server.admin_listen != self.running.server.admin_listen
-        {
-            return Err(
-                "server.listen/server.admin_listen: changing a listener needs a restart".into(),
-            );
-        }
-        if settings.server.workers != self.running.server.workers {
-            return Err("server.workers: changing the number of workers needs a restart".into());
-        }
-        // Read once, when the listeners start (found in review: a reload
-        // said "reloaded" and kept the old values).
-        let (new, old) = (&settings.server, &self.running.server);
-        let fixed = [
-            (
-                "server.header_read_timeout_ms",
-                new.header_read_timeout != old.header_read_timeout,
-            ),
-            (
-                "server.drain_timeout_ms",
-                new.drain_timeout != old.drain_timeout,
-            ),
-            (
-                "server.max_connections",
-                new.max_connections != old.max_connections,
-            ),
-            (
-                "server.reload_poll_interval_ms",
-                new.reload_poll_interval != old.reload_poll_interval,
-            ),
-            ("server.http2", new.http2 != old.http2),
-        ];
-        if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
-            return Err(format!("{key}: changing it needs a restart"));
-        }
-        if settings.server.tls.is_some() != self.running.server.tls.is_some() {
-            return Err(
-                "server.tls_cert_file/server.tls_key_file: turning TLS on or off needs a restart"
-                    .into(),
-            );
+        if let Some(refusal) = needs_restart(&settings.server, &self.running.server) {
+            return Err(refusal);
         }
         let current = self.shared.load();
         // Same key: keep the cipher, so its encryption count carries on.
