@@ -1102,6 +1102,39 @@ async fn h2c_prior_knowledge_is_served_when_http2_is_on() {
     let params = form_decode(r.body_str());
     let digits = &params.iter().find(|(n, _)| n == "Digits").unwrap().1;
     assert_eq!(decrypt_field(&h.proxy.secrets.key(), digits), b"1234");
+
+    // At most 32 streams a connection (README): the server's SETTINGS say so.
+    let fields = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", HOST),
+        (":path", "/ivr/h2"),
+    ];
+    let answer = client::h2_raw_headers(h.proxy.addr, &fields).await;
+    assert_eq!(
+        h2_setting(&answer, 0x3),
+        Some(32),
+        "SETTINGS_MAX_CONCURRENT_STREAMS"
+    );
+}
+
+/// The value of setting `id` in the first non-ACK SETTINGS frame of
+/// `bytes` (a server's side of an HTTP/2 connection).
+fn h2_setting(bytes: &[u8], id: u16) -> Option<u32> {
+    let mut rest = bytes;
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        let (kind, flags) = (rest[3], rest[4]);
+        let payload = rest.get(9..9 + len)?;
+        if kind == 0x4 && flags & 0x1 == 0 {
+            return payload
+                .chunks_exact(6)
+                .find(|entry| u16::from_be_bytes([entry[0], entry[1]]) == id)
+                .map(|entry| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]));
+        }
+        rest = &rest[9 + len..];
+    }
+    None
 }
 
 /// HTTP/2 is off by default (found in review: an idle HTTP/2 connection
@@ -2781,6 +2814,20 @@ async fn the_admin_listener_backs_off_when_descriptors_run_out() {
 async fn the_admin_listener_caps_connections_and_cuts_readers_that_stop() {
     let h = harness(Behaviour::Twiml, |_| {}).await;
     let admin = h.proxy.admin_addr.expect("admin listener");
+    // HTTP/1.1 only (README): the HTTP/2 preface gets no HTTP/2 answer.
+    let fields = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "admin"),
+        (":path", "/healthz"),
+    ];
+    let answer = client::h2_raw_headers(admin, &fields).await;
+    assert_eq!(h2_setting(&answer, 0x3), None);
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 "),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
     let mut held = Vec::new();
     for _ in 0..64 {
         held.push(TcpStream::connect(admin).await.unwrap());
