@@ -61,7 +61,6 @@
 //! do quote values, are rebuilt from their parts here.
 
 use std::collections::HashMap;
-use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,6 +72,7 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::cipher::FieldKey;
+use crate::config_file;
 use crate::secret::{Secret, REDACTED};
 use crate::tls::PemFile;
 
@@ -346,9 +346,11 @@ impl Settings {
     /// `env`, reads the secrets it names (from `env` or from files) and
     /// validates everything.
     pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Settings, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|e| {
+        let cannot = |e: &dyn std::fmt::Display| {
             ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
-        })?;
+        };
+        let bytes = config_file::read(path, config_file::CONFIG_LIMIT).map_err(|e| cannot(&e))?;
+        let text = String::from_utf8(bytes).map_err(|_| cannot(&"not UTF-8 text"))?;
         let raw = RawConfig::parse(&text, path, env)?;
 
         let server = server_settings(raw.server)?;
@@ -630,21 +632,22 @@ fn read_secret_bytes(
     key: &str,
     env: &HashMap<String, String>,
 ) -> Result<Zeroizing<Vec<u8>>, ConfigError> {
-    let mut bytes =
-        match source {
-            SecretSource::Env(var) => match env.get(var) {
-                Some(value) => Zeroizing::new(value.as_bytes().to_vec()),
-                None => {
-                    return Err(ConfigError::new(
-                        key,
-                        format!("{} is not set", source.what()),
-                    ));
-                }
-            },
-            SecretSource::File(path) => Zeroizing::new(fs::read(path).map_err(|e| {
+    let mut bytes = match source {
+        SecretSource::Env(var) => match env.get(var) {
+            Some(value) => Zeroizing::new(value.as_bytes().to_vec()),
+            None => {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{} is not set", source.what()),
+                ));
+            }
+        },
+        SecretSource::File(path) => Zeroizing::new(
+            config_file::read(path, config_file::SECRET_LIMIT).map_err(|e| {
                 ConfigError::new(key, format!("cannot read {}: {e}", source.what()))
-            })?),
-        };
+            })?,
+        ),
+    };
     let len = bytes.len();
     if bytes.ends_with(b"\r\n") {
         bytes.truncate(len - 2);
@@ -679,7 +682,7 @@ fn secret_source(
         return Err(ConfigError::new(
             base,
             format!(
-                "secrets must not be written in the config file; set {base}_env (or _file) to the name of a variable holding it"
+                "secrets must not be config values (in the file or an IVRGUARD__ variable); set {base}_env (or _file) to the name of a variable holding it"
             ),
         ));
     }
@@ -973,13 +976,15 @@ fn deserialize_error(
             } else {
                 expected
             };
-            ConfigError::new(
-                join(key.as_deref().unwrap_or("")),
-                format!(
-                    "expected {expected}, found {}",
-                    unexpected_name(&unexpected)
-                ),
-            )
+            let key = join(key.as_deref().unwrap_or(""));
+            let found = unexpected_name(&unexpected);
+            let message = match override_var(&key, env) {
+                Some(var) => {
+                    format!("expected {expected}, found {found} (from environment variable {var})")
+                }
+                None => format!("expected {expected}, found {found}"),
+            };
+            ConfigError::new(key, message)
         }
         config::ConfigError::Message(message) => match unknown_field(&message) {
             Some(field) => unknown_key(&join(field), env),
@@ -1004,13 +1009,16 @@ fn unknown_field(message: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
-fn unknown_key(key: &str, env: &HashMap<String, String>) -> ConfigError {
-    let mut from: Vec<&String> = env
-        .keys()
+/// The override variable that sets `key`, if one does (the first by name,
+/// should several spellings do).
+fn override_var<'e>(key: &str, env: &'e HashMap<String, String>) -> Option<&'e String> {
+    env.keys()
         .filter(|name| override_key(name).as_deref() == Some(key))
-        .collect();
-    from.sort();
-    match from.first() {
+        .min()
+}
+
+fn unknown_key(key: &str, env: &HashMap<String, String>) -> ConfigError {
+    match override_var(key, env) {
         Some(var) => ConfigError::new(
             "config",
             format!("unknown key {key:?} (from environment variable {var})"),
@@ -1165,7 +1173,7 @@ fn tls_settings(
         }
     };
     let read = |path: &Path, key: &str| {
-        fs::read(path)
+        config_file::read(path, config_file::PEM_LIMIT)
             .map(Zeroizing::new)
             .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", file_what(path))))
     };
@@ -1948,7 +1956,7 @@ scrub_card_numbers = false
             assert_eq!(err.key(), key, "{line}");
             assert_eq!(
                 err.to_string(),
-                format!("{key}: secrets must not be written in the config file; set {key}_env (or _file) to the name of a variable holding it")
+                format!("{key}: secrets must not be config values (in the file or an IVRGUARD__ variable); set {key}_env (or _file) to the name of a variable holding it")
             );
         }
         let toml =
@@ -2139,6 +2147,89 @@ scrub_card_numbers = false
         assert!(err.to_string().contains(r"/nonexistent/a\nb"), "{err}");
     }
 
+    /// `Settings::load` on another thread, given at most 10 s: a read that
+    /// blocks fails the test instead of hanging it.
+    fn load_within_10s(path: &Path, env: HashMap<String, String>) -> Result<Settings, ConfigError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(Settings::load(&path, &env));
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("loading the config must not block")
+    }
+
+    #[test]
+    fn oversized_secret_file_is_refused_naming_the_key() {
+        let token_file = |len: usize| {
+            let token = file(&vec![b'C'; len]);
+            let toml = MINIMAL.replace(
+                "auth_token_env = \"TWILIO_AUTH_TOKEN\"",
+                &format!(
+                    "auth_token_file = {}",
+                    toml_str(&token.path().to_string_lossy())
+                ),
+            );
+            (token, toml)
+        };
+        let (_token, toml) = token_file((64 << 10) + 1);
+        let err = error(&toml, &env(&[]));
+        assert_eq!(err.key(), "twilio.auth_token_file");
+        assert!(err.to_string().ends_with(": larger than 64 KiB"), "{err}");
+        // 64 KiB exactly is read (and then judged as a token).
+        let (_token, toml) = token_file(64 << 10);
+        let settings = load(&toml, &env(&[])).unwrap();
+        assert_eq!(settings.twilio.auth_token.expose().len(), 64 << 10);
+    }
+
+    #[test]
+    fn files_that_are_not_regular_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("secret-fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        let fifo_text = toml_str(&fifo.to_string_lossy());
+        let cases = [
+            (
+                format!(
+                    "{MINIMAL}\n[[twilio.shared_keys]]\nid = \"k\"\nsecret_file = {fifo_text}\n"
+                ),
+                "twilio.shared_keys[0].secret_file",
+            ),
+            (
+                with(&[(
+                    "twilio",
+                    &format!("secondary_auth_token_file = {fifo_text}"),
+                )]),
+                "twilio.secondary_auth_token_file",
+            ),
+            (
+                with(&[(
+                    "server",
+                    &format!("tls_cert_file = {fifo_text}\ntls_key_file = {fifo_text}"),
+                )]),
+                "server.tls_cert_file",
+            ),
+            (
+                MINIMAL.replace("key_env = \"IVRGUARD_KEY\"", "key_file = \"/dev/zero\""),
+                "encryption.key_file",
+            ),
+        ];
+        for (toml, key) in cases {
+            let config = file(toml.as_bytes());
+            let err = load_within_10s(config.path(), env(&[])).unwrap_err();
+            assert_eq!(err.key(), key, "{toml}");
+            assert!(err.to_string().ends_with(": not a regular file"), "{err}");
+        }
+        // The config file itself.
+        let err = load_within_10s(&fifo, env(&[])).unwrap_err();
+        assert_eq!(err.key(), "config");
+        assert!(err.to_string().ends_with(": not a regular file"), "{err}");
+    }
+
     #[test]
     fn missing_config_file_names_the_path() {
         let dir = tempfile::tempdir().unwrap();
@@ -2214,7 +2305,7 @@ scrub_card_numbers = false
         );
         assert_eq!(
             err.to_string(),
-            "server.max_connections: expected a whole number (0 or more), found a string"
+            "server.max_connections: expected a whole number (0 or more), found a string (from environment variable IVRGUARD__SERVER__MAX_CONNECTIONS)"
         );
         let toml = MINIMAL.replace(
             r#"url = "http://127.0.0.1:3000""#,
@@ -2532,7 +2623,7 @@ scrub_card_numbers = false
 
     /// The base64 lines of a PEM file: what no error or output may show.
     fn pem_body(pem: &Path) -> Vec<String> {
-        fs::read_to_string(pem)
+        std::fs::read_to_string(pem)
             .unwrap()
             .lines()
             .filter(|line| !line.starts_with("-----") && !line.is_empty())

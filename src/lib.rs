@@ -10,6 +10,7 @@ pub mod body;
 pub mod cipher;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod demo;
 pub mod form;
 pub mod health;

@@ -202,7 +202,9 @@ fn fingerprint(path: &Path, settings: &Settings) -> [u8; 32] {
     }
     for file in files {
         // Secrets and the TLS key pass through here: zeroed after hashing.
-        let content = zeroize::Zeroizing::new(std::fs::read(&file).unwrap_or_default());
+        let content = zeroize::Zeroizing::new(
+            crate::config_file::read(&file, crate::config_file::CONFIG_LIMIT).unwrap_or_default(),
+        );
         hasher.update((content.len() as u64).to_le_bytes());
         hasher.update(Sha256::digest(&content));
     }

@@ -1,0 +1,93 @@
+//! Reading the files the configuration names: the TOML file, `*_file`
+//! secrets, the TLS certificate and key.
+//!
+//! Each is read only if it is a regular file (a symlink to one is fine, as
+//! Kubernetes mounts Secrets), and only up to a limit. A FIFO would block
+//! start-up (and every reload poll) until something wrote to it, and a
+//! device such as `/dev/zero` would be read until memory ran out: both are
+//! refused at once, with an error that says why.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+/// The TOML file. The shipped example, every comment included, is 15 KiB.
+pub const CONFIG_LIMIT: u64 = 1 << 20;
+/// A token, shared-key secret or encryption key: tens of bytes.
+pub const SECRET_LIMIT: u64 = 64 << 10;
+/// A PEM certificate chain or private key.
+pub const PEM_LIMIT: u64 = 1 << 20;
+
+/// Why a file was not read. Its `Display` is the reason only (no path, no
+/// content): callers add the key and the file.
+#[derive(Debug)]
+pub enum ReadError {
+    Io(io::Error),
+    NotRegular,
+    TooLarge(u64),
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Io(e) => e.fmt(f),
+            ReadError::NotRegular => f.write_str("not a regular file"),
+            ReadError::TooLarge(limit) => write!(f, "larger than {} KiB", limit >> 10),
+        }
+    }
+}
+
+/// The whole of the regular file at `path`, if it holds at most `limit`
+/// bytes.
+pub fn read(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
+    // Checked before opening: opening a FIFO for reading blocks.
+    if !std::fs::metadata(path).map_err(ReadError::Io)?.is_file() {
+        return Err(ReadError::NotRegular);
+    }
+    let file = File::open(path).map_err(ReadError::Io)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > limit {
+        // It may be a secret: wiped, not just freed.
+        zeroize::Zeroize::zeroize(&mut bytes);
+        return Err(ReadError::TooLarge(limit));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn reads_a_file_up_to_the_limit_and_refuses_one_byte_more() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[b'a'; 2048]).unwrap();
+        assert_eq!(read(f.path(), 2048).unwrap().len(), 2048);
+        let err = read(f.path(), 2047).unwrap_err();
+        assert!(matches!(err, ReadError::TooLarge(2047)), "{err:?}");
+    }
+
+    #[test]
+    fn refuses_directories_and_devices_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            read(dir.path(), SECRET_LIMIT),
+            Err(ReadError::NotRegular)
+        ));
+        assert!(matches!(
+            read(Path::new("/dev/zero"), SECRET_LIMIT),
+            Err(ReadError::NotRegular)
+        ));
+        assert_eq!(
+            read(Path::new("/dev/zero"), SECRET_LIMIT)
+                .unwrap_err()
+                .to_string(),
+            "not a regular file"
+        );
+    }
+}
