@@ -231,9 +231,10 @@ impl Proxy {
             .send(request)
             .await
             .map_err(Rejection::Upstream)?;
-        if response.status().is_informational() {
+        if response.status().is_informational() || response.status().as_u16() > 599 {
             // hyper hands over only a `101`, and ivrguard asked for no
-            // upgrade (it strips `Upgrade`): the app broke the protocol.
+            // upgrade (it strips `Upgrade`); a status past 599 has no
+            // meaning (RFC 9110 §15): either way the app broke the protocol.
             return Err(Rejection::Upstream(upstream::UpstreamError::Failed));
         }
         log.upstream_status = Some(response.status().as_u16());
@@ -454,6 +455,9 @@ impl Proxy {
         let mut headers = parts.headers;
         upstream::strip_hop_by_hop(&mut headers);
         headers.remove(signature::SETTINGS_HEADER);
+        // hyper answered the caller's `100-continue` when the body was
+        // read; the app gets the whole body at once, with nothing to expect.
+        headers.remove(header::EXPECT);
         headers.insert(
             signature::SIGNATURE_HEADER,
             HeaderValue::try_from(signature).expect("base64 is a valid header value"),

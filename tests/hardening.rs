@@ -1479,17 +1479,18 @@ async fn blackhole_upstream_gets_fallback_at_the_upstream_timeout() {
 // ================================ F4 reset, garbage, reset mid-response
 
 async fn broken_upstream() -> RawBackend {
-    // Connection n: reset after reading the request; garbage; or a `101
-    // Switching Protocols` no upgrade was asked for (found in review: it
-    // reached the caller).
+    // Connection n: reset after reading the request; garbage; a `101
+    // Switching Protocols` no upgrade was asked for, or a status past 599
+    // (both found in review: they reached the caller).
     RawBackend::start(|n, mut stream| async move {
         if read_request(&mut stream).await.is_none() {
             return;
         }
-        let answer: &[u8] = match n % 3 {
+        let answer: &[u8] = match n % 4 {
             0 => return reset(stream),
             1 => b"HELLO I AM NOT HTTP\r\n\r\n",
-            _ => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\nbytes after",
+            2 => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\nbytes after",
+            _ => b"HTTP/1.1 999 Beyond\r\nContent-Length: 8\r\n\r\nno TwiML",
         };
         let _ = stream.write_all(answer).await;
         let _ = stream.shutdown().await;
@@ -1508,7 +1509,7 @@ async fn upstream_reset_or_garbage_before_headers_gets_fallback_or_502() {
             c.upstream_timeout_ms = 2000;
         })
         .await;
-        for kind in ["reset", "garbage", "101"] {
+        for kind in ["reset", "garbage", "101", "999"] {
             let response = client::send(
                 proxy.addr,
                 &signed_post(&proxy.secrets.token, "/ivr/gather", &body),
@@ -1524,7 +1525,7 @@ async fn upstream_reset_or_garbage_before_headers_gets_fallback_or_502() {
                 assert_eq!(response.text(), FALLBACK_TWIML, "{kind}");
             }
         }
-        let lines = proxy.wait_access(3).await;
+        let lines = proxy.wait_access(4).await;
         for line in &lines {
             assert_eq!(line["reason"], "upstream_error", "{on_error}: {line}");
         }

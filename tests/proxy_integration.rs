@@ -207,11 +207,15 @@ async fn forwards_signed_form_with_fields_encrypted_and_resigned() {
         .header("X-Hop", "hop-value")
         .header("Keep-Alive", "timeout=5")
         .header("Proxy-Connection", "keep-alive")
+        .header("Expect", "100-continue")
         .header("X-Custom", "kept");
 
     let response = client::send(h.proxy.addr, &request).await;
 
     assert_eq!(response.status, 200, "{}", response.text());
+    // ivrguard answers the `Expect` itself and sends the app the whole
+    // body with no `Expect` (its `100` would be a second interim answer).
+    assert!(response.raw.starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"));
     assert_eq!(response.text(), BACKEND_TWIML);
     let got = h.backend.requests();
     assert_eq!(got.len(), 1, "exactly one request reaches the app");
@@ -230,7 +234,7 @@ async fn forwards_signed_form_with_fields_encrypted_and_resigned() {
     assert_eq!(r.header("x-forwarded-proto"), Some("https"));
     assert_eq!(r.header("x-forwarded-host"), Some(HOST));
     assert_eq!(r.header("x-custom"), Some("kept"));
-    for hop in ["x-hop", "keep-alive", "proxy-connection"] {
+    for hop in ["x-hop", "keep-alive", "proxy-connection", "expect"] {
         assert!(
             r.header_all(hop).is_empty(),
             "hop-by-hop header {hop} forwarded"

@@ -147,6 +147,13 @@ fn parse_response(raw: Vec<u8>) -> HttpResponse {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    if (100..200).contains(&status) && status != 101 {
+        // An interim answer (`100 Continue`): the final one follows, as a
+        // client reads it. `raw` keeps both.
+        let mut last = parse_response(raw[head_end + 4..].to_vec());
+        last.raw = raw;
+        return last;
+    }
     let headers: Vec<(String, String)> = lines
         .map(|line| {
             let (n, v) = line.split_once(':').expect("header line has a colon");
