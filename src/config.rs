@@ -16,7 +16,9 @@
 //!    (sections and keys are separated by a double underscore, so the
 //!    single underscores inside key names survive). Numbers and booleans are
 //!    parsed from the text (by the `config` crate, which also takes
-//!    `yes`/`on`/`1` and `no`/`off`/`0` for booleans, here and in the file). `encryption.fields` is comma-separated
+//!    `yes`/`on`/`1` and `no`/`off`/`0` for booleans). In the file, each
+//!    value must have its TOML type: `"2048"` for a number, `"yes"` for a
+//!    boolean or `5` for text is an error naming the key. `encryption.fields` is comma-separated
 //!    (`Digits,SpeechResult`); `log.scrub_patterns` takes **one** pattern,
 //!    because regular expressions contain commas (join several with `|`).
 //!    `[[twilio.shared_keys]]` can only be written in the file.
@@ -841,22 +843,68 @@ impl RawConfig {
             log: section(root.log, "log", env)?,
         };
         // After the type checks, which name wrong types better.
-        strict_keys_and_numbers(text)?;
+        strict_toml(text)?;
         Ok(raw)
     }
 }
 
 /// What the `config` crate would let through silently: a key in another
 /// case (it lowercases keys, so `LISTEN` would be read as `listen`, and a
-/// second spelling of one key ignored), and a decimal number (it rounds
-/// `max_body_bytes = 1023.9` to a whole one). Every ivrguard key is lower
-/// case and no setting is a decimal. A file that is not TOML is left to the
-/// `config` crate, which says where.
-fn strict_keys_and_numbers(text: &str) -> Result<(), ConfigError> {
-    match text.parse::<toml::Table>() {
-        Ok(table) => strict_table(&table, ""),
-        Err(_) => Ok(()),
+/// second spelling of one key ignored), a decimal number (it rounds
+/// `max_body_bytes = 1023.9` to a whole one), and a value of the wrong TOML
+/// type that it converts (`max_body_bytes = "2048"`, `id = 5`). Every
+/// ivrguard key is lower case and no setting is a decimal. A file that is
+/// not TOML is left to the `config` crate, which says where.
+fn strict_toml(text: &str) -> Result<(), ConfigError> {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    strict_table(&table, "")?;
+    let sections = [
+        (
+            "server",
+            strict_types::<RawServer> as fn(&toml::Table, &str) -> _,
+        ),
+        ("upstream", strict_types::<RawUpstream>),
+        ("twilio", strict_types::<RawTwilio>),
+        ("encryption", strict_types::<RawEncryption>),
+        ("log", strict_types::<RawLog>),
+    ];
+    for (name, check) in sections {
+        if let Some(toml::Value::Table(section)) = table.get(name) {
+            check(section, name)?;
+        }
     }
+    let shared_keys = table
+        .get("twilio")
+        .and_then(|twilio| twilio.get("shared_keys"))
+        .and_then(toml::Value::as_array);
+    for (i, item) in shared_keys.into_iter().flatten().enumerate() {
+        if let toml::Value::Table(item) = item {
+            strict_types::<RawSharedKey>(item, &format!("twilio.shared_keys[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Each key of `section` read on its own into `T` by the `toml` crate,
+/// which converts nothing: the first whose TOML type is not the one `T`
+/// wants is named (never its value).
+fn strict_types<T: DeserializeOwned>(section: &toml::Table, path: &str) -> Result<(), ConfigError> {
+    for (key, value) in section {
+        let one = toml::Table::from_iter([(key.clone(), value.clone())]);
+        let Err(e) = T::deserialize(toml::Value::Table(one)) else {
+            continue;
+        };
+        // Unknown keys in a shared key are named later, as such.
+        if !e.message().starts_with("unknown field") {
+            return Err(ConfigError::new(
+                format!("{path}.{key}"),
+                "has the wrong TOML type: numbers and true/false are written without quotes, text in quotes",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn strict_table(table: &toml::Table, prefix: &str) -> Result<(), ConfigError> {
@@ -1934,6 +1982,42 @@ scrub_card_numbers = false
         assert_eq!(err.key(), "twilio.shared_keys[0].x");
         // Whole numbers and lower-case keys are fine.
         assert!(load(&with(&[("server", "max_body_bytes = 2048")]), &env(&[])).is_ok());
+    }
+
+    #[test]
+    fn values_of_the_wrong_toml_type_in_the_file_are_refused() {
+        // Found in review: the `config` crate converted these silently.
+        let cases = [
+            (
+                "server",
+                r#"max_body_bytes = "2048""#,
+                "server.max_body_bytes",
+            ),
+            ("server", r#"http2 = "yes""#, "server.http2"),
+            (
+                "upstream",
+                r#"rewrite_host = "true""#,
+                "upstream.rewrite_host",
+            ),
+            ("log", "level = 5", "log.level"),
+            ("upstream", "on_error = true", "upstream.on_error"),
+        ];
+        for (section, line, key) in cases {
+            let err = error(&with(&[(section, line)]), &env(&[]));
+            assert_eq!(err.key(), key, "{line}: {err}");
+            assert!(err.to_string().contains("wrong TOML type"), "{err}");
+        }
+        let toml = format!("{MINIMAL}\n[[twilio.shared_keys]]\nid = 7\nsecret_env = \"S\"\n");
+        let err = error(&toml, &env(&[("S", "CANARY")]));
+        assert_eq!(err.key(), "twilio.shared_keys[0].id");
+        // The same values unquoted load, and overrides stay text.
+        let fine = with(&[
+            ("server", "max_body_bytes = 2048\nhttp2 = true"),
+            ("upstream", "rewrite_host = true"),
+        ]);
+        let settings = load(&fine, &env(&[("IVRGUARD__SERVER__MAX_BODY_BYTES", "4096")])).unwrap();
+        assert_eq!(settings.server.max_body_bytes, 4096);
+        assert!(settings.server.http2);
     }
 
     #[test]
