@@ -490,10 +490,37 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
-/// Keeps the writer thread alive; dropping it flushes the queue.
+/// Keeps the writer thread alive; dropping it flushes the queue, for at
+/// most [`LOG_FLUSH_TIMEOUT`].
 pub struct LogHandle {
-    _guard: WorkerGuard,
+    guard: Option<WorkerGuard>,
     dropped: ErrorCounter,
+}
+
+/// How long exiting waits for the queued lines to be written.
+/// tracing-appender's own guard waits about 1.1 s, then `println!`s that it
+/// gave up: to the very stdout that is not being read, which blocked the
+/// exit for as long as the log reader stalled (and, once the reader went,
+/// panicked). So the guard is dropped on a thread of its own, and exiting
+/// stops waiting for it after this long (found in review).
+pub const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Drop for LogHandle {
+    fn drop(&mut self) {
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let (done, flushed) = std::sync::mpsc::channel();
+        let dropper = std::thread::Builder::new()
+            .name("ivrguard-log-flush".into())
+            .spawn(move || {
+                drop(guard);
+                let _ = done.send(());
+            });
+        if dropper.is_ok() {
+            let _ = flushed.recv_timeout(LOG_FLUSH_TIMEOUT);
+        }
+    }
 }
 
 impl LogHandle {
@@ -558,7 +585,7 @@ pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> L
             .try_init(),
     };
     LogHandle {
-        _guard: guard,
+        guard: Some(guard),
         dropped,
     }
 }

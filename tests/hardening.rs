@@ -2372,7 +2372,7 @@ async fn blocked_stdout_does_not_stall_requests() {
 /// counted, so memory stays flat however long stdout is stalled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_stdout_drops_and_counts_lines_once_the_queue_is_full() {
-    let h = harness(Behaviour::Twiml, |c| c.log_level = Some("trace")).await;
+    let mut h = harness(Behaviour::Twiml, |c| c.log_level = Some("trace")).await;
     let admin = h.proxy.admin_addr.expect("admin listener");
     let pid = h.proxy.pid();
     let rss_before = rss_kib(pid);
@@ -2422,6 +2422,25 @@ async fn blocked_stdout_drops_and_counts_lines_once_the_queue_is_full() {
         rss_after.saturating_sub(rss_before) < 16 * 1024,
         "RSS grew from {rss_before} to {rss_after} KiB while stdout was blocked"
     );
+
+    // SIGTERM with stdout still blocked: the drain ends and the process
+    // exits 0 (found in review: it waited for the log reader for ever,
+    // deaf to a second signal, then panicked with 101 when the reader left).
+    h.proxy.signal("TERM");
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = h.proxy.try_exit() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(12),
+            "still running 12 s after SIGTERM with stdout blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
+    h.proxy.resume_stdout();
+    assert!(status.success(), "exit status {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
