@@ -7,7 +7,8 @@
 //! Kubernetes Service name — exactly the deployments a sidecar is for.
 //! [`Resolver`] does what a libc in the container would do, in Rust
 //! (hickory): `/etc/hosts` first, then the name servers, search domains and
-//! `ndots` of `/etc/resolv.conf`, answers cached for their TTL.
+//! `ndots` of `/etc/resolv.conf`, answers cached for their TTL but for
+//! [`MAX_CACHE_TTL`] at most.
 //!
 //! - IP-literal upstreams never get here: hyper-util's connector parses an
 //!   IP host itself, so `http://127.0.0.1:3000` costs no lookup and no
@@ -32,6 +33,7 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hickory_resolver::config::{ResolverOpts, ServerOrderingStrategy};
 use hickory_resolver::TokioResolver;
@@ -115,7 +117,7 @@ impl Resolver {
     fn backend(&self) -> &Backend {
         self.backend.get_or_init(|| {
             let system = TokioResolver::builder_tokio().and_then(|mut builder| {
-                one_server_at_a_time(builder.options_mut());
+                system_like(builder.options_mut());
                 builder.build()
             });
             match system {
@@ -126,11 +128,24 @@ impl Resolver {
     }
 }
 
+/// How long an answer is kept, whatever its TTL. A recreated app
+/// container comes back on a new address under the same name, and compose's
+/// DNS gives 600 s TTLs (podman's 86,400 s): ivrguard kept connecting to the
+/// old address for that long, every call getting the fallback (found in
+/// review). The C library keeps nothing; lookups happen only when a new
+/// connection to the app is opened, so a short cache costs little.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(2);
+/// "No such name" is kept for less: the app may be starting.
+const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(1);
+
 /// Name servers in `/etc/resolv.conf` order, one at a time, as the C
-/// library asks them (see the module docs for why).
-fn one_server_at_a_time(options: &mut ResolverOpts) {
+/// library asks them (see the module docs for why); answers kept for
+/// [`MAX_CACHE_TTL`] at most.
+fn system_like(options: &mut ResolverOpts) {
     options.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
     options.num_concurrent_reqs = 1;
+    options.positive_max_ttl = Some(MAX_CACHE_TTL);
+    options.negative_max_ttl = Some(MAX_NEGATIVE_TTL);
 }
 
 /// The shape hyper-util's connector asks for: a `Service<Name>` returning
@@ -161,7 +176,7 @@ mod tests {
     use std::sync::Arc;
 
     use std::net::Ipv4Addr;
-    use std::time::Duration;
+    use std::sync::Mutex;
 
     use bytes::Bytes;
     use hickory_resolver::config::{NameServerConfig, ResolverConfig};
@@ -222,10 +237,15 @@ mod tests {
         );
     }
 
-    /// A DNS server on 127.0.0.1 (UDP) that knows `known` (A 10.1.2.3),
-    /// answering it after `delay`, and says NXDOMAIN at once to anything
-    /// else: one podman network's DNS.
-    async fn network_dns(known: &'static str, delay: Duration) -> SocketAddr {
+    /// A DNS server on 127.0.0.1 (UDP) that knows `known` (A `ip`, as it is
+    /// at each query, with podman's TTL of a day), answering it after
+    /// `delay`, and says NXDOMAIN at once to anything else: one podman
+    /// network's DNS.
+    async fn network_dns(
+        known: &'static str,
+        delay: Duration,
+        ip: Arc<Mutex<Ipv4Addr>>,
+    ) -> SocketAddr {
         let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = socket.local_addr().unwrap();
         tokio::spawn(async move {
@@ -235,6 +255,7 @@ mod tests {
                     continue;
                 };
                 let socket = socket.clone();
+                let ip = *ip.lock().unwrap();
                 tokio::spawn(async move {
                     let mut answer = Message::response(query.metadata.id, query.metadata.op_code);
                     answer.metadata.recursion_desired = query.metadata.recursion_desired;
@@ -244,11 +265,10 @@ mod tests {
                     if question.name().to_ascii() == format!("{known}.") {
                         tokio::time::sleep(delay).await;
                         if question.query_type() == RecordType::A {
-                            let ip = A(Ipv4Addr::new(10, 1, 2, 3));
                             answer.add_answer(Record::from_rdata(
                                 question.name().clone(),
-                                60,
-                                RData::A(ip),
+                                86_400,
+                                RData::A(A(ip)),
                             ));
                         }
                     } else {
@@ -266,10 +286,21 @@ mod tests {
     /// win: servers are asked in order, as glibc does.
     #[tokio::test]
     async fn asks_name_servers_in_order_like_the_c_library() {
-        let knows_app = network_dns("legacy-app", Duration::from_millis(100)).await;
-        let other_network = network_dns("ivrguard", Duration::ZERO).await;
-        let servers = [knows_app, other_network]
-            .into_iter()
+        let app_ip = Arc::new(Mutex::new(Ipv4Addr::new(10, 1, 2, 3)));
+        let knows_app = network_dns("legacy-app", Duration::from_millis(100), app_ip).await;
+        let other_ip = Arc::new(Mutex::new(Ipv4Addr::new(10, 9, 9, 9)));
+        let other_network = network_dns("ivrguard", Duration::ZERO, other_ip).await;
+        let resolver = system_like_resolver(&[knows_app, other_network]);
+        for _ in 0..3 {
+            let ips = resolver.lookup("legacy-app").await.unwrap();
+            assert_eq!(ips, [IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]);
+        }
+    }
+
+    /// A resolver asking `servers`, set up as for the system configuration.
+    fn system_like_resolver(servers: &[SocketAddr]) -> Resolver {
+        let servers = servers
+            .iter()
             .map(|addr| {
                 let mut server = NameServerConfig::udp(addr.ip());
                 server.connections[0].port = addr.port();
@@ -280,11 +311,33 @@ mod tests {
             ResolverConfig::from_parts(None, vec![], servers),
             TokioRuntimeProvider::default(),
         );
-        one_server_at_a_time(builder.options_mut());
-        let resolver = Resolver::with_hickory(builder.build().unwrap());
-        for _ in 0..3 {
+        system_like(builder.options_mut());
+        Resolver::with_hickory(builder.build().unwrap())
+    }
+
+    /// The app's container is recreated and comes back on a new address,
+    /// under a DNS TTL of a day: new connections reach the new address
+    /// within `MAX_CACHE_TTL`, not a day later.
+    #[tokio::test]
+    async fn a_moved_app_is_found_again_within_the_cache_limit() {
+        let app_ip = Arc::new(Mutex::new(Ipv4Addr::new(10, 1, 2, 3)));
+        let dns = network_dns("legacy-app", Duration::ZERO, app_ip.clone()).await;
+        let resolver = system_like_resolver(&[dns]);
+        let first = resolver.lookup("legacy-app").await.unwrap();
+        assert_eq!(first, [IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]);
+        *app_ip.lock().unwrap() = Ipv4Addr::new(10, 1, 2, 9);
+        let moved = std::time::Instant::now();
+        loop {
             let ips = resolver.lookup("legacy-app").await.unwrap();
-            assert_eq!(ips, [IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]);
+            if ips == [IpAddr::V4(Ipv4Addr::new(10, 1, 2, 9))] {
+                break;
+            }
+            assert!(
+                moved.elapsed() < MAX_CACHE_TTL + Duration::from_secs(3),
+                "still {ips:?} {:?} after the app moved",
+                moved.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
