@@ -17,6 +17,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use regex::bytes::Regex;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Metadata, Subscriber};
@@ -26,6 +27,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::reload;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
@@ -165,15 +167,26 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
 }
 
 /// A `MakeWriter` that scrubs each formatted event before handing it on.
+/// The scrubber sits in a slot that a reload refills
+/// ([`ScrubbingMakeWriter::scrubber_slot`]).
 #[derive(Clone)]
 pub struct ScrubbingMakeWriter<M> {
     inner: M,
-    scrubber: Arc<Scrubber>,
+    scrubber: Arc<ArcSwap<Scrubber>>,
 }
 
 impl<M> ScrubbingMakeWriter<M> {
     pub fn new(inner: M, scrubber: Arc<Scrubber>) -> Self {
-        ScrubbingMakeWriter { inner, scrubber }
+        ScrubbingMakeWriter {
+            inner,
+            scrubber: Arc::new(ArcSwap::new(scrubber)),
+        }
+    }
+
+    /// Where the scrubber in use is: storing another one there applies it
+    /// to every line formatted from then on.
+    pub fn scrubber_slot(&self) -> Arc<ArcSwap<Scrubber>> {
+        self.scrubber.clone()
     }
 }
 
@@ -183,7 +196,7 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for ScrubbingMakeWriter<M> {
     fn make_writer(&'a self) -> Self::Writer {
         ScrubbingWriter {
             inner: self.inner.make_writer(),
-            scrubber: self.scrubber.clone(),
+            scrubber: self.scrubber.load_full(),
         }
     }
 }
@@ -556,6 +569,32 @@ fn is_ours(target: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
 }
 
+/// What a reload can change in the installed subscriber: the scrubber and
+/// the level filter (`log.scrub_*`, `log.level`). `log.format` picks the
+/// subscriber's type, so changing it needs a restart (`reload.rs`).
+struct LogControl {
+    scrubber: Arc<ArcSwap<Scrubber>>,
+    set_level: Box<dyn Fn(EnvFilter) -> Result<(), reload::Error> + Send + Sync>,
+}
+
+/// Set once, by the [`init_with`] whose subscriber was installed.
+static LOG_CONTROL: std::sync::OnceLock<LogControl> = std::sync::OnceLock::new();
+
+/// Applies `log.scrub_patterns`, `log.scrub_card_numbers` and `log.level`
+/// from reloaded settings to every line logged from now on (found in
+/// review: a reload said "reloaded" and kept the old ones, so a scrub
+/// pattern added after a leak was not applied). A no-op before [`init`].
+pub fn apply(settings: &LogSettings) {
+    let Some(control) = LOG_CONTROL.get() else {
+        return;
+    };
+    control.scrubber.store(Arc::new(Scrubber::new(settings)));
+    // The level was checked when the settings were loaded.
+    if let Ok(filter) = EnvFilter::try_new(&settings.level) {
+        let _ = (control.set_level)(filter);
+    }
+}
+
 /// Installs the global subscriber writing scrubbed lines to `out` through
 /// the bounded non-blocking queue. The demo passes a capturing writer.
 pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> LogHandle {
@@ -567,23 +606,37 @@ pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> L
             .finish(Batched::new(out));
     let dropped = writer.error_counter();
     let make_writer = ScrubbingMakeWriter::new(writer, Arc::new(Scrubber::new(settings)));
+    let scrubber = make_writer.scrubber_slot();
     let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(make_writer);
-    // A second init in one process keeps the first subscriber.
-    let _ = match settings.format {
-        LogFormat::Json => builder
-            .event_format(JsonLines)
-            .finish()
-            .with(dependencies_at_info())
-            .try_init(),
-        LogFormat::Text => builder
-            .with_ansi(false)
-            .finish()
-            .with(dependencies_at_info())
-            .try_init(),
+    // A second init in one process keeps the first subscriber (and its
+    // control).
+    // The two formats make subscribers of two types: one body for both.
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let level = builder.reload_handle();
+            let set_level: Box<dyn Fn(EnvFilter) -> _ + Send + Sync> =
+                Box::new(move |filter| level.reload(filter));
+            builder
+                .finish()
+                .with(dependencies_at_info())
+                .try_init()
+                .map(|()| set_level)
+        }};
+    }
+    let installed = match settings.format {
+        LogFormat::Json => install!(builder.event_format(JsonLines)),
+        LogFormat::Text => install!(builder.with_ansi(false)),
     };
+    if let Ok(set_level) = installed {
+        let _ = LOG_CONTROL.set(LogControl {
+            scrubber,
+            set_level,
+        });
+    }
     LogHandle {
         guard: Some(guard),
         dropped,

@@ -14,7 +14,9 @@
 //!
 //! Listener addresses cannot move without a restart, nor can the listener
 //! switch between plain HTTP and TLS; a reload that changes them is refused
-//! the same way.
+//! the same way, as is one that changes `log.format`. The other `[log]` keys
+//! (level, scrub patterns, card numbers) are applied to the lines logged
+//! after the reload.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::cipher::FieldCipher;
-use crate::config::{self, SecretSource, ServerSettings, Settings};
+use crate::config::{self, SecretSource, Settings};
 use crate::metrics::Metrics;
 use crate::pipeline::Proxy;
 
@@ -51,7 +53,9 @@ pub struct Reloader {
 /// Why `new` cannot be applied by a reload, if it cannot: what the
 /// listeners and workers read once, when they start (found in review: a
 /// reload said "reloaded" and kept the old values of some of these).
-fn needs_restart(new: &ServerSettings, old: &ServerSettings) -> Option<String> {
+fn needs_restart(new: &Settings, old: &Settings) -> Option<String> {
+    let log_format_changed = new.log.format != old.log.format;
+    let (new, old) = (&new.server, &old.server);
     let fixed = [
         (
             "server.listen/server.admin_listen",
@@ -89,6 +93,8 @@ fn needs_restart(new: &ServerSettings, old: &ServerSettings) -> Option<String> {
             new.reload_poll_interval != old.reload_poll_interval,
         ),
         ("server.http2", "changing it", new.http2 != old.http2),
+        // The other `[log]` keys are applied (`logging::apply`).
+        ("log.format", "changing it", log_format_changed),
     ];
     let (key, what, _) = fixed.iter().find(|(_, _, changed)| *changed)?;
     Some(format!("{key}: {what} needs a restart"))
@@ -118,7 +124,7 @@ impl Reloader {
     fn try_reload(&mut self) -> Result<(), String> {
         let settings =
             Settings::load(&self.path, &config::process_env()).map_err(|e| e.to_string())?;
-        if let Some(refusal) = needs_restart(&settings.server, &self.running.server) {
+        if let Some(refusal) = needs_restart(&settings, &self.running) {
             return Err(refusal);
         }
         let current = self.shared.load();
@@ -137,6 +143,7 @@ impl Reloader {
             proxy.keep_upstream_of(&current);
         }
         self.shared.store(Arc::new(proxy));
+        crate::logging::apply(&settings.log);
         self.fingerprint = fingerprint(&self.path, &settings);
         self.running = settings;
         Ok(())

@@ -2227,6 +2227,72 @@ async fn reloads_keep_upstream_max_connections() {
     );
 }
 
+/// `[log]` on reload (found in review: "configuration reloaded" was logged
+/// while the old scrub patterns and level stayed, so a pattern added after
+/// a leak was never applied). The new pattern and level apply to the lines
+/// after the reload; a change of `log.format` is refused, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_applies_the_log_scrub_patterns_and_level() {
+    const ACCOUNT: &str = "acct7654321";
+    let backend = Backend::start(Behaviour::Twiml).await;
+    let config = ProxyConfig::new(backend.url());
+    let proxy = Proxy::start(&config).await;
+    let unsigned_get = || async {
+        let target = format!("/ivr/gather?Account={ACCOUNT}");
+        let response = client::send(proxy.addr, &RawRequest::new("GET", &target, HOST)).await;
+        assert_eq!(response.status, 403);
+    };
+    unsigned_get().await;
+    let before = proxy.wait_access(1).await;
+    assert!(before[0]["query"].as_str().unwrap().contains(ACCOUNT));
+
+    let scrubbed = format!("{}scrub_patterns = [\"acct[0-9]{{7}}\"]\n", config.toml());
+    std::fs::write(proxy.config_path(), &scrubbed).unwrap();
+    proxy.signal("HUP");
+    wait_log(&proxy, "configuration reloaded", 1).await;
+    unsigned_get().await;
+    let after = proxy.wait_access(2).await;
+    let query = after[1]["query"].as_str().unwrap();
+    assert!(
+        !query.contains(ACCOUNT) && query.contains("*REDACTED*"),
+        "{query}"
+    );
+
+    // Access lines (info) off; the reload's own line kept on.
+    let quieter = scrubbed.replace(
+        "format = \"json\"\n",
+        "format = \"json\"\nlevel = \"warn,ivrguard::reload=info\"\n",
+    );
+    assert_ne!(quieter, scrubbed);
+    std::fs::write(proxy.config_path(), &quieter).unwrap();
+    proxy.signal("HUP");
+    wait_log(&proxy, "configuration reloaded", 2).await;
+    unsigned_get().await;
+    // An error line after that request's would-be access line: once it is
+    // in, the access line would be too.
+    std::fs::write(
+        proxy.config_path(),
+        quieter.replace("format = \"json\"", "format = \"text\""),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    let refused = "configuration reload refused; the running configuration stays";
+    wait_log(&proxy, refused, 1).await;
+    let lines = proxy.log_lines();
+    let refusal = lines.iter().find(|l| l["message"] == refused).unwrap();
+    assert_eq!(
+        refusal["error"], "log.format: changing it needs a restart",
+        "{refusal}"
+    );
+    assert_eq!(
+        proxy.access_lines().len(),
+        2,
+        "an access line at level warn"
+    );
+    // Only the line from before the pattern holds the value.
+    assert_eq!(proxy.stdout_text().matches(ACCOUNT).count(), 1);
+}
+
 // =========================================================== F10 SIGTERM drain
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
