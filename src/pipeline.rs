@@ -504,7 +504,7 @@ impl Proxy {
             | Rejection::UnsupportedMediaType
             | Rejection::UnsupportedTransferCoding
             | Rejection::MethodNotAllowed
-            | Rejection::MissingHost
+            | Rejection::BadHost
             | Rejection::AbsoluteTarget
             | Rejection::BadForwardedHeaders => {}
         }
@@ -652,7 +652,7 @@ fn check_head(parts: &Parts) -> Result<(), Rejection> {
     // URL independent of it: the app must not get an ambiguous request.
     let hosts = parts.headers.get_all(header::HOST).iter().count();
     if hosts > 1 || (hosts == 0 && parts.version == http::Version::HTTP_11) {
-        return Err(Rejection::MissingHost);
+        return Err(Rejection::BadHost);
     }
     Ok(())
 }
@@ -684,7 +684,7 @@ fn request_host(parts: &Parts) -> Result<String, Rejection> {
         .uri
         .authority()
         .map(|a| a.as_str().to_owned())
-        .ok_or(Rejection::MissingHost)
+        .ok_or(Rejection::BadHost)
 }
 
 /// A header that must appear at most once, as visible ASCII.
@@ -695,7 +695,7 @@ fn single_header<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, Re
     };
     if values.next().is_some() {
         return Err(if name == "host" {
-            Rejection::MissingHost
+            Rejection::BadHost
         } else {
             Rejection::BadForwardedHeaders
         });
@@ -708,7 +708,7 @@ fn single_header<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, Re
         || text.contains(|c: char| c == ',' || c.is_whitespace() || c == '/' || c == '@')
     {
         return Err(if name == "host" {
-            Rejection::MissingHost
+            Rejection::BadHost
         } else {
             Rejection::BadForwardedHeaders
         });

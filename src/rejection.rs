@@ -29,8 +29,10 @@ pub enum Rejection {
     UnsupportedTransferCoding,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// No `Host` (nor an authority in the target), two, or one that is not
+    /// visible ASCII.
     #[error("request has no usable Host")]
-    MissingHost,
+    BadHost,
     #[error("absolute-form request target")]
     AbsoluteTarget,
     #[error("forwarded headers are trusted but missing or ambiguous")]
@@ -52,7 +54,7 @@ impl Rejection {
             Rejection::UnsupportedMediaType => "unsupported_media_type",
             Rejection::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Rejection::MethodNotAllowed => "method_not_allowed",
-            Rejection::MissingHost => "missing_host",
+            Rejection::BadHost => "bad_host",
             Rejection::AbsoluteTarget => "absolute_target",
             Rejection::BadForwardedHeaders => "bad_forwarded_headers",
             Rejection::Deadline => "deadline",
@@ -75,7 +77,7 @@ impl Rejection {
                 (StatusCode::NOT_IMPLEMENTED, "Not Implemented\n")
             }
             Rejection::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"),
-            Rejection::MissingHost => (StatusCode::BAD_REQUEST, "Bad Request\n"),
+            Rejection::BadHost => (StatusCode::BAD_REQUEST, "Bad Request\n"),
             Rejection::AbsoluteTarget => (StatusCode::BAD_REQUEST, "Bad Request\n"),
             Rejection::BadForwardedHeaders => (StatusCode::BAD_REQUEST, "Bad Request\n"),
             // The deadline and upstream failures are the caller's problem only

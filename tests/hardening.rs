@@ -1309,9 +1309,9 @@ async fn refuses_absolute_form_and_missing_or_duplicate_host() {
 
     let cases = [
         ("absolute-form target", &absolute, "absolute_target"),
-        ("no Host", &no_host, "missing_host"),
-        ("two different Hosts", &two_hosts, "missing_host"),
-        ("the same Host twice", &same_host_twice, "missing_host"),
+        ("no Host", &no_host, "bad_host"),
+        ("two different Hosts", &two_hosts, "bad_host"),
+        ("the same Host twice", &same_host_twice, "bad_host"),
     ];
     for (label, request, _) in cases {
         let response = client::send(h.proxy.addr, request).await;
