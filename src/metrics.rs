@@ -140,6 +140,15 @@ impl Metrics {
         self.latency.observe(latency_seconds);
     }
 
+    /// A request whose head hyper refused (it answered 400, 414 or 431
+    /// itself, before the pipeline ran): counted under `outcome`, with no
+    /// latency.
+    pub fn refused_head(&self, outcome: &'static str) {
+        self.requests
+            .get_or_create(&[("outcome", outcome)])
+            .inc_by(1);
+    }
+
     pub fn signature_failure(&self, reason: &'static str) {
         self.signature_failures
             .get_or_create(&[("reason", reason)])

@@ -142,12 +142,12 @@ pub async fn serve(
         // them for new connections only). A client that takes none of what
         // we write for a request timeout is gone, or hostile, and its
         // connection ends (write_stall.rs).
-        let (tls, write_stall) = {
+        let (tls, write_stall, metrics) = {
             let now = proxy.load();
             let tls = now
                 .tls()
                 .map(|acceptor| (acceptor.clone(), now.metrics_arc()));
-            (tls, now.request_timeout())
+            (tls, now.request_timeout(), now.metrics_arc())
         };
         let proxy = proxy.clone();
         let service = service_fn(move |request: Request<Incoming>| {
@@ -190,7 +190,7 @@ pub async fn serve(
                             let conn = builders
                                 .http1
                                 .serve_connection(TokioIo::new(stream), service);
-                            let _ = watcher.watch(conn).await;
+                            report_refused_head(watcher.watch(conn).await, &metrics, peer);
                         }
                         None => {}
                     }
@@ -206,7 +206,7 @@ pub async fn serve(
                     let conn = builders
                         .http1
                         .serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(conn).await;
+                    report_refused_head(watcher.watch(conn).await, &metrics, peer);
                 }
                 // HTTP/2 is off (`server.http2`): the preface gets no answer.
                 Ok(Some(Protocol::Http2)) if !http2 => {}
@@ -231,6 +231,31 @@ pub async fn serve(
     tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
         .await
         .is_ok()
+}
+
+/// Logs and counts a request head hyper refused on an HTTP/1 connection:
+/// it answered 400 (or 414, 431) itself and the pipeline never ran, so no
+/// access line was written for it (found in review). Other ends of a
+/// connection (the client left, a timeout) are not requests.
+fn report_refused_head(
+    ended: Result<(), hyper::Error>,
+    metrics: &crate::metrics::Metrics,
+    peer: SocketAddr,
+) {
+    let Err(error) = ended else {
+        return;
+    };
+    let reason = if error.is_parse_too_large() {
+        "head_too_large"
+    } else if error.is_parse() {
+        "malformed_head"
+    } else {
+        return;
+    };
+    metrics.refused_head(reason);
+    // The peer as the access line gives it; nothing of the request.
+    let peer = crate::access_log::ip_text(peer.ip());
+    tracing::info!(target: "ivrguard::access", reason, peer, "request head refused");
 }
 
 /// The protocol a plain-TCP client speaks.

@@ -957,7 +957,39 @@ async fn header_limits_answer_431_and_nothing_is_forwarded() {
     }
     assert_eq!(client::send(h.proxy.addr, &fine).await.status, 200);
     assert_eq!(h.backend.wait_for_requests(1).await.len(), 1);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // hyper answers these itself, before the pipeline: each is still
+    // logged (no access line can be) and counted (found in review).
+    let two_lengths = b"POST /ivr/gather HTTP/1.1\r\nHost: ivr.example.com\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd";
+    let (responses, _) = exchange(h.proxy.addr, two_lengths, Duration::from_secs(5)).await;
+    assert_eq!(statuses(&responses), [400], "two Content-Lengths");
+    wait_log(&h.proxy, "request head refused", 4).await;
+    let lines = h.proxy.log_lines();
+    let refused: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "request head refused")
+        .collect();
+    let reasons: Vec<&str> = refused
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "head_too_large").count(),
+        3,
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"malformed_head"), "{reasons:?}");
+    assert!(refused.iter().all(|l| l["peer"] == "127.0.0.1"));
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    let metrics = client::get(admin, "/metrics").await.text();
+    let count = |outcome: &str| {
+        metric(
+            &metrics,
+            &format!("ivrguard_requests_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(count("head_too_large"), 3.0);
+    assert_eq!(count("malformed_head"), 1.0);
     assert_eq!(h.backend.count(), 1, "only the control reached the app");
 }
 
