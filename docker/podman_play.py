@@ -17,8 +17,10 @@ context, the ConfigMap and its mount, resources) is played as written:
 4. Host ports: podman publishes every containerPort on the host. They get
    the free ports docker/test.sh picked, so nothing collides with a fixed
    8080/9901 on the machine.
-5. The Deployment's name gets the test's prefix, so the pod and container
-   names cannot collide with anything else on the machine.
+5. The Deployment's and the ConfigMap's names get the test's prefix, so
+   the pod, its containers and the volume podman makes of the ConfigMap
+   cannot collide with anything else on the machine (and are removed by
+   name afterwards).
 
 Usage: podman_play.py MANIFEST_DIR SECRET_DIR NAME HTTP_PORT ADMIN_PORT OUT_YAML OUT_VARS
 OUT_VARS receives shell assignments the test sources (image names, the
@@ -65,8 +67,13 @@ def main() -> None:
     host_ports = {"http": int(http_port), "admin": int(admin_port)}
     for port in ivrguard["ports"]:
         port["hostPort"] = host_ports[port["name"]]
-    # 5. Name.
+    # 5. Names.
     deployment["metadata"]["name"] = name
+    configmap_name = configmap["metadata"]["name"]
+    configmap["metadata"]["name"] = f"{name}-{configmap_name}"
+    for volume in pod["volumes"]:
+        if volume.get("configMap", {}).get("name") == configmap_name:
+            volume["configMap"]["name"] = configmap["metadata"]["name"]
 
     stream = [configmap, deployment]
     Path(out_yaml).write_text(yaml.safe_dump_all(stream, sort_keys=False))

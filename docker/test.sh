@@ -50,6 +50,7 @@ cleanup() {
     podman pod rm --ignore -f -t 0 "$NAME-pod-0" >/dev/null 2>&1
     podman rm --ignore -f -t 0 "$NAME-ivrguard" "$NAME-legacy-app" "$NAME-check" >/dev/null 2>&1
     podman network rm -f "$NAME-edge" "$NAME-backend" >/dev/null 2>&1
+    podman volume rm -f "$NAME-ivrguard-config" >/dev/null 2>&1
     for image in "${IMAGES[@]}"; do podman rmi -f "$image" >/dev/null 2>&1; done
   fi
   rm -rf "$WORK"
