@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod config_file;
 pub mod demo;
+pub mod drain;
 pub mod form;
 pub mod health;
 pub mod json_body;

@@ -21,12 +21,12 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::body::ProxyBody;
 use crate::config::ServerSettings;
+use crate::drain::{self, Drain, Streams};
 use crate::pipeline::Proxy;
 use crate::reload::SharedProxy;
 use crate::tls;
@@ -115,7 +115,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> bool {
     let builders = Arc::new(Builders::new(settings));
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::default();
     tokio::pin!(shutdown);
     readiness.set(true);
     loop {
@@ -150,17 +150,24 @@ pub async fn serve(
             (tls, now.request_timeout(), now.metrics_arc())
         };
         let proxy = proxy.clone();
+        // For HTTP/2's idle limit: what the connection has in flight.
+        let streams = Streams::default();
+        let counted = streams.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             // A snapshot: a reload does not change a request in flight.
             let proxy = proxy.load_full();
             // Boxed: hyper keeps a slot the size of this future in every
             // connection for its whole life, idle or not; boxed, that memory
             // exists only while a request is in flight.
-            Box::pin(guarded(proxy, request, peer).map(ok))
+            counted.count(Box::pin(guarded(proxy, request, peer).map(ok)))
         });
         let builders = builders.clone();
-        let watcher = graceful.watcher();
+        let watcher = drain.watcher();
         let first_bytes_timeout = settings.header_read_timeout;
+        // An HTTP/2 connection with nothing begun or in flight for this long
+        // (up to twice it) is shut down (drain.rs); hyper's pings only end
+        // one whose peer stops answering.
+        let h2_idle = Some((streams, settings.header_read_timeout));
         let http2 = settings.http2;
         tokio::spawn(async move {
             // The bytes that tell HTTP/1 from HTTP/2 get the header-read
@@ -183,14 +190,23 @@ pub async fn serve(
                             let conn = builders
                                 .http2
                                 .serve_connection(TokioIo::new(stream), service);
-                            let _ = watcher.watch(conn).await;
+                            let _ = drain::serve(
+                                conn,
+                                |conn| conn.graceful_shutdown(),
+                                watcher,
+                                h2_idle,
+                            )
+                            .await;
                         }
                         Some(stream) => {
                             let stream = WriteStallLimit::new(stream, write_stall);
                             let conn = builders
                                 .http1
                                 .serve_connection(TokioIo::new(stream), service);
-                            report_refused_head(watcher.watch(conn).await, &metrics, peer);
+                            let ended =
+                                drain::serve(conn, |conn| conn.graceful_shutdown(), watcher, None)
+                                    .await;
+                            report_refused_head(ended, &metrics, peer);
                         }
                         None => {}
                     }
@@ -206,7 +222,9 @@ pub async fn serve(
                     let conn = builders
                         .http1
                         .serve_connection(TokioIo::new(stream), service);
-                    report_refused_head(watcher.watch(conn).await, &metrics, peer);
+                    let ended =
+                        drain::serve(conn, |conn| conn.graceful_shutdown(), watcher, None).await;
+                    report_refused_head(ended, &metrics, peer);
                 }
                 // HTTP/2 is off (`server.http2`): the preface gets no answer.
                 Ok(Some(Protocol::Http2)) if !http2 => {}
@@ -216,7 +234,9 @@ pub async fn serve(
                         let conn = builders
                             .http2
                             .serve_connection(TokioIo::new(stream), service);
-                        let _ = watcher.watch(conn).await;
+                        let _ =
+                            drain::serve(conn, |conn| conn.graceful_shutdown(), watcher, h2_idle)
+                                .await;
                     })
                     .await;
                 }
@@ -227,8 +247,8 @@ pub async fn serve(
     }
     readiness.set(false);
     drop(listener);
-    tracing::info!(in_flight_connections = graceful.count(), "draining");
-    tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
+    tracing::info!(in_flight_connections = drain.count(), "draining");
+    tokio::time::timeout(settings.drain_timeout, drain.shutdown())
         .await
         .is_ok()
 }

@@ -1150,6 +1150,43 @@ async fn h2c_prior_knowledge_is_served_when_http2_is_on() {
     );
 }
 
+/// With `server.http2` on, an HTTP/2 connection with nothing in flight is
+/// shut down (GOAWAY) after one to two `header_read_timeout_ms`, although
+/// its peer answers every ping (found in review: it stayed open for ever,
+/// so a few held every `max_connections` slot). A request slower than that
+/// is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_but_a_slow_request_finishes() {
+    let h = harness(Behaviour::Delay(Duration::from_millis(1500)), |c| {
+        c.server_extra.push("http2 = true".into());
+        c.server_extra.push("header_read_timeout_ms = 500".into());
+    })
+    .await;
+    let body = gather_body("1234", "yes");
+    let sig = sign_form(&h.proxy.secrets.token, "/ivr/h2", &body);
+    let stream = TcpStream::connect(h.proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    let conn = tokio::spawn(conn);
+    let request = Request::post(format!("http://{HOST}/ivr/h2"))
+        .header("content-type", FORM)
+        .header("x-twilio-signature", sig)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("h2 response");
+    assert_eq!(response.status(), 200, "the 1.5 s request was cut");
+    let answered = Instant::now();
+
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection open 10 s on");
+    let idle = answered.elapsed();
+    eprintln!("closed {idle:?} after the last answer");
+    assert!(idle >= Duration::from_millis(400), "closed after {idle:?}");
+    assert_eq!(h.backend.count(), 1);
+}
+
 /// The value of setting `id` in the first non-ACK SETTINGS frame of
 /// `bytes` (a server's side of an HTTP/2 connection).
 fn h2_setting(bytes: &[u8], id: u16) -> Option<u32> {
