@@ -1112,21 +1112,13 @@ async fn h2c_prior_knowledge_is_served_when_http2_is_on() {
         c.server_extra.push("http2 = true".into())
     })
     .await;
-    let body = gather_body("1234", "yes");
-    let sig = sign_form(&h.proxy.secrets.token, "/ivr/h2", &body);
-    let stream = TcpStream::connect(h.proxy.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("HTTP/2 handshake");
+    let (mut sender, conn) = h2_connect(h.proxy.addr).await;
     tokio::spawn(conn);
-    let request = Request::post(format!("http://{HOST}/ivr/h2"))
-        .header("content-type", FORM)
-        .header("x-twilio-signature", sig)
-        .body(Full::new(Bytes::from(body.clone())))
-        .unwrap();
 
-    let response = sender.send_request(request).await.expect("h2 response");
+    let response = sender
+        .send_request(h2_gather(&h.proxy.secrets.token))
+        .await
+        .expect("h2 response");
 
     assert_eq!(response.status(), 200);
     let r = &h.backend.wait_for_requests(1).await[0];
@@ -1162,20 +1154,12 @@ async fn an_idle_http2_connection_is_closed_but_a_slow_request_finishes() {
         c.server_extra.push("header_read_timeout_ms = 500".into());
     })
     .await;
-    let body = gather_body("1234", "yes");
-    let sig = sign_form(&h.proxy.secrets.token, "/ivr/h2", &body);
-    let stream = TcpStream::connect(h.proxy.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("HTTP/2 handshake");
+    let (mut sender, conn) = h2_connect(h.proxy.addr).await;
     let conn = tokio::spawn(conn);
-    let request = Request::post(format!("http://{HOST}/ivr/h2"))
-        .header("content-type", FORM)
-        .header("x-twilio-signature", sig)
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let response = sender.send_request(request).await.expect("h2 response");
+    let response = sender
+        .send_request(h2_gather(&h.proxy.secrets.token))
+        .await
+        .expect("h2 response");
     assert_eq!(response.status(), 200, "the 1.5 s request was cut");
     let answered = Instant::now();
 
@@ -1185,6 +1169,30 @@ async fn an_idle_http2_connection_is_closed_but_a_slow_request_finishes() {
     eprintln!("closed {idle:?} after the last answer");
     assert!(idle >= Duration::from_millis(400), "closed after {idle:?}");
     assert_eq!(h.backend.count(), 1);
+}
+
+/// An HTTP/2 cleartext (prior knowledge) client connection to `addr`: the
+/// sender, and the connection's future to spawn.
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    hyper::client::conn::http2::Connection<TokioIo<TcpStream>, Full<Bytes>, TokioExecutor>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .expect("HTTP/2 handshake")
+}
+
+/// A signed `<Gather>` POST to `/ivr/h2`, as an HTTP/2 request.
+fn h2_gather(token: &str) -> Request<Full<Bytes>> {
+    let body = gather_body("1234", "yes");
+    Request::post(format!("http://{HOST}/ivr/h2"))
+        .header("content-type", FORM)
+        .header("x-twilio-signature", sign_form(token, "/ivr/h2", &body))
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
 }
 
 /// The value of setting `id` in the first non-ACK SETTINGS frame of
