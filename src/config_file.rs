@@ -42,11 +42,15 @@ impl fmt::Display for ReadError {
 /// bytes.
 pub fn read(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
     // Checked before opening: opening a FIFO for reading blocks.
-    if !std::fs::metadata(path).map_err(ReadError::Io)?.is_file() {
+    let metadata = std::fs::metadata(path).map_err(ReadError::Io)?;
+    if !metadata.is_file() {
         return Err(ReadError::NotRegular);
     }
     let file = File::open(path).map_err(ReadError::Io)?;
-    let mut bytes = Vec::new();
+    // Sized once, as `fs::read` does: a buffer that grew would leave
+    // copies of a secret's first bytes behind in freed memory.
+    let room = metadata.len().min(limit) + 1;
+    let mut bytes = Vec::with_capacity(usize::try_from(room).unwrap_or(0));
     file.take(limit + 1)
         .read_to_end(&mut bytes)
         .map_err(ReadError::Io)?;
