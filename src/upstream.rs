@@ -22,6 +22,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::body::{self, ProxyBody};
 use crate::config::{OnUpstreamError, UpstreamSettings};
@@ -115,6 +116,9 @@ pub struct Upstream {
     /// The app's authority, the `Host` of a request that has none.
     host: Option<HeaderValue>,
     timeout: Duration,
+    /// How long a request keeps trying to get a connection when new ones
+    /// fail (`upstream.connect_timeout_ms`).
+    connect_timeout: Duration,
     /// One permit per request in flight to the app (`upstream.max_connections`,
     /// as many as there are connection slots). The slots alone would bound
     /// connections, but a burst would then queue for slots, each request
@@ -162,6 +166,7 @@ impl Upstream {
             connections,
             prefix: settings.path_prefix.clone(),
             timeout: settings.timeout,
+            connect_timeout: settings.connect_timeout,
             in_flight: Arc::new(Semaphore::new(settings.max_connections)),
         }
     }
@@ -213,6 +218,13 @@ impl Upstream {
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
+            // When a new connection fails, nothing was sent: the request
+            // waits for one of the pool's to turn idle, or tries to connect
+            // again, for up to `upstream.connect_timeout_ms` in all. An app
+            // restarting (its listener closed while its open connections
+            // finish, or not up yet) costs the caller a pause, not the
+            // fallback (found in review).
+            let started = Instant::now();
             loop {
                 let worker = self.connections.pick(crate::worker::index());
                 let busy = self.connections.busy(worker);
@@ -221,6 +233,15 @@ impl Upstream {
                         return Ok((response, InFlight(lent, busy, permit)))
                     }
                     Attempt::Unsent(unsent) => request = unsent,
+                    Attempt::NotConnected(unsent) => {
+                        let left = self.connect_timeout.saturating_sub(started.elapsed());
+                        if left.is_zero() {
+                            return Err(UpstreamError::Connect);
+                        }
+                        let pause = left.min(CONNECT_RETRY_PAUSE);
+                        self.connections.idle_again_within(pause).await;
+                        request = unsent;
+                    }
                     Attempt::Failed(e) => return Err(e),
                 }
             }
@@ -276,6 +297,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove(header::UPGRADE);
 }
+
+/// How long a request whose new connection failed waits before trying
+/// again, unless a connection turns idle first.
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

@@ -87,6 +87,16 @@ impl Connections {
         })
     }
 
+    /// Waits until a connection turns idle in any pool, or `pause` passes.
+    pub async fn idle_again_within(&self, pause: Duration) {
+        let idle_again = self.idle_again.notified();
+        tokio::pin!(idle_again);
+        idle_again.as_mut().enable();
+        self.waiting.fetch_add(1, SeqCst);
+        let _registered = Waiting(&self.waiting);
+        let _ = tokio::time::timeout(pause, idle_again).await;
+    }
+
     /// A connection went back to its pool: wakes the requests waiting for a
     /// slot, if any (one load otherwise).
     pub fn turned_idle(&self) {

@@ -95,7 +95,7 @@ impl Pool {
                 None => match self.connector.slot(|| self.idle() > 0).await {
                     Ok(Slot::Free(slot)) => match self.connect(slot).await {
                         Ok(sender) => (sender, false),
-                        Err(e) => return Attempt::Failed(e),
+                        Err(_) => return Attempt::NotConnected(request),
                     },
                     Ok(Slot::IdleAgain) => return Attempt::Unsent(request),
                     Err(_) => return Attempt::Failed(UpstreamError::Connect),
@@ -215,6 +215,9 @@ pub enum Attempt {
     /// Not sent: a connection turned idle while this request waited for a
     /// slot, maybe in another pool. Pick a pool again.
     Unsent(Request<Full<Bytes>>),
+    /// Not sent: a new connection could not be opened (refused, timed
+    /// out, no such name).
+    NotConnected(Request<Full<Bytes>>),
     Failed(UpstreamError),
 }
 

@@ -1553,6 +1553,45 @@ async fn blackhole_upstream_gets_fallback_at_the_upstream_timeout() {
     drop(hold);
 }
 
+/// An app restarting: its port refuses connections for a moment. The
+/// request waits (up to `upstream.connect_timeout_ms`, 2 s here) and is
+/// answered by the app once it listens again, instead of getting the
+/// fallback at once (found in review: during a Node app's graceful restart
+/// about half the calls heard the fallback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_listening_again_within_the_connect_timeout_answers_the_call() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let proxy = proxy_for(format!("http://{addr}"), |c| c.upstream_timeout_ms = 5000).await;
+    let app = tokio::spawn(async move {
+        // Bound, not listening (refused) for half a second: the restart.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let listener = socket.listen(16).unwrap();
+        let (mut stream, _) = listener.accept().await.unwrap();
+        read_request(&mut stream)
+            .await
+            .expect("the request arrives");
+        let answer =
+            "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 11\r\n\r\n<Response/>";
+        stream.write_all(answer.as_bytes()).await.unwrap();
+        stream
+    });
+    let body = gather_body("1234", "yes");
+    let started = Instant::now();
+    let response = client::send(
+        proxy.addr,
+        &signed_post(&proxy.secrets.token, "/ivr/gather", &body),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.text(), "<Response/>", "the fallback, not the app");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    drop(app.await.unwrap());
+    let line = proxy.only_access().await;
+    assert_eq!(line["upstream_status"], 200, "{line}");
+}
+
 // ================================ F4 reset, garbage, reset mid-response
 
 async fn broken_upstream() -> RawBackend {
