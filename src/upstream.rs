@@ -225,8 +225,9 @@ impl Upstream {
             // finish, or not up yet) costs the caller a pause, not the
             // fallback (found in review).
             let started = Instant::now();
+            let mut refused = false;
             loop {
-                let worker = self.connections.pick(crate::worker::index());
+                let worker = self.connections.pick(crate::worker::index(), refused);
                 let busy = self.connections.busy(worker);
                 match self.pools[worker].send(request).await {
                     Attempt::Sent(response, lent) => {
@@ -240,7 +241,7 @@ impl Upstream {
                         }
                         let pause = left.min(CONNECT_RETRY_PAUSE);
                         self.connections.idle_again_within(pause).await;
-                        request = unsent;
+                        (request, refused) = (unsent, true);
                     }
                     Attempt::Failed(e) => return Err(e),
                 }

@@ -89,12 +89,18 @@ impl Connections {
 
     /// Waits until a connection turns idle in any pool, or `pause` passes.
     pub async fn idle_again_within(&self, pause: Duration) {
-        let idle_again = self.idle_again.notified();
-        tokio::pin!(idle_again);
-        idle_again.as_mut().enable();
-        self.waiting.fetch_add(1, SeqCst);
-        let _registered = Waiting(&self.waiting);
+        let (idle_again, _registered) = self.wait_for_idle();
         let _ = tokio::time::timeout(pause, idle_again).await;
+    }
+
+    /// A wait for the next [`Connections::turned_idle`], counted among the
+    /// waiters while the guard lives. It sees every call from now on:
+    /// `notify_waiters` reaches a `Notified` from its creation, polled or
+    /// not.
+    fn wait_for_idle(&self) -> (tokio::sync::futures::Notified<'_>, Waiting<'_>) {
+        let idle_again = self.idle_again.notified();
+        self.waiting.fetch_add(1, SeqCst);
+        (idle_again, Waiting(&self.waiting))
     }
 
     /// A connection went back to its pool: wakes the requests waiting for a
@@ -114,11 +120,8 @@ impl Connections {
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             return Ok(Slot::Free(slot));
         }
-        let idle_again = self.idle_again.notified();
+        let (idle_again, _registered) = self.wait_for_idle();
         tokio::pin!(idle_again);
-        idle_again.as_mut().enable();
-        self.waiting.fetch_add(1, SeqCst);
-        let _registered = Waiting(&self.waiting);
         if idle_here() {
             return Ok(Slot::IdleAgain);
         }
@@ -151,9 +154,12 @@ impl Connections {
     /// The pool a request on worker `own` should use: its own while that
     /// has an idle connection or a slot is free, else the one with the most
     /// idle connections (if none has any, its own, which waits for a slot).
-    pub fn pick(&self, own: usize) -> usize {
+    /// `not_connecting`: a new connection just failed for this request, so
+    /// a free slot does not count; an idle connection in any pool is better.
+    pub fn pick(&self, own: usize, not_connecting: bool) -> usize {
         let own = own % self.workers.len();
-        if self.slots.available_permits() > 0 || self.idle(own) > 0 {
+        let may_connect = self.slots.available_permits() > 0 && !not_connecting;
+        if may_connect || self.idle(own) > 0 {
             return own;
         }
         (0..self.workers.len())
@@ -305,7 +311,7 @@ mod tests {
     fn a_request_stays_on_its_worker_while_a_slot_is_free() {
         let connections = Connections::new(4, 2, Duration::from_secs(1));
         counts(&connections, 1, 3, 0);
-        assert_eq!(connections.pick(0), 0);
+        assert_eq!(connections.pick(0, false), 0);
     }
 
     #[test]
@@ -314,13 +320,27 @@ mod tests {
         counts(&connections, 0, 2, 2);
         counts(&connections, 1, 1, 0);
         counts(&connections, 2, 3, 1);
-        assert_eq!(connections.pick(0), 2, "the pool with the most idle");
+        assert_eq!(connections.pick(0, false), 2, "the pool with the most idle");
         counts(&connections, 0, 2, 1);
-        assert_eq!(connections.pick(0), 0, "its own pool has one idle");
+        assert_eq!(connections.pick(0, false), 0, "its own pool has one idle");
         counts(&connections, 1, 0, 0);
         counts(&connections, 2, 1, 1);
         counts(&connections, 0, 1, 1);
-        assert_eq!(connections.pick(0), 0, "nothing idle anywhere: its own");
+        assert_eq!(
+            connections.pick(0, false),
+            0,
+            "nothing idle anywhere: its own"
+        );
+    }
+
+    #[test]
+    fn after_a_refused_connection_an_idle_one_anywhere_beats_a_free_slot() {
+        let connections = Connections::new(4, 2, Duration::from_secs(1));
+        counts(&connections, 1, 1, 0);
+        assert_eq!(connections.pick(0, false), 0, "a free slot: its own");
+        assert_eq!(connections.pick(0, true), 1, "refused: the idle one");
+        counts(&connections, 1, 1, 1);
+        assert_eq!(connections.pick(0, true), 0, "none idle: try its own again");
     }
 
     #[test]

@@ -1592,6 +1592,43 @@ async fn an_app_listening_again_within_the_connect_timeout_answers_the_call() {
     assert_eq!(line["upstream_status"], 200, "{line}");
 }
 
+/// The other half of a restart (Node's `server.close()`): the app's
+/// listener is closed while its open connection still serves. A request
+/// that cannot open a connection waits for that one to turn idle, in
+/// whichever worker's pool it is, and is answered on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_a_connection_is_served_on_one_that_turns_idle() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = proxy_for(format!("http://{addr}"), |c| c.upstream_timeout_ms = 5000).await;
+    let (first_in, first_seen) = tokio::sync::oneshot::channel();
+    let app = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        drop(listener); // stopping: no new connections from here on
+        let mut first_in = Some(first_in);
+        while read_request(&mut stream).await.is_some() {
+            if let Some(seen) = first_in.take() {
+                let _ = seen.send(());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let answer = "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 11\r\n\r\n<Response/>";
+            stream.write_all(answer.as_bytes()).await.unwrap();
+        }
+    });
+    let body = gather_body("1234", "yes");
+    let request = signed_post(&proxy.secrets.token, "/ivr/gather", &body);
+    let first = {
+        let (addr, request) = (proxy.addr, request.clone());
+        tokio::spawn(async move { client::send(addr, &request).await })
+    };
+    first_seen.await.expect("the first request reaches the app");
+    let second = client::send(proxy.addr, &request).await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert_eq!(second.text(), "<Response/>", "the fallback, not the app");
+    assert_eq!(first.await.unwrap().text(), "<Response/>");
+    app.abort();
+}
+
 // ================================ F4 reset, garbage, reset mid-response
 
 async fn broken_upstream() -> RawBackend {
