@@ -182,8 +182,8 @@ mod tests {
     use hickory_resolver::config::{NameServerConfig, ResolverConfig};
     use hickory_resolver::net::runtime::TokioRuntimeProvider;
     use hickory_resolver::proto::op::{Message, ResponseCode};
-    use hickory_resolver::proto::rr::rdata::A;
-    use hickory_resolver::proto::rr::{RData, Record, RecordType};
+    use hickory_resolver::proto::rr::rdata::{A, SOA};
+    use hickory_resolver::proto::rr::{Name as DnsName, RData, Record, RecordType};
     use hickory_resolver::Hosts;
     use http_body_util::{BodyExt, Empty};
     use hyper_util::client::legacy::connect::HttpConnector;
@@ -239,12 +239,13 @@ mod tests {
 
     /// A DNS server on 127.0.0.1 (UDP) that knows `known` (A `ip`, as it is
     /// at each query, with podman's TTL of a day), answering it after
-    /// `delay`, and says NXDOMAIN at once to anything else: one podman
-    /// network's DNS.
+    /// `delay`, and says NXDOMAIN at once to anything else, and to `known`
+    /// while `ip` is `None` (the container is not up yet), with an SOA
+    /// record that allows caching that for a day: one podman network's DNS.
     async fn network_dns(
         known: &'static str,
         delay: Duration,
-        ip: Arc<Mutex<Ipv4Addr>>,
+        ip: Arc<Mutex<Option<Ipv4Addr>>>,
     ) -> SocketAddr {
         let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = socket.local_addr().unwrap();
@@ -262,17 +263,23 @@ mod tests {
                     answer.metadata.recursion_available = true;
                     let question = query.queries[0].clone();
                     answer.add_query(question.clone());
-                    if question.name().to_ascii() == format!("{known}.") {
-                        tokio::time::sleep(delay).await;
-                        if question.query_type() == RecordType::A {
-                            answer.add_answer(Record::from_rdata(
-                                question.name().clone(),
-                                86_400,
-                                RData::A(A(ip)),
-                            ));
+                    match ip {
+                        Some(ip) if question.name().to_ascii() == format!("{known}.") => {
+                            tokio::time::sleep(delay).await;
+                            if question.query_type() == RecordType::A {
+                                answer.add_answer(Record::from_rdata(
+                                    question.name().clone(),
+                                    DAY,
+                                    RData::A(A(ip)),
+                                ));
+                            }
                         }
-                    } else {
-                        answer.metadata.response_code = ResponseCode::NXDomain;
+                        _ => {
+                            answer.metadata.response_code = ResponseCode::NXDomain;
+                            let zone = DnsName::from_ascii("dns.podman.").unwrap();
+                            let soa = SOA::new(zone.clone(), zone.clone(), 1, 1, 1, 1, DAY);
+                            answer.add_authority(Record::from_rdata(zone, DAY, RData::SOA(soa)));
+                        }
                     }
                     let _ = socket.send_to(&answer.to_vec().unwrap(), peer).await;
                 });
@@ -286,9 +293,9 @@ mod tests {
     /// win: servers are asked in order, as glibc does.
     #[tokio::test]
     async fn asks_name_servers_in_order_like_the_c_library() {
-        let app_ip = Arc::new(Mutex::new(Ipv4Addr::new(10, 1, 2, 3)));
+        let app_ip = Arc::new(Mutex::new(Some(Ipv4Addr::new(10, 1, 2, 3))));
         let knows_app = network_dns("legacy-app", Duration::from_millis(100), app_ip).await;
-        let other_ip = Arc::new(Mutex::new(Ipv4Addr::new(10, 9, 9, 9)));
+        let other_ip = Arc::new(Mutex::new(Some(Ipv4Addr::new(10, 9, 9, 9))));
         let other_network = network_dns("ivrguard", Duration::ZERO, other_ip).await;
         let resolver = system_like_resolver(&[knows_app, other_network]);
         for _ in 0..3 {
@@ -296,6 +303,9 @@ mod tests {
             assert_eq!(ips, [IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]);
         }
     }
+
+    /// podman's DNS TTL, for answers and for "no such name".
+    const DAY: u32 = 86_400;
 
     /// A resolver asking `servers`, set up as for the system configuration.
     fn system_like_resolver(servers: &[SocketAddr]) -> Resolver {
@@ -320,12 +330,12 @@ mod tests {
     /// within `MAX_CACHE_TTL`, not a day later.
     #[tokio::test]
     async fn a_moved_app_is_found_again_within_the_cache_limit() {
-        let app_ip = Arc::new(Mutex::new(Ipv4Addr::new(10, 1, 2, 3)));
+        let app_ip = Arc::new(Mutex::new(Some(Ipv4Addr::new(10, 1, 2, 3))));
         let dns = network_dns("legacy-app", Duration::ZERO, app_ip.clone()).await;
         let resolver = system_like_resolver(&[dns]);
         let first = resolver.lookup("legacy-app").await.unwrap();
         assert_eq!(first, [IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]);
-        *app_ip.lock().unwrap() = Ipv4Addr::new(10, 1, 2, 9);
+        *app_ip.lock().unwrap() = Some(Ipv4Addr::new(10, 1, 2, 9));
         let moved = std::time::Instant::now();
         loop {
             let ips = resolver.lookup("legacy-app").await.unwrap();
@@ -339,6 +349,31 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// ivrguard starts before the app's container: the name is unknown at
+    /// first, and the DNS allows caching that for a day. Once the app is
+    /// up it is found within `MAX_NEGATIVE_TTL`, not a day later.
+    #[tokio::test]
+    async fn an_app_that_was_not_up_yet_is_found_within_the_negative_cache_limit() {
+        let app_ip = Arc::new(Mutex::new(None));
+        let dns = network_dns("legacy-app", Duration::ZERO, app_ip.clone()).await;
+        let resolver = system_like_resolver(&[dns]);
+        assert!(resolver.lookup("legacy-app").await.is_err());
+        *app_ip.lock().unwrap() = Some(Ipv4Addr::new(10, 1, 2, 3));
+        let up = std::time::Instant::now();
+        while resolver.lookup("legacy-app").await.is_err() {
+            assert!(
+                up.elapsed() < MAX_NEGATIVE_TTL + Duration::from_secs(3),
+                "still no such name {:?} after the app came up",
+                up.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            up.elapsed() >= Duration::from_millis(500),
+            "the miss was not cached: the cap is not exercised"
+        );
     }
 
     /// The wiring `upstream.rs` relies on: the connector asks this resolver
