@@ -213,13 +213,28 @@ impl UpstreamSettings {
     /// Whether `other` describes the same connections to the app: a reload
     /// that keeps them keeps the pools and their slots.
     pub fn same_connections(&self, other: &UpstreamSettings) -> bool {
-        self.scheme_authority == other.scheme_authority
-            && self.path_prefix == other.path_prefix
-            && self.connect_timeout == other.connect_timeout
-            && self.timeout == other.timeout
-            && self.pool_idle_timeout == other.pool_idle_timeout
-            && self.pool_max_idle_per_host == other.pool_max_idle_per_host
-            && self.max_connections == other.max_connections
+        // Every field is named, so a new one does not compile until it is
+        // sorted into "shapes the connections" or "read per request".
+        let UpstreamSettings {
+            scheme_authority,
+            authority: _, // part of `scheme_authority`
+            path_prefix,
+            connect_timeout,
+            timeout,
+            pool_idle_timeout,
+            pool_max_idle_per_host,
+            max_connections,
+            rewrite_host: _,
+            on_error: _,
+            fallback_twiml: _,
+        } = self;
+        *scheme_authority == other.scheme_authority
+            && *path_prefix == other.path_prefix
+            && *connect_timeout == other.connect_timeout
+            && *timeout == other.timeout
+            && *pool_idle_timeout == other.pool_idle_timeout
+            && *pool_max_idle_per_host == other.pool_max_idle_per_host
+            && *max_connections == other.max_connections
     }
 }
 
