@@ -1421,7 +1421,22 @@ fn encryption_settings(
                         "is an empty name",
                     ));
                 }
+                if name.trim() != name {
+                    return Err(ConfigError::new(
+                        format!("encryption.fields[{i}]"),
+                        "has spaces around it: names match exactly, and Twilio's have none",
+                    ));
+                }
                 fields.push(name);
+            }
+            if let Some((i, twilio)) = near_miss(&fields) {
+                return Err(ConfigError::new(
+                    format!("encryption.fields[{i}]"),
+                    format!(
+                        "differs only in case from Twilio's \"{twilio}\", which would go to \
+                         the app unencrypted: names match exactly (write \"{twilio}\", or both)"
+                    ),
+                ));
             }
             if fields.is_empty() {
                 return Err(ConfigError::new(
@@ -1436,6 +1451,20 @@ fn encryption_settings(
         key: read_key(&key_source, &key_source.key("encryption.key"), env)?,
         key_source,
         fields,
+    })
+}
+
+/// A configured name that is one of Twilio's sensitive parameters in
+/// another case (`digits`, `SPEECHRESULT`), while Twilio's own spelling is
+/// not listed: its index and Twilio's name. Names match exactly, so such a
+/// list encrypts nothing Twilio sends under that name (found in review:
+/// `fields = ["digits"]` passed `check` and the PIN reached the app).
+fn near_miss(fields: &[String]) -> Option<(usize, &'static str)> {
+    fields.iter().enumerate().find_map(|(i, name)| {
+        let twilio = DEFAULT_FIELDS
+            .iter()
+            .find(|twilio| twilio.eq_ignore_ascii_case(name) && *twilio != name)?;
+        (!fields.iter().any(|f| f == twilio)).then_some((i, *twilio))
     })
 }
 
@@ -1912,6 +1941,36 @@ scrub_card_numbers = false
         assert_eq!(s.server.max_body_bytes, 2048);
         assert!(s.server.trust_forwarded_headers);
         assert_eq!(s.upstream.on_error, OnUpstreamError::Status);
+    }
+
+    #[test]
+    fn fields_in_another_case_than_twilios_or_with_spaces_are_refused() {
+        for (list, key, says) in [
+            (
+                r#"["digits"]"#,
+                "encryption.fields[0]",
+                r#"Twilio's "Digits""#,
+            ),
+            (
+                r#"["Digits", "SPEECHRESULT"]"#,
+                "encryption.fields[1]",
+                r#"Twilio's "SpeechResult""#,
+            ),
+            (r#"["Digits "]"#, "encryption.fields[0]", "spaces around it"),
+            (r#"[" Pin"]"#, "encryption.fields[0]", "spaces around it"),
+        ] {
+            let toml = with(&[("encryption", &format!("fields = {list}"))]);
+            let err = error(&toml, &env(&[]));
+            assert_eq!(err.key(), key, "{list}");
+            assert!(err.to_string().contains(says), "{list}: {err}");
+        }
+        let env_list = env(&[("IVRGUARD__ENCRYPTION__FIELDS", "Digits,speechresult")]);
+        let err = error(MINIMAL, &env_list);
+        assert_eq!(err.key(), "encryption.fields[1]");
+        // Both spellings listed: the other one is meant.
+        let toml = with(&[("encryption", r#"fields = ["digits", "Digits", "Pin"]"#)]);
+        let s = load(&toml, &env(&[])).unwrap();
+        assert_eq!(s.encryption.fields, ["digits", "Digits", "Pin"]);
     }
 
     #[test]
