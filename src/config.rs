@@ -606,6 +606,13 @@ fn quotable_path(path: &Path) -> bool {
     text.contains(['/', '.']) && !hex_run(&text)
 }
 
+/// Whether a key name could be a pasted secret rather than a typo: 16
+/// characters or more and not only lower-case letters and `_`, as every key
+/// of ivrguard's is (tokens and keys are hex or base64, with digits).
+fn pasted_secret(name: &str) -> bool {
+    name.len() >= 16 && !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+}
+
 fn hex_run(text: &str) -> bool {
     text.len() >= 16 && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -1081,6 +1088,22 @@ fn override_var<'e>(key: &str, env: &'e HashMap<String, String>) -> Option<&'e S
 }
 
 fn unknown_key(key: &str, env: &HashMap<String, String>) -> ConfigError {
+    let (table, name) = key.rsplit_once('.').unwrap_or(("", key));
+    if pasted_secret(name) {
+        // Named by where it is, not by itself (found in review: a token
+        // pasted as `<token> = 1` was quoted back).
+        let from = match override_var(key, env) {
+            Some(_) => " (from an IVRGUARD__ environment variable)",
+            None => "",
+        };
+        return ConfigError::new(
+            if table.is_empty() { "config" } else { table },
+            format!(
+                "holds an unknown key that looks like a secret, so it is not shown{from}: \
+                 secrets go in environment variables or files"
+            ),
+        );
+    }
     match override_var(key, env) {
         Some(var) => ConfigError::new(
             "config",
@@ -2027,6 +2050,33 @@ scrub_card_numbers = false
         assert_eq!(
             err.to_string(),
             r#"config: unknown key "upstream.timeout" (from environment variable IVRGUARD__UPSTREAM__TIMEOUT)"#
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_that_looks_like_a_secret_is_not_quoted() {
+        const TOKEN: &str = "0f3c2a9bCANARY5d6e7f8091a2b3c4d5";
+        let toml = with(&[("twilio", &format!("{} = 1", TOKEN.to_lowercase()))]);
+        let err = error(&toml, &env(&[]));
+        assert_eq!(err.key(), "twilio");
+        assert!(!err.to_string().contains("canary"), "{err}");
+        let toml = with(&[("encryption", &format!("\"{KEY_HEX}\" = true"))]);
+        assert_eq!(error(&toml, &env(&[])).key(), "encryption");
+        let var = format!("IVRGUARD__ENCRYPTION__{KEY_HEX}");
+        let err = error(MINIMAL, &env(&[(var.as_str(), "1")]));
+        assert_eq!(err.key(), "encryption");
+        assert!(
+            err.to_string().contains("IVRGUARD__ environment variable"),
+            "{err}"
+        );
+        // A typo is still quoted, to be found quickly.
+        let err = error(
+            &with(&[("upstream", r#"pool_idle_timeout = 1"#)]),
+            &env(&[]),
+        );
+        assert!(
+            err.to_string().contains("upstream.pool_idle_timeout"),
+            "{err}"
         );
     }
 
