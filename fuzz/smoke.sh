@@ -17,7 +17,7 @@
 set -euo pipefail
 
 FUZZ="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-TARGETS=(form_rewrite signature_settings url_candidates config_load json_rewrite)
+TARGETS=(form_rewrite signature_settings url_candidates config_load json_rewrite pipeline_prepare)
 SECONDS_EACH="${SMOKE_SECONDS:-8}"
 # The build flags of the long runs: release, with debug assertions and
 # overflow checks; no sanitizer (ivrguard has no `unsafe`; see SECURITY.md).

@@ -9,14 +9,27 @@
 //! digits they were sent with), and the pipeline
 //! replaces `bodySHA256` in the query with the new body's hash before
 //! re-signing, so an app using `validateRequestWithBody` still accepts it.
+//!
+//! A body with the same key twice in one object (after unescaping: `"Digits"`
+//! and `"Dig\u0069ts"` are one key) is refused as not inspectable.
+//! `serde_json` keeps the last value, other parsers the first, so what the
+//! app reads is not what ivrguard would have looked at: with
+//! `{"Digits":"1234","Digits":null}` nothing was left to encrypt, the body
+//! went through as sent, and the app's parser read `1234` in plaintext
+//! (found in review). Twilio never sends a key twice.
 
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::form::FieldSet;
 
-/// The body is not JSON, so it cannot be inspected.
+/// The body is not JSON, or not JSON whose meaning every parser agrees on
+/// (a key twice in one object), so it cannot be inspected.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
-#[error("body is not valid JSON")]
+#[error("body is not JSON that can be inspected")]
 pub struct NotJson;
 
 /// A rewritten JSON body.
@@ -40,6 +53,9 @@ pub fn rewrite(
     mut encrypt: impl FnMut(&[u8]) -> String,
 ) -> Result<Option<Rewritten>, NotJson> {
     let mut value: Value = serde_json::from_slice(body).map_err(|_| NotJson)?;
+    if has_duplicate_key(body) {
+        return Err(NotJson);
+    }
     let mut out = Rewritten {
         bytes: Vec::new(),
         fields: Vec::new(),
@@ -98,6 +114,70 @@ fn walk(
         Value::Null | Value::Bool(_) => {}
     }
     Ok(())
+}
+
+/// Whether an object in `body` (JSON that parses) has a key twice. A
+/// second pass over the body, keeping only each object's keys: JSON bodies
+/// are rare (the `bodySHA256` scheme), form bodies never come here.
+fn has_duplicate_key(body: &[u8]) -> bool {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    UniqueKeys.deserialize(&mut de).is_err()
+}
+
+/// Walks any JSON value, failing on an object with a repeated key.
+#[derive(Clone, Copy)]
+struct UniqueKeys;
+
+impl<'de> DeserializeSeed<'de> for UniqueKeys {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKeys {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JSON without a repeated key")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        while items.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    /// Also sees a number, as a one-key map (`arbitrary_precision`).
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key) {
+                return Err(serde::de::Error::custom("a key is repeated"));
+            }
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -176,6 +256,31 @@ mod tests {
             String::from_utf8(out.bytes).unwrap(),
             r#"{"Digits":"enc(12345678901234567890123)","SpeechResult":"enc(2.50e+3)","x":[1.50,-0]}"#
         );
+    }
+
+    #[test]
+    fn refuses_a_key_repeated_in_one_object() {
+        // Found in review: serde_json keeps the last value, so with `null`
+        // last nothing was encrypted and the body, `1234` in it, went to
+        // the app as sent; with a string last, the first value was dropped.
+        for body in [
+            r#"{"CallSid":"CA1","Digits":"1234","Digits":null}"#,
+            r#"{"Digits":"4111111111111111","Digits":[]}"#,
+            r#"{"Digits":"1234","Digits":"5678"}"#,
+            r#"{"Digits":"1234","Dig\u0069ts":true}"#,
+            r#"{"a":[{"x":1},{"k":{"n":1,"n":2}}]}"#,
+            r#"{"a":1,"a":1}"#,
+        ] {
+            assert_eq!(
+                rewrite(body.as_bytes(), &fields(), fake).unwrap_err(),
+                NotJson,
+                "{body}"
+            );
+        }
+        // The same key in different objects is fine, numbers included.
+        let body = br#"{"Digits":"1","n":{"Digits":2,"x":1.5},"m":[{"x":1},{"x":2}]}"#;
+        let out = rewrite(body, &fields(), fake).unwrap().unwrap();
+        assert_eq!(out.count, 2);
     }
 
     #[test]

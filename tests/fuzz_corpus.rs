@@ -67,3 +67,8 @@ fn config_load_corpus_keeps_its_properties() {
 fn json_rewrite_corpus_keeps_its_properties() {
     replay("json_rewrite", props::json_rewrite);
 }
+
+#[test]
+fn pipeline_prepare_corpus_keeps_its_properties() {
+    replay("pipeline_prepare", props::pipeline_prepare);
+}

@@ -706,6 +706,35 @@ async fn encrypts_sensitive_keys_in_body_sha256_json_and_rehashes() {
     assert_eq!(encrypted_fields(&line), ["Digits", "SpeechResult"]);
 }
 
+/// Found in review: serde_json keeps the last of a repeated key, other
+/// parsers the first. With `null` last nothing was encrypted and the body
+/// went through as sent, the caller's digits in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_body_sha256_json_body_with_a_repeated_key() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let c = Canaries::generate();
+    let token = h.proxy.secrets.token.clone();
+    for body in [
+        format!(r#"{{"CallSid":"CA1","Digits":"{}","Digits":null}}"#, c.pin),
+        format!(r#"{{"Digits":"{}","Dig\u0069ts":[]}}"#, c.pin),
+    ] {
+        let target = format!("/events?bodySHA256={}", sha256_hex(body.as_bytes()));
+        let request = RawRequest::new("POST", &target, HOST)
+            .header("X-Twilio-Signature", sign_url(&token, &target))
+            .header("Content-Type", "application/json")
+            .body(&body);
+        let response = client::send(h.proxy.addr, &request).await;
+        assert_eq!(response.status, 415, "{body}: {}", response.text());
+    }
+    let lines = h.proxy.wait_access(2).await;
+    for line in &lines {
+        assert_eq!(line["signature"], "valid", "{line}");
+        assert_eq!(line["reason"], "unsupported_media_type", "{line}");
+    }
+    assert!(h.backend.requests().is_empty(), "nothing reaches the app");
+    assert_no_leak("stdout", &h.proxy.stdout(), &c, &h.proxy.secrets);
+}
+
 /// Found in review: with `bodySHA256` the body was read as JSON whatever
 /// its type, so a body that is JSON to ivrguard but a form to the app
 /// (`"&Digits=1234&"`) went through as sent, with its form type.

@@ -9,16 +9,23 @@
 //!   replays every file under `fuzz/corpus/<name>/`.
 //!
 //! So this file uses only what both builds have: `ivrguard` and its own
-//! dependencies (`serde_json`, `sha2`) plus `tempfile`.
+//! dependencies (`serde_json`, `sha2`, `base64`, `bytes`, `form_urlencoded`,
+//! `hmac`, `http`, `http-body-util`, `sha1`) plus `tempfile`.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
+use ivrguard::access_log::AccessRecord;
 use ivrguard::cipher::{FieldCipher, FieldKey};
 use ivrguard::config::Settings;
 use ivrguard::form::{self, FieldSet};
 use ivrguard::json_body;
+use ivrguard::metrics::Metrics;
+use ivrguard::pipeline::Proxy;
+use ivrguard::rejection::Rejection;
 use ivrguard::secret::REDACTED;
 use ivrguard::signature::{self, Algorithm, SignatureError, SignatureSettings};
 use sha2::{Digest, Sha256};
@@ -688,14 +695,23 @@ pub fn json_rewrite(data: &[u8]) {
     };
     let mut expected = JsonExpect::default();
     json_expect(&original, fields, None, 0, &mut expected);
+    // A repeated key: the parsed value holds fewer keys than the text spells.
+    let repeated_key = held_keys(&original) != spelled_keys(data);
     let rewritten = match result {
         Err(_) => {
-            assert!(expected.too_deep, "rewrite refused JSON of allowed depth");
+            assert!(
+                expected.too_deep || repeated_key,
+                "rewrite refused JSON of allowed depth without a repeated key"
+            );
             return;
         }
         Ok(rewritten) => rewritten,
     };
     assert!(!expected.too_deep, "rewrite accepted JSON nested too deep");
+    assert!(
+        !repeated_key,
+        "rewrite accepted JSON with a key repeated in an object"
+    );
     let Some(rw) = rewritten else {
         assert_eq!(
             expected.count, 0,
@@ -723,6 +739,77 @@ struct JsonExpect {
 /// else `key` if it is configured.
 fn json_under<'k>(under: Option<&'k str>, key: &'k str, fields: &FieldSet) -> Option<&'k str> {
     under.or_else(|| fields.contains(key).then_some(key))
+}
+
+/// Object keys in a parsed value, at every depth.
+fn held_keys(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Object(map) => map.len() + map.values().map(held_keys).sum::<usize>(),
+        serde_json::Value::Array(items) => items.iter().map(held_keys).sum(),
+        _ => 0,
+    }
+}
+
+/// Object keys as the text spells them, counted while streaming (JSON that
+/// parses): more than [`held_keys`] exactly when an object repeats one.
+fn spelled_keys(data: &[u8]) -> usize {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::cell::Cell;
+
+    /// How `arbitrary_precision` hands a number to a visitor: a map with
+    /// this one key.
+    const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+    #[derive(Clone, Copy)]
+    struct Count<'c>(&'c Cell<usize>);
+    impl<'de> DeserializeSeed<'de> for Count<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Count<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+            while items.next_element_seed(self)?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                if key != NUMBER_TOKEN {
+                    self.0.set(self.0.get() + 1);
+                }
+                map.next_value_seed(self)?;
+            }
+            Ok(())
+        }
+    }
+    let count = Cell::new(0);
+    Count(&count)
+        .deserialize(&mut serde_json::Deserializer::from_slice(data))
+        .expect("JSON that serde_json parsed");
+    count.get()
 }
 
 /// What the walk should find: every value it visits is at `depth`; every
@@ -823,4 +910,210 @@ fn number_spellings(text: &str) -> Vec<String> {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------
+// pipeline_prepare
+// ---------------------------------------------------------------------------
+
+/// The auth token of the `pipeline_prepare` harness (not a secret).
+const PREPARE_TOKEN: &str = "fuzz-auth-token-0001";
+const PREPARE_ORIGIN: &str = "https://example.com";
+
+/// A `Proxy` as `ivrguard run` builds it: `public_url` [`PREPARE_ORIGIN`],
+/// the harness's sensitive names, the real cipher with [`KEY_HEX`].
+fn proxy() -> &'static (Proxy, FieldSet) {
+    static PROXY: OnceLock<(Proxy, FieldSet)> = OnceLock::new();
+    PROXY.get_or_init(|| {
+        let names = ["Digits", "SpeechResult", "a", "x y", "\u{e9}"];
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"http://127.0.0.1:9\"\n\
+             [twilio]\nauth_token_env = \"FUZZ_TOKEN\"\npublic_url = \"{PREPARE_ORIGIN}\"\n\
+             [encryption]\nkey_env = \"FUZZ_KEY\"\nfields = {names:?}\n"
+        );
+        let path = scratch_path("prepare.toml");
+        std::fs::write(&path, toml).expect("writing the scratch config");
+        let env = HashMap::from([
+            ("FUZZ_TOKEN".to_string(), PREPARE_TOKEN.to_string()),
+            ("FUZZ_KEY".to_string(), KEY_HEX.to_string()),
+        ]);
+        let settings = Settings::load(&path, &env).expect("the harness config loads");
+        let fields = FieldSet::new(settings.encryption.fields.iter().cloned());
+        let cipher = Arc::new(FieldCipher::new(&settings.encryption.key));
+        let proxy = Proxy::new(&settings, cipher, Arc::new(Metrics::new()));
+        (proxy, fields)
+    })
+}
+
+/// Twilio's signature, computed independently of `ivrguard::signature`:
+/// the URL, then each distinct decoded `(name, value)` pair in byte order,
+/// HMAC-SHA1 with the token, base64.
+fn reference_signature(url: &str, pairs: &[(String, String)]) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let distinct: BTreeSet<&(String, String)> = pairs.iter().collect();
+    let mut mac = <hmac::Hmac<sha1::Sha1> as Mac>::new_from_slice(PREPARE_TOKEN.as_bytes())
+        .expect("HMAC takes any key length");
+    mac.update(url.as_bytes());
+    for (name, value) in distinct {
+        mac.update(name.as_bytes());
+        mac.update(value.as_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// An independent decoder (the `url` crate's): only compared on input
+/// `form::parse` accepts, where both must agree.
+fn reference_pairs(input: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(input)
+        .map(|(n, v)| (n.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// What the app must be able to read back from one forwarded form (body or
+/// query): the same pairs in the same order, each sensitive value as hex
+/// that decrypts to the value Twilio sent, everything else unchanged.
+fn check_forwarded(what: &str, sent: &[(String, String)], forwarded: &[(String, String)]) {
+    let fields = &proxy().1;
+    assert_eq!(sent.len(), forwarded.len(), "{what}: number of pairs");
+    for ((name, value), (got_name, got_value)) in sent.iter().zip(forwarded) {
+        assert_eq!(name, got_name, "{what}: names and their order");
+        if fields.contains(name) {
+            let plain = cipher()
+                .decrypt_hex(got_value.as_bytes())
+                .unwrap_or_else(|_| panic!("{what}: a sensitive value is not our ciphertext"));
+            assert!(
+                plain.as_slice() == value.as_bytes(),
+                "{what}: decrypts to another value"
+            );
+        } else {
+            assert_eq!(
+                value, got_value,
+                "{what}: a value that is not sensitive changed"
+            );
+        }
+    }
+}
+
+/// `Proxy::prepare`, the whole pure request path, on a signed webhook. The
+/// input is the query string, a line break, then the form body (no line
+/// break: a body and no query). The request carries the signature Twilio
+/// would send, computed by [`reference_signature`]:
+///
+/// - `form::parse` refuses the body or the query ⇔ `prepare` answers
+///   `MalformedForm`; where it accepts, it decodes as `form_urlencoded` does;
+/// - otherwise `prepare` accepts, and the request for the app carries the
+///   same pairs in body and query (sensitive values as ciphertext of the
+///   originals), an exact `Content-Length`, and an `X-Twilio-Signature`
+///   equal to the reference signature over the URL and body the app gets.
+///   That last check covers the resumed HMAC of `Verifier::sign_after`,
+///   which release builds do not compare with a full computation.
+pub fn pipeline_prepare(data: &[u8]) {
+    let (query, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(at) => (Some(&data[..at]), &data[at + 1..]),
+        None => (None, data),
+    };
+    let target = match query {
+        Some(query) => match std::str::from_utf8(query) {
+            Ok(query) => format!("/ivr?{query}"),
+            Err(_) => return,
+        },
+        None => "/ivr".to_string(),
+    };
+    // What hyper would refuse before ivrguard sees it.
+    let Ok(uri) = target.parse::<http::Uri>() else {
+        return;
+    };
+    let Some(path_and_query) = uri.path_and_query().map(|pq| pq.as_str().to_owned()) else {
+        return;
+    };
+    let url = format!("{PREPARE_ORIGIN}{path_and_query}");
+    let body_parsed = form::parse(body);
+    let query_parsed = uri.query().map(|q| form::parse(q.as_bytes()));
+    let accepted = body_parsed.is_ok() && !matches!(query_parsed, Some(Err(_)));
+    let sent_body = reference_pairs(body);
+    if let Ok(pairs) = &body_parsed {
+        let ours: Vec<(String, String)> = pairs
+            .iter()
+            .map(|p| (p.name.to_string(), p.value.to_string()))
+            .collect();
+        assert_eq!(ours, sent_body, "form::parse and form_urlencoded disagree");
+    }
+    let signature = reference_signature(&url, &sent_body);
+
+    let (parts, ()) = http::Request::post(uri.clone())
+        .header("host", "example.com")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-length", body.len())
+        .header("x-twilio-signature", signature)
+        .body(())
+        .expect("a valid request head")
+        .into_parts();
+    let (proxy, fields) = proxy();
+    let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 40000));
+    let mut log = AccessRecord::start(&parts, peer, fields);
+    let result = proxy.prepare(parts, Bytes::copy_from_slice(body), peer, &mut log);
+    let request = match result {
+        Err(Rejection::MalformedForm(_)) if !accepted => return,
+        Err(rejection) => panic!(
+            "prepare refused a correctly signed request ({}), form::parse {}",
+            rejection.reason(),
+            if accepted { "accepts it" } else { "refuses it" }
+        ),
+        Ok(_) if !accepted => panic!("prepare accepted a form that form::parse refuses"),
+        Ok(request) => request,
+    };
+
+    let (head, forwarded) = request.into_parts();
+    let forwarded = forwarded_bytes(forwarded);
+    assert_eq!(
+        head.headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some(forwarded.len().to_string().as_str()),
+        "Content-Length of the forwarded body"
+    );
+    let forwarded_pq = head
+        .uri
+        .path_and_query()
+        .expect("a target")
+        .as_str()
+        .to_owned();
+    let forwarded_pairs = reference_pairs(&forwarded);
+    check_forwarded("body", &sent_body, &forwarded_pairs);
+    let sent_query = uri
+        .query()
+        .map(|q| reference_pairs(q.as_bytes()))
+        .unwrap_or_default();
+    let forwarded_query = head
+        .uri
+        .query()
+        .map(|q| reference_pairs(q.as_bytes()))
+        .unwrap_or_default();
+    check_forwarded("query", &sent_query, &forwarded_query);
+    let app_signature = head
+        .headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+        .expect("the forwarded request is signed");
+    let app_url = format!("{PREPARE_ORIGIN}{forwarded_pq}");
+    assert_eq!(
+        app_signature,
+        reference_signature(&app_url, &forwarded_pairs),
+        "the app's signature is not Twilio's over what the app receives"
+    );
+}
+
+/// The bytes of a forwarded body (a `Full`: one frame, ready at once).
+fn forwarded_bytes(body: http_body_util::Full<Bytes>) -> Vec<u8> {
+    use http_body_util::BodyExt;
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut collect = std::pin::pin!(body.collect());
+    match collect.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(Ok(collected)) => collected.to_bytes().to_vec(),
+        std::task::Poll::Ready(Err(never)) => match never {},
+        std::task::Poll::Pending => unreachable!("a Full body is ready at once"),
+    }
 }
