@@ -23,6 +23,7 @@ use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use zeroize::Zeroizing;
 
 use crate::form::FieldSet;
 
@@ -99,11 +100,12 @@ fn walk(
         }
         Value::String(_) | Value::Number(_) => {
             if let Some(name) = under {
-                let plain = match std::mem::take(value) {
+                // Wiped once encrypted: the caller's input.
+                let plain = Zeroizing::new(match std::mem::take(value) {
                     Value::String(s) => s.into_bytes(),
                     // A number's text as it was sent (`arbitrary_precision`).
                     number => number.to_string().into_bytes(),
-                };
+                });
                 *value = Value::String(encrypt(&plain));
                 out.count += 1;
                 if !out.fields.iter().any(|f| f == name) {

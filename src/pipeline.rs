@@ -358,7 +358,8 @@ impl Proxy {
             _ => self.upstream.uri_for(&path_and_query),
         }
         .map_err(|_| Rejection::Upstream(upstream::UpstreamError::Failed))?;
-        drop(path_and_query); // it may borrow `parts`, which moves next
+        // They may borrow `parts`, which moves next.
+        drop((path_and_query, query_pairs));
         self.upstream_request(parts, uri, forwarded_body, signature, peer, &origin)
     }
 

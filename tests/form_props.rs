@@ -337,7 +337,7 @@ fn check_agrees_with_reference(input: &[u8]) {
     let fast = parse(input).map(|pairs| {
         pairs
             .into_iter()
-            .map(|p| (p.name.into_owned(), p.value.into_owned()))
+            .map(|p| (p.name.to_string(), p.value.to_string()))
             .collect::<Vec<_>>()
     });
     assert_eq!(fast.ok(), reference_parse(input), "input {input:?}");
