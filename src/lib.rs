@@ -18,6 +18,7 @@ pub mod health;
 pub mod json_body;
 pub mod logging;
 pub mod metrics;
+pub mod mismatch;
 pub mod pipeline;
 pub mod rejection;
 pub mod reload;

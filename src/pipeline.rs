@@ -41,8 +41,9 @@ use crate::config::Settings;
 use crate::form::{self, FieldSet, FormPair};
 use crate::json_body;
 use crate::metrics::Metrics;
+use crate::mismatch;
 use crate::rejection::Rejection;
-use crate::signature::{self, Verifier};
+use crate::signature::{self, SignatureError, Verifier};
 use crate::upstream::{self, Fallback, Upstream};
 
 /// Everything a request needs, built once from the validated settings: HMAC
@@ -289,6 +290,13 @@ impl Proxy {
         // Sorted where they are: the verifier reads them in place.
         sort_for_signing(&mut body_pairs);
         let verified = self.verify(&url, &parts, &body, &body_pairs, signed);
+        if matches!(verified, Err(SignatureError::Mismatch)) && mismatch::due() {
+            mismatch::explain(&self.origin_offered(&parts, &origin), |origin| {
+                let url = [origin, request_target].concat();
+                self.verify(&url, &parts, &body, &body_pairs, signed)
+                    .is_ok()
+            });
+        }
         log.signature = match &verified {
             Ok(verified) => SignatureOutcome::Valid(verified.key),
             Err(e) => SignatureOutcome::Invalid(e.reason()),
@@ -378,6 +386,28 @@ impl Proxy {
                 Ok(Cow::Owned(Origin::new(proto, host)))
             }
             OriginRule::Direct(scheme) => Ok(Cow::Owned(Origin::new(scheme, request_host(parts)?))),
+        }
+    }
+
+    /// What the request offers to rebuild its URL from, for
+    /// [`mismatch::explain`].
+    fn origin_offered<'a>(&self, parts: &'a Parts, used: &'a Origin) -> mismatch::Request<'a> {
+        let (source, connection_scheme) = match self.origin {
+            OriginRule::Fixed(_) => {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                (mismatch::Source::PublicUrl, scheme)
+            }
+            OriginRule::Forwarded(scheme) => (mismatch::Source::Forwarded, scheme),
+            OriginRule::Direct(scheme) => (mismatch::Source::Request, scheme),
+        };
+        let header = |name| single_header(parts, name).ok().flatten();
+        mismatch::Request {
+            used: &used.origin,
+            source,
+            connection_scheme,
+            host: header("host"),
+            forwarded_proto: header("x-forwarded-proto"),
+            forwarded_host: header("x-forwarded-host"),
         }
     }
 

@@ -23,7 +23,8 @@ use support::canary::{assert_no_leak, find_leaks, luhn_valid, text_needles, Cana
 use support::client::{self, HttpResponse, RawRequest};
 use support::harness::{harness, random_sid, Harness};
 use support::proxy::{
-    run_check, Proxy, ProxyConfig, Secrets, FALLBACK_TWIML, HOST, KEY_VAR, SHARED_KEY_ID, TOKEN_VAR,
+    run_check, Proxy, ProxyConfig, Secrets, FALLBACK_TWIML, HOST, KEY_VAR, PUBLIC_URL,
+    SHARED_KEY_ID, TOKEN_VAR,
 };
 use support::twilio::{
     decrypt_field, form_decode, form_encode, join_raw, sha256_hex, signature, signature_sha256,
@@ -337,6 +338,68 @@ async fn rejects_signature_made_with_another_token() {
     let response = client::send(h.proxy.addr, &signed_post(&other, "/ivr/gather", &body)).await;
 
     assert_refused(&h, &response, 403, "mismatch", "mismatch").await;
+}
+
+/// Found in review: every cause of a mismatch (TLS ended in front, a
+/// port, a wrong token) gave the same access line, so an operator could not
+/// tell what to fix. A WARN line now says which origin ivrguard used, from
+/// where, and which other origin the request suggests matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mismatch_is_explained_once_per_interval_naming_the_origin_that_matches() {
+    // No public_url, forwarded headers not trusted: TLS ends at a load
+    // balancer, which says so in X-Forwarded-Proto, and Twilio signed https.
+    let h = harness(Behaviour::Twiml, |c| c.public_url = None).await;
+    let c = Canaries::generate();
+    let body = join_raw(&gather_pieces(&c.pin, "yes", &random_sid("CA")));
+    let through_the_balancer = || {
+        signed_post(&h.proxy.secrets.token, "/ivr/gather", &body)
+            .header("X-Forwarded-Proto", "https")
+    };
+    for _ in 0..2 {
+        let response = client::send(h.proxy.addr, &through_the_balancer()).await;
+        assert_eq!(response.status, 403);
+    }
+    h.proxy.wait_access(2).await;
+    let explained: Vec<Value> = h
+        .proxy
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["level"] == "WARN" && l["origin"].is_string())
+        .collect();
+    assert_eq!(explained.len(), 1, "one per interval: {explained:#?}");
+    let line = &explained[0];
+    assert_eq!(line["origin"], "http://ivr.example.com", "{line}");
+    assert_eq!(line["matching_origin"], PUBLIC_URL, "{line}");
+    let message = line["message"].as_str().unwrap();
+    assert!(message.contains("X-Forwarded-Proto"), "{message}");
+    assert!(
+        message.contains(r#"twilio.public_url = "https://ivr.example.com""#),
+        "{message}"
+    );
+    assert!(h.backend.requests().is_empty(), "the answer stays 403");
+
+    // A wrong token: no origin matches, and the line says what to check.
+    let h2 = harness(Behaviour::Twiml, |_| {}).await;
+    let other = Secrets::generate().token;
+    let response = client::send(h2.proxy.addr, &signed_post(&other, "/ivr/gather", &body)).await;
+    assert_eq!(response.status, 403);
+    h2.proxy.wait_access(1).await;
+    let line = h2
+        .proxy
+        .log_lines()
+        .into_iter()
+        .find(|l| l["level"] == "WARN" && l["origin"].is_string())
+        .expect("an explanation");
+    assert_eq!(line["origin"], PUBLIC_URL, "{line}");
+    assert_eq!(line["origin_from"], "twilio.public_url", "{line}");
+    assert!(line.get("matching_origin").is_none(), "{line}");
+    assert!(
+        line["message"].as_str().unwrap().contains("auth token"),
+        "{line}"
+    );
+    for proxy in [&h.proxy, &h2.proxy] {
+        assert_no_leak("stdout", &proxy.stdout(), &c, &proxy.secrets);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
