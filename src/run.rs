@@ -68,6 +68,7 @@ pub async fn start(
 
     let listen = settings.server.listen;
     let cannot = |e: std::io::Error| format!("server.listen: cannot listen on {listen}: {e}");
+    alone_on(listen).map_err(cannot)?;
     let listener = bind(listen).map_err(cannot)?;
     // The address actually bound: with port 0, the other workers' sockets
     // must join this one's port.
@@ -169,6 +170,30 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
+}
+
+/// Fails if a socket already listens on `addr`. [`bind`]'s `SO_REUSEPORT`
+/// lets any process of the same user join a port: a second ivrguard (an old
+/// one left running, with another config) started without a word and took
+/// about half the calls (found in review). A socket without it cannot bind
+/// where another listens, so it is bound first, then closed. Port 0 is
+/// always free.
+fn alone_on(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    probe.set_reuseaddr(true)?; // connections in TIME_WAIT do not count
+    match probe.bind(addr) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(std::io::Error::new(
+            e.kind(),
+            "another process already listens there (an ivrguard still running?)",
+        )),
+        other => other,
+    }
 }
 
 /// A worker after the first: its own thread and single-threaded event loop,
