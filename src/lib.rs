@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod check;
 pub mod cipher;
 pub mod cli;
 pub mod config;

@@ -17,7 +17,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Run => load(&cli).and_then(|s| ivrguard::run::run(&cli.config_path(), s)),
-        Command::Check => load(&cli).and_then(|s| out(&s.describe())),
+        Command::Check => load(&cli).and_then(|s| {
+            warn(ivrguard::check::warnings(&s).into_iter().chain(ivrguard::check::upstream_warning(&s)));
+            out(&s.describe())
+        }),
         Command::Keygen => out(&format!("{}\n", FieldKey::generate().to_hex().as_str())),
         Command::Encrypt { key_env } => {
             cipher_from_env(key_env).and_then(|c| lines(|l| Ok(c.encrypt_hex(l.as_bytes()))))
@@ -53,6 +56,15 @@ fn main() -> ExitCode {
             eprintln!("ivrguard: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `check`'s warnings, one line each on stderr (a closed stderr is no
+/// reason to fail the check).
+fn warn(warnings: impl Iterator<Item = String>) {
+    let mut stderr = std::io::stderr().lock();
+    for warning in warnings {
+        let _ = writeln!(stderr, "ivrguard: warning: {warning}");
     }
 }
 

@@ -1430,6 +1430,15 @@ fn check_prints_effective_config_without_secrets() {
         stdout.contains(KEY_VAR),
         "effective config names the key variable:\n{stdout}"
     );
+    // Usable, so exit 0, but warned of (found in review: each passed
+    // `check` and then failed every call): the example's public host, and
+    // an app that accepts no connection.
+    let warnings = stderr_lines(&output);
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    assert!(
+        warnings[0].starts_with("ivrguard: warning: twilio.public_url: still the example's host")
+    );
+    assert!(warnings[1].starts_with("ivrguard: warning: upstream.url: nothing accepts"));
     let all = [output.stdout.as_slice(), output.stderr.as_slice()].concat();
     assert_no_leak("check output", &all, &Canaries::generate(), &secrets);
 }
