@@ -46,7 +46,7 @@ pub enum Command {
         #[arg(long, value_name = "VAR")]
         token_env: String,
         /// The full URL Twilio calls, query string included
-        #[arg(long)]
+        #[arg(long, value_parser = absolute_url)]
         url: String,
         /// A POST parameter, NAME=VALUE (not URL-encoded); repeatable
         #[arg(long = "param", value_name = "NAME=VALUE", value_parser = name_value)]
@@ -68,6 +68,24 @@ fn name_value(arg: &str) -> Result<(String, String), String> {
     arg.split_once('=')
         .map(|(name, value)| (name.to_owned(), value.to_owned()))
         .ok_or_else(|| "expected NAME=VALUE".to_owned())
+}
+
+/// `--url`: the whole `http://` or `https://` URL Twilio calls. A path
+/// alone or a URL without its scheme was signed, and could never match
+/// (found in review); a usage error (exit 2).
+fn absolute_url(arg: &str) -> Result<String, String> {
+    let rest = ["http://", "https://"]
+        .iter()
+        .find_map(|scheme| {
+            arg.get(..scheme.len())
+                .filter(|s| s.eq_ignore_ascii_case(scheme))
+                .map(|_| &arg[scheme.len()..])
+        })
+        .ok_or("expected the whole URL Twilio calls, from http:// or https://")?;
+    match rest.split(['/', '?', '#']).next() {
+        Some(host) if !host.is_empty() => Ok(arg.to_owned()),
+        _ => Err("expected a host after the scheme".to_owned()),
+    }
 }
 
 impl Cli {

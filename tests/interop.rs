@@ -674,6 +674,25 @@ fn sign_param_without_equals_is_a_usage_error() {
     assert!(out.stderr.contains("NAME=VALUE"), "{}", out.stderr);
 }
 
+/// Found in review: `--url /ivr` or `--url ivr.example.com/ivr` printed a
+/// signature that could never match; a usage error now (exit 2).
+#[test]
+fn sign_url_must_be_the_whole_url() {
+    for (url, says) in [
+        ("/ivr", "http:// or https://"),
+        ("ivr.example.com/ivr", "http:// or https://"),
+        ("https://", "a host"),
+        ("https:///ivr", "a host"),
+    ] {
+        let mut cmd = ivrguard();
+        cmd.args(["sign", "--token-env", "INTEROP_KEY", "--url", url])
+            .env("INTEROP_KEY", random_hex(16));
+        let out = run(cmd, b"", "ivrguard sign");
+        assert_eq!(out.status.code(), Some(2), "{url}: {}", out.stderr);
+        assert!(out.stderr.contains(says), "{url}: {}", out.stderr);
+    }
+}
+
 #[test]
 fn keygen_prints_a_key_that_node_and_python_accept() {
     let keygen = || {
