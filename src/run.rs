@@ -162,10 +162,7 @@ pub async fn start(
 /// whole burst. The kernel backlog (1,024) holds connections past
 /// `server.max_connections` until one ends.
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
+    let socket = socket_for(addr)?;
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
@@ -182,10 +179,7 @@ fn alone_on(addr: SocketAddr) -> std::io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let probe = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
+    let probe = socket_for(addr)?;
     probe.set_reuseaddr(true)?; // connections in TIME_WAIT do not count
     match probe.bind(addr) {
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(std::io::Error::new(
@@ -193,6 +187,14 @@ fn alone_on(addr: SocketAddr) -> std::io::Result<()> {
             "another process already listens there (an ivrguard still running?)",
         )),
         other => other,
+    }
+}
+
+/// A TCP socket of `addr`'s family.
+fn socket_for(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
 }
 
