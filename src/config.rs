@@ -647,7 +647,7 @@ pub fn read_key(
             SecretSource::File(path) if quotable_path(path) => path.display().to_string(),
             _ => source.what(),
         };
-        ConfigError::new(key, format!("{name} {e}"))
+        ConfigError::new(key, format!("{name} {e}; `ivrguard keygen` makes one"))
     })
 }
 
@@ -1057,7 +1057,10 @@ fn deserialize_error(
             ConfigError::new(key, message)
         }
         config::ConfigError::Message(message) => match unknown_field(&message) {
-            Some(field) => unknown_key(&join(field), env),
+            Some(field) => {
+                let suggestion = closest_field(field, &message).map(&join);
+                unknown_key(&join(field), suggestion.as_deref(), env)
+            }
             None => ConfigError::new(
                 if prefix.is_empty() { "config" } else { prefix },
                 "a value has the wrong type",
@@ -1079,6 +1082,23 @@ fn unknown_field(message: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
+/// Of the names serde's message lists after "expected" (in backticks), the
+/// one `field` most likely meant: at most two edits away (a letter missing,
+/// extra, wrong or two swapped) and fewer than half its length, so `urll`
+/// finds `url` and `timeout` finds nothing. Ties go to the first listed.
+fn closest_field<'m>(field: &str, message: &'m str) -> Option<&'m str> {
+    let (_, expected) = message.split_once("`, expected ")?;
+    let limit = 2.min(field.chars().count().saturating_sub(1) / 2);
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|name| (strsim::damerau_levenshtein(field, name), name))
+        .filter(|(distance, _)| (1..=limit).contains(distance))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, name)| name)
+}
+
 /// The override variable that sets `key`, if one does (the first by name,
 /// should several spellings do).
 fn override_var<'e>(key: &str, env: &'e HashMap<String, String>) -> Option<&'e String> {
@@ -1087,7 +1107,7 @@ fn override_var<'e>(key: &str, env: &'e HashMap<String, String>) -> Option<&'e S
         .min()
 }
 
-fn unknown_key(key: &str, env: &HashMap<String, String>) -> ConfigError {
+fn unknown_key(key: &str, meant: Option<&str>, env: &HashMap<String, String>) -> ConfigError {
     let (table, name) = key.rsplit_once('.').unwrap_or(("", key));
     if pasted_secret(name) {
         // Named by where it is, not by itself (found in review: a token
@@ -1104,13 +1124,15 @@ fn unknown_key(key: &str, env: &HashMap<String, String>) -> ConfigError {
             ),
         );
     }
-    match override_var(key, env) {
-        Some(var) => ConfigError::new(
-            "config",
-            format!("unknown key {key:?} (from environment variable {var})"),
-        ),
-        None => ConfigError::new("config", format!("unknown key {key:?}")),
-    }
+    let from = match override_var(key, env) {
+        Some(var) => format!(" (from environment variable {var})"),
+        None => String::new(),
+    };
+    let meant = match meant {
+        Some(meant) => format!("; did you mean {meant:?}?"),
+        None => String::new(),
+    };
+    ConfigError::new("config", format!("unknown key {key:?}{from}{meant}"))
 }
 
 /// What kind of value the `config` crate found, without the value. Its
@@ -2034,23 +2056,38 @@ scrub_card_numbers = false
     #[test]
     fn unknown_keys_are_named() {
         let err = error(&with(&[("upstream", r#"urll = "x""#)]), &env(&[]));
-        assert_eq!(err.to_string(), r#"config: unknown key "upstream.urll""#);
+        assert_eq!(
+            err.to_string(),
+            r#"config: unknown key "upstream.urll"; did you mean "upstream.url"?"#
+        );
         let err = error(
             &format!("{MINIMAL}\n[serverr]\nlisten = \"x\"\n"),
             &env(&[]),
         );
-        assert_eq!(err.to_string(), r#"config: unknown key "serverr""#);
+        assert_eq!(
+            err.to_string(),
+            r#"config: unknown key "serverr"; did you mean "server"?"#
+        );
         let toml = format!("{MINIMAL}\n[[twilio.shared_keys]]\nid = \"k\"\nsecret_env = \"S\"\nsecert_file = \"x\"\n");
         let err = error(&toml, &env(&[("S", "CANARY")]));
         assert_eq!(
             err.to_string(),
-            r#"config: unknown key "twilio.shared_keys[0].secert_file""#
+            r#"config: unknown key "twilio.shared_keys[0].secert_file"; did you mean "twilio.shared_keys[0].secret_file"?"#
         );
         let err = error(MINIMAL, &env(&[("IVRGUARD__UPSTREAM__TIMEOUT", "5")]));
         assert_eq!(
             err.to_string(),
-            r#"config: unknown key "upstream.timeout" (from environment variable IVRGUARD__UPSTREAM__TIMEOUT)"#
+            r#"config: unknown key "upstream.timeout" (from environment variable IVRGUARD__UPSTREAM__TIMEOUT)"#,
+            "nothing is two edits from it"
         );
+        let err = error(&with(&[("server", r#"listn = "x""#)]), &env(&[]));
+        assert_eq!(
+            err.to_string(),
+            r#"config: unknown key "server.listn"; did you mean "server.listen"?"#
+        );
+        // Short names get no guess: two edits turn `ab` into most anything.
+        let err = error(&with(&[("log", "lv = 1")]), &env(&[]));
+        assert_eq!(err.to_string(), r#"config: unknown key "log.lv""#);
     }
 
     #[test]
@@ -2264,9 +2301,9 @@ scrub_card_numbers = false
     #[test]
     fn encryption_key_length_and_alphabet_are_checked_without_echo() {
         let cases = [
-            (&KEY_HEX[..63], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found 63 characters"),
-            (&format!("{KEY_HEX}0")[..], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found 65 characters"),
-            (&format!("{}g", &KEY_HEX[..63])[..], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found a non-hex character"),
+            (&KEY_HEX[..63], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found 63 characters; `ivrguard keygen` makes one"),
+            (&format!("{KEY_HEX}0")[..], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found 65 characters; `ivrguard keygen` makes one"),
+            (&format!("{}g", &KEY_HEX[..63])[..], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found a non-hex character; `ivrguard keygen` makes one"),
         ];
         for (value, expected) in cases {
             let err = load(MINIMAL, &env(&[("IVRGUARD_KEY", value)])).unwrap_err();
