@@ -17,6 +17,7 @@ pub mod drain;
 pub mod form;
 pub mod health;
 pub mod json_body;
+pub mod log_limit;
 pub mod logging;
 pub mod metrics;
 pub mod mismatch;

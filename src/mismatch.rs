@@ -17,9 +17,9 @@
 //! [`EVERY`]: a flood of unsigned requests costs one line, and a few HMACs,
 //! per interval.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::log_limit::LogLimit;
 
 /// The shortest time between two explanations.
 pub const EVERY: Duration = Duration::from_secs(10);
@@ -62,39 +62,8 @@ pub struct Request<'a> {
 
 /// Whether an explanation may be logged now; at most one per [`EVERY`].
 pub fn due() -> bool {
-    static START: OnceLock<Instant> = OnceLock::new();
-    static LIMIT: Limit = Limit::new();
-    let now = START.get_or_init(Instant::now).elapsed();
-    LIMIT.due(now.as_millis() as u64, EVERY.as_millis() as u64)
-}
-
-/// A time before which nothing more is due.
-struct Limit {
-    next_ms: AtomicU64,
-}
-
-impl Limit {
-    const fn new() -> Self {
-        Limit {
-            next_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// Due at `now_ms` (since any fixed start) if the last due one was at
-    /// least `every_ms` before; one caller wins a race.
-    fn due(&self, now_ms: u64, every_ms: u64) -> bool {
-        let next = self.next_ms.load(Ordering::Relaxed);
-        now_ms >= next
-            && self
-                .next_ms
-                .compare_exchange(
-                    next,
-                    now_ms + every_ms,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-    }
+    static LIMIT: LogLimit = LogLimit::new(EVERY);
+    LIMIT.due()
 }
 
 /// Logs why the signature may not have matched. `matches` says whether
@@ -225,15 +194,5 @@ mod tests {
         r.host = Some(&long);
         let origins: Vec<String> = other_origins(&r).into_iter().map(|(o, _)| o).collect();
         assert_eq!(origins, ["http://ivr.example.com"]);
-    }
-
-    #[test]
-    fn at_most_one_explanation_per_interval() {
-        let limit = Limit::new();
-        assert!(limit.due(0, 10_000));
-        assert!(!limit.due(1, 10_000));
-        assert!(!limit.due(9_999, 10_000));
-        assert!(limit.due(10_000, 10_000));
-        assert!(!limit.due(10_001, 10_000));
     }
 }

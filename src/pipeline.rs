@@ -40,6 +40,7 @@ use crate::cipher::FieldCipher;
 use crate::config::Settings;
 use crate::form::{self, FieldSet, FormPair};
 use crate::json_body;
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::mismatch;
 use crate::rejection::Rejection;
@@ -243,12 +244,20 @@ impl Proxy {
             // The request was Twilio's and was re-signed: the app refusing it
             // is a configuration mismatch between ivrguard and the app.
             log.app_refused = true;
-            tracing::warn!(
-                status = response.status().as_u16(),
-                "the app refused a request ivrguard verified and re-signed: the app must validate with \
-                 the same primary token as twilio.auth_token_env/_file and rebuild the URL ivrguard \
-                 signed (X-Forwarded-Proto + X-Forwarded-Host + path; see upstream.rewrite_host)"
-            );
+            // Every request is refused until the configuration is fixed:
+            // one line per interval, the rest counted in the metrics
+            // (`outcome="app_refused"`).
+            static APP_REFUSED: LogLimit = LogLimit::new(mismatch::EVERY);
+            if APP_REFUSED.due() {
+                tracing::warn!(
+                    status = response.status().as_u16(),
+                    "the app refused a request ivrguard verified and re-signed: the app must \
+                     validate with the same primary token as twilio.auth_token_env/_file and \
+                     rebuild the URL ivrguard signed (X-Forwarded-Proto + X-Forwarded-Host + path; \
+                     see upstream.rewrite_host). At most one such line per 10 s; each request \
+                     has its access line (upstream_status)"
+                );
+            }
         }
         // The app's connection stays busy (and its slot taken) until the
         // body has been read.

@@ -33,6 +33,8 @@ pub enum Behaviour {
     Twiml,
     /// The same, after this delay (counted from when the request was recorded).
     Delay(Duration),
+    /// This status, with the same body: an app that refuses (401/403) or fails.
+    Status(u16),
 }
 
 /// One request as the backend received it.
@@ -213,7 +215,12 @@ async fn handle(
     if let Behaviour::Delay(delay) = behaviour {
         tokio::time::sleep(delay).await;
     }
+    let status = match behaviour {
+        Behaviour::Status(status) => status,
+        Behaviour::Twiml | Behaviour::Delay(_) => 200,
+    };
     let response = Response::builder()
+        .status(status)
         .header("content-type", "text/xml")
         .body(Full::new(Bytes::from_static(BACKEND_TWIML.as_bytes())))
         .expect("static response");
