@@ -363,12 +363,7 @@ impl Settings {
     /// `env`, reads the secrets it names (from `env` or from files) and
     /// validates everything.
     pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Settings, ConfigError> {
-        let cannot = |e: &dyn std::fmt::Display| {
-            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
-        };
-        let bytes = config_file::read(path, config_file::CONFIG_LIMIT).map_err(|e| cannot(&e))?;
-        let text = String::from_utf8(bytes).map_err(|_| cannot(&"not UTF-8 text"))?;
-        let raw = RawConfig::parse(&text, path, env)?;
+        let raw = RawConfig::read(path, env)?;
 
         let server = server_settings(raw.server)?;
         let upstream = upstream_settings(raw.upstream)?;
@@ -385,6 +380,22 @@ impl Settings {
             encryption: encryption_settings(raw.encryption, env)?,
             log: log_settings(raw.log)?,
         })
+    }
+
+    /// `server.admin_listen` of the config at `path` (file, then
+    /// `IVRGUARD__…` overrides), and nothing else: no secret, certificate or
+    /// other key is read or checked. For `ivrguard health`, which must say
+    /// whether the running process answers even while the files on disk
+    /// hold a change a reload refused (found in review: an emptied key file
+    /// made the health check fail while the proxy served every call).
+    pub fn load_admin_listen(
+        path: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        let raw = RawConfig::read(path, env)?;
+        non_empty(raw.server.admin_listen)
+            .map(|addr| socket_addr("server.admin_listen", &addr))
+            .transpose()
     }
 
     /// The effective configuration as TOML, for `ivrguard check`. Secrets
@@ -836,6 +847,16 @@ struct RawConfig {
 }
 
 impl RawConfig {
+    /// The file at `path`, with the `IVRGUARD__…` overrides in `env`.
+    fn read(path: &Path, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let cannot = |e: &dyn std::fmt::Display| {
+            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+        };
+        let bytes = config_file::read(path, config_file::CONFIG_LIMIT).map_err(|e| cannot(&e))?;
+        let text = String::from_utf8(bytes).map_err(|_| cannot(&"not UTF-8 text"))?;
+        RawConfig::parse(&text, path, env)
+    }
+
     fn parse(text: &str, path: &Path, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         // Only the overrides go to the `config` crate, not every secret in
         // the environment.

@@ -9,9 +9,10 @@
 //! healthy (exit 0); anything else — refused, no answer in time, another
 //! status — is one line on stderr and exit 1.
 //!
-//! The config is loaded whole, as `check` does, so its secrets must be
-//! readable too: they are, in the container whose health is checked (same
-//! environment, same mounts). Kubernetes probes do not need this command;
+//! Only `server.admin_listen` is read from the config: not its secrets,
+//! so the check neither needs them nor fails while a secret file holds a
+//! change a reload refused (the running process keeps serving with the
+//! old one, and is healthy). Kubernetes probes do not need this command;
 //! they call `/healthz` and `/readyz` over HTTP themselves.
 
 use std::io::Write;
@@ -110,9 +111,9 @@ pub fn run(config_path: &Path, url: Option<&str>) -> Result<(), String> {
     let target = match url {
         Some(url) => Target::parse(url)?,
         None => {
-            let settings =
-                Settings::load(config_path, &config::process_env()).map_err(|e| e.to_string())?;
-            let addr = settings.server.admin_listen.ok_or_else(|| {
+            let admin = Settings::load_admin_listen(config_path, &config::process_env())
+                .map_err(|e| e.to_string())?;
+            let addr = admin.ok_or_else(|| {
                 format!(
                     "server.admin_listen is not set in {}: no admin listener to ask (set it, or pass --url)",
                     config_path.display()

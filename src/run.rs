@@ -281,6 +281,12 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
             });
         };
         let started = start(&settings, dropped, shutdown).await?;
+        // What `check` warns about, in the log too: `run` and reloads never
+        // printed it (found in review: a pasted Account SID as the token was
+        // taken without a word, and the app refused every call).
+        for warning in crate::check::warnings(&settings) {
+            tracing::warn!("configuration warning: {warning}");
+        }
         let reloader = Reloader::new(path, started.proxy.clone(), settings.clone());
         let watcher = tokio::spawn(reloader.watch(settings.server.reload_poll_interval));
         let drained = started.wait().await;

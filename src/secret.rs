@@ -31,6 +31,13 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Whether both hold the same bytes, compared in constant time (a
+    /// reload names a secret whose value changed, never the value).
+    pub fn same_as(&self, other: &Secret) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_slice().ct_eq(other.0.as_slice()).into()
+    }
 }
 
 impl From<String> for Secret {

@@ -2182,6 +2182,145 @@ async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
     }
 }
 
+/// Found in review: the poll fingerprints the files the *running* config
+/// names. A new config naming a secret file that is not there yet (the
+/// ConfigMap adds `secondary_auth_token_file` before the kubelet writes the
+/// Secret's new key) was refused once and never tried again, so the
+/// secondary token stayed refused (403) until a SIGHUP. A refused reload is
+/// now retried every tick, logged again only when its reason changes, and
+/// the reload says what changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
+    let backend = Backend::start(Behaviour::Twiml).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("auth_token");
+    let secondary_path = dir.path().join("auth_token_secondary");
+    let secrets = Secrets::generate();
+    write_token(&token_path, &secrets.token);
+    let mut config = ProxyConfig::new(backend.url());
+    config.auth_token_file = Some(token_path.clone());
+    config
+        .server_extra
+        .push("reload_poll_interval_ms = 50".into());
+    let proxy = Proxy::start_with(&config, secrets.clone()).await;
+    assert_eq!(status_with(&proxy, &secrets.secondary).await, 403);
+    // `check`'s warnings are logged by `run` too (found in review: a token
+    // `check` would flag was taken without a word): here, the example host.
+    assert!(
+        proxy.log_lines().iter().any(|l| l["level"] == "WARN"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("configuration warning: twilio.public_url:"))),
+        "{}",
+        proxy.stdout_text()
+    );
+
+    let primary_line = format!("auth_token_file = {:?}\n", token_path.display().to_string());
+    let with_secondary = config.toml().replace(
+        &primary_line,
+        &format!(
+            "{primary_line}secondary_auth_token_file = {:?}\n",
+            secondary_path.display().to_string()
+        ),
+    );
+    assert_ne!(with_secondary, config.toml());
+    std::fs::write(proxy.config_path(), &with_secondary).unwrap();
+    let refused = "configuration reload refused; the running configuration stays";
+    let lines = proxy.wait_log(refused, 1).await;
+    assert!(
+        lines[0]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("twilio.secondary_auth_token_file:"),
+        "{lines:#?}"
+    );
+    // Ten polls go by with the same refusal: it is not logged again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status_with(&proxy, &secrets.secondary).await, 403);
+
+    write_token(&secondary_path, &secrets.secondary);
+    let reloaded = proxy.wait_log("configuration reloaded", 1).await;
+    assert_eq!(
+        reloaded[0]["changed"], "twilio.secondary_auth_token_file",
+        "{reloaded:#?}"
+    );
+    assert_eq!(reloaded[0]["trigger"], "file_changed");
+    assert_eq!(status_with(&proxy, &secrets.secondary).await, 200);
+    assert_eq!(status_with(&proxy, &secrets.token).await, 200);
+    let refusals = proxy
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == refused)
+        .count();
+    assert_eq!(refusals, 1, "the same refusal, logged once");
+
+    // A new token in the same file is named by its key, never shown; a
+    // SIGHUP with nothing new says so.
+    let new_primary = Secrets::generate().token;
+    write_token(&token_path, &new_primary);
+    let reloaded = proxy.wait_log("configuration reloaded", 2).await;
+    assert_eq!(reloaded[1]["changed"], "twilio.auth_token_file");
+    proxy.signal("HUP");
+    let reloaded = proxy.wait_log("configuration reloaded", 3).await;
+    assert_eq!(reloaded[2]["changed"], "nothing");
+    assert_eq!(reloaded[2]["trigger"], "sighup");
+    let canaries = Canaries::generate();
+    assert_no_leak("stdout", &proxy.stdout(), &canaries, &secrets);
+    assert!(!proxy.stdout_text().contains(&new_primary));
+}
+
+/// Found in review: `ivrguard health` (the image's HEALTHCHECK) loaded the
+/// whole config with its secrets, so a key file emptied by a change that
+/// the reload refused made it fail while the proxy served every call, and
+/// a health check that restarts unhealthy containers would turn that into
+/// an outage. It reads only `server.admin_listen` now, and needs no secret
+/// in its environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reads_only_the_admin_address_not_the_secrets() {
+    let backend = Backend::start(Behaviour::Twiml).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("key");
+    let secrets = Secrets::generate();
+    write_token(&key_path, &secrets.key_hex);
+    let mut config = ProxyConfig::new(backend.url());
+    config.key_file = Some(key_path.clone());
+    let proxy = Proxy::start_with(&config, secrets.clone()).await;
+    // The same config with the admin port the proxy bound (it asked for 0).
+    let admin = proxy.admin_addr.expect("an admin listener");
+    let probe_config = dir.path().join("probe.toml");
+    let toml = std::fs::read_to_string(proxy.config_path()).unwrap();
+    let pinned = toml.replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        &format!("admin_listen = \"{admin}\""),
+    );
+    assert_ne!(pinned, toml);
+    std::fs::write(&probe_config, pinned).unwrap();
+    let health = || {
+        // No token, no key in its environment.
+        std::process::Command::new(env!("CARGO_BIN_EXE_ivrguard"))
+            .args(["health", "--config"])
+            .arg(&probe_config)
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let healthy = health();
+    assert!(healthy.status.success(), "{healthy:?}");
+
+    std::fs::write(&key_path, "").unwrap();
+    proxy.signal("HUP");
+    proxy
+        .wait_log(
+            "configuration reload refused; the running configuration stays",
+            1,
+        )
+        .await;
+    assert_eq!(status_with(&proxy, &secrets.token).await, 200);
+    let still = health();
+    assert!(still.status.success(), "{still:?}");
+    assert!(String::from_utf8_lossy(&still.stdout).starts_with("healthy:"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config_on_error() {
     let backend = Backend::start(Behaviour::Delay(Duration::from_millis(800))).await;
@@ -2411,15 +2550,19 @@ async fn sighup_reload_applies_the_log_scrub_patterns_and_level() {
         "{query}"
     );
 
-    // Access lines (info) off; the reload's own line kept on.
+    // Access lines (info) off. The reload's own line is logged before the
+    // new level applies (found in review: `level = "warn"` hid the line
+    // saying it was applied).
     let quieter = scrubbed.replace(
         "format = \"json\"\n",
-        "format = \"json\"\nlevel = \"warn,ivrguard::reload=info\"\n",
+        "format = \"json\"\nlevel = \"warn\"\n",
     );
     assert_ne!(quieter, scrubbed);
     std::fs::write(proxy.config_path(), &quieter).unwrap();
     proxy.signal("HUP");
-    wait_log(&proxy, "configuration reloaded", 2).await;
+    let reloads = proxy.wait_log("configuration reloaded", 2).await;
+    assert_eq!(reloads[0]["changed"], "log.scrub_patterns", "{reloads:#?}");
+    assert_eq!(reloads[1]["changed"], "log.level", "{reloads:#?}");
     unsigned_get().await;
     // An error line after that request's would-be access line: once it is
     // in, the access line would be too.
