@@ -162,8 +162,8 @@ for name, s in services.items():
             problems.append(f"{name}: {var} must come from docker/.env, not the file")
 if "IVRGUARD_KEY" in (services["legacy-app"].get("environment") or {}):
     problems.append("legacy-app must not get the encryption key")
-if not any(v.endswith(":/etc/ivrguard/ivrguard.toml:ro") for v in services["ivrguard"]["volumes"]):
-    problems.append("ivrguard's config must be mounted read-only")
+if "./config:/etc/ivrguard:ro" not in services["ivrguard"]["volumes"]:
+    problems.append("ivrguard's config directory must be mounted read-only (a directory: a file mount hides edits)")
 for p in problems:
     print("  compose.yaml:", p, file=sys.stderr)
 sys.exit(1 if problems else 0)
@@ -336,14 +336,17 @@ podman pod rm -f -t 0 "$POD" >/dev/null 2>>"$WORK/podman.err"
 phase "compose topology: service name resolved inside scratch"
 # compose.yaml's layout without a compose engine: the app on an internal
 # network under the service name `legacy-app`, ivrguard on it and on an edge
-# network with the published port, docker/ivrguard.toml mounted read-only.
+# network with the published port, docker/config mounted read-only.
+# A copy of docker/config, edited below as an operator would.
+cp -r "$DOCKER/config" "$WORK/compose-config" && chmod -R a+rX "$WORK/compose-config"
+TOKEN2="test-token-2-$RANDOM$RANDOM"
 podman network create "$NAME-edge" >/dev/null
 podman network create --internal "$NAME-backend" >/dev/null
 podman run -d --name "$NAME-legacy-app" --network "$NAME-backend" --network-alias legacy-app "$APP_IMAGE" >/dev/null 2>>"$WORK/podman.err"
 podman run -d --name "$NAME-ivrguard" --network "$NAME-edge" --network "$NAME-backend" \
   -p "127.0.0.1:$COMPOSE_PORT:8080" --read-only --cap-drop ALL --security-opt no-new-privileges \
-  -v "$DOCKER/ivrguard.toml:/etc/ivrguard/ivrguard.toml:ro" \
-  -e TWILIO_AUTH_TOKEN="$TOKEN" -e IVRGUARD_KEY="$KEY" \
+  -v "$WORK/compose-config:/etc/ivrguard:ro" \
+  -e TWILIO_AUTH_TOKEN="$TOKEN" -e TWILIO_AUTH_TOKEN_SECONDARY="$TOKEN2" -e IVRGUARD_KEY="$KEY" \
   -e IVRGUARD__TWILIO__PUBLIC_URL="http://127.0.0.1:$COMPOSE_PORT" "$IVRGUARD_IMAGE" >/dev/null 2>>"$WORK/podman.err"
 PID="$(podman inspect --format '{{.State.Pid}}' "$NAME-ivrguard")"
 if grep -qw legacy-app "/proc/$PID/root/etc/hosts"; then
@@ -364,6 +367,31 @@ podman logs "$NAME-ivrguard" 2>&1 | grep -q '"upstream_status":200' \
 podman logs "$NAME-legacy-app" 2>&1 | grep -q "body=CallSid=$CALL_SID&Digits=[0-9a-f]" \
   || die_with_logs "the app did not get the encrypted webhook" "$NAME-legacy-app"
 ok "http://legacy-app:3000 resolved by the network's DNS from inside scratch (not via /etc/hosts); the app got ciphertext"
+
+# README, token rotation step 2 with compose: uncomment the secondary in the
+# mounted config with an editor (sed -i writes a new file and renames it, as
+# editors do) and SIGHUP. Found in review: with the file itself mounted, the
+# container kept seeing the old file, and the reload changed nothing.
+sign_with() {
+  TWILIO_AUTH_TOKEN="$1" "$BIN" sign --token-env TWILIO_AUTH_TOKEN --url "http://127.0.0.1:$COMPOSE_PORT/voice" \
+    --param CallSid="$CALL_SID" --param Digits="$CANARY"
+}
+post_signed() {
+  curl -sS -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:$COMPOSE_PORT/voice" \
+    -H "X-Twilio-Signature: $1" --data-urlencode "CallSid=$CALL_SID" --data-urlencode "Digits=$CANARY"
+}
+[[ "$(post_signed "$(sign_with "$TOKEN2")")" == 403 ]] || die "the secondary token was accepted before it was configured"
+sed -i 's/^# secondary_auth_token_env = /secondary_auth_token_env = /' "$WORK/compose-config/ivrguard.toml"
+grep -q '^secondary_auth_token_env' "$WORK/compose-config/ivrguard.toml" || die "docker/config/ivrguard.toml has no secondary_auth_token_env line to uncomment"
+podman kill --signal HUP "$NAME-ivrguard" >/dev/null
+for _ in $(seq 50); do
+  podman logs "$NAME-ivrguard" 2>&1 | grep -q '"changed":"twilio.secondary_auth_token_env"' && break
+  sleep 0.2
+done
+podman logs "$NAME-ivrguard" 2>&1 | grep '"configuration reloaded"' | grep -q '"changed":"twilio.secondary_auth_token_env"' \
+  || die_with_logs "SIGHUP after editing the mounted config did not reload the secondary token" "$NAME-ivrguard"
+[[ "$(post_signed "$(sign_with "$TOKEN2")")" == 200 ]] || die_with_logs "the secondary token is refused after the reload" "$NAME-ivrguard"
+ok "compose: an edited config in the mounted directory (write-then-rename) is reloaded on SIGHUP; the secondary token is accepted"
 HEALTH="$(podman healthcheck run "$NAME-ivrguard" 2>&1)" || die "the image's HEALTHCHECK failed: $HEALTH"
 ok "the image's HEALTHCHECK (podman healthcheck run): ${HEALTH:-healthy}"
 

@@ -366,6 +366,12 @@ struct Bank {
 
 impl Bank {
     fn start(dir: &Path, secrets: &Secrets) -> Bank {
+        Bank::start_with_keys(dir, &[("IVRGUARD_KEY", &secrets.key_hex)])
+    }
+
+    /// With `keys` as its key variables (`IVRGUARD_KEY`, and during a
+    /// rotation `IVRGUARD_KEY_NEXT`/`_PREVIOUS`).
+    fn start_with_keys(dir: &Path, keys: &[(&str, &str)]) -> Bank {
         let record = dir.join("bank-decrypted.jsonl");
         let mut cmd = clean_command("node");
         cmd.arg(require(
@@ -374,8 +380,10 @@ impl Bank {
         ))
         .env("PORT", "0")
         .env("HOST", "127.0.0.1")
-        .env("IVRGUARD_KEY", &secrets.key_hex)
         .env("BANK_TEST_RECORD_FILE", &record);
+        for (name, key) in keys {
+            cmd.env(name, key);
+        }
         let mut proc = Proc::spawn("bank-service", cmd);
         let addr = proc.wait_listening();
         Bank { proc, addr, record }
@@ -1103,6 +1111,97 @@ fn express_app_with_another_token_answers_403_and_ivrguard_logs_upstream_403() {
 #[test]
 fn flask_app_with_another_token_answers_403_and_ivrguard_logs_upstream_403() {
     app_refuses_a_different_token(AppKind::Flask);
+}
+
+// ---------------------------------------------------------------------------
+// 5. A key rotation with compose: the bank decrypts with the key ivrguard
+//    uses and, meanwhile, the next or the previous one.
+// ---------------------------------------------------------------------------
+
+/// `ivrguard encrypt` of `plain` with `key_hex`.
+fn encrypted_by_ivrguard(key_hex: &str, plain: &str) -> String {
+    let mut cmd = clean_command(IVRGUARD);
+    cmd.args(["encrypt", "--key-env", "ROTATION_KEY"])
+        .env("ROTATION_KEY", key_hex);
+    let (out, _) = run_to_end(
+        cmd,
+        format!("{plain}\n").as_bytes(),
+        "ivrguard encrypt",
+        STEP,
+    );
+    out.trim().to_owned()
+}
+
+/// The status of the bank's lookup for the two ciphertexts.
+fn bank_lookup(bank: &Bank, card: &str, pin: &str) -> u16 {
+    let body = format!(r#"{{"cardLast4":"{card}","pin":"{pin}"}}"#);
+    let mut stream = TcpStream::connect_timeout(&bank.addr, STEP).expect("bank accepts");
+    stream.set_read_timeout(Some(STEP)).expect("timeout");
+    write!(
+        stream,
+        "POST /accounts/lookup HTTP/1.1\r\nHost: bank\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {answer:?}"))
+}
+
+/// Found in review: the bank read one key, and compose gave it the same
+/// `IVRGUARD_KEY` as ivrguard, so the README's step "give every decrypting
+/// service the new key in addition to the old one" could not be done.
+#[test]
+fn the_bank_decrypts_with_the_next_or_previous_key_during_a_rotation() {
+    let dir = TempDir::new().expect("temp dir");
+    let (old, new, unrelated) = (
+        Secrets::generate(),
+        Secrets::generate(),
+        Secrets::generate(),
+    );
+    let lookup_with = |bank: &Bank, key: &Secrets| {
+        let card = encrypted_by_ivrguard(&key.key_hex, "1234");
+        let pin = encrypted_by_ivrguard(&key.key_hex, "4321");
+        bank_lookup(bank, &card, &pin)
+    };
+
+    // Step 1: ivrguard still uses the old key; the bank knows the next.
+    let before = Bank::start_with_keys(
+        dir.path(),
+        &[
+            ("IVRGUARD_KEY", &old.key_hex),
+            ("IVRGUARD_KEY_NEXT", &new.key_hex),
+        ],
+    );
+    assert_eq!(lookup_with(&before, &old), 200);
+    assert_eq!(lookup_with(&before, &new), 200);
+    assert_eq!(lookup_with(&before, &unrelated), 400);
+    drop(before);
+
+    // Step 2: ivrguard switched; the bank still reads what the old key made.
+    let after = Bank::start_with_keys(
+        dir.path(),
+        &[
+            ("IVRGUARD_KEY", &new.key_hex),
+            ("IVRGUARD_KEY_PREVIOUS", &old.key_hex),
+        ],
+    );
+    assert_eq!(lookup_with(&after, &new), 200);
+    assert_eq!(lookup_with(&after, &old), 200);
+    assert_eq!(lookup_with(&after, &unrelated), 400);
+    let decrypted = after.decrypted();
+    assert!(
+        decrypted.len() >= 4
+            && decrypted
+                .iter()
+                .all(|d| d == &("1234".to_owned(), "4321".to_owned())),
+        "{decrypted:?}"
+    );
 }
 
 #[test]

@@ -16,8 +16,9 @@
 //     404 "No data found"                                 for anything else
 //     400 {"error": ...}                                   for a value that does not decrypt
 //
-// Environment: IVRGUARD_KEY (required), PORT (default 4000), HOST (default:
-// all interfaces). Dependencies: none (Node's built-in `http` and `crypto`).
+// Environment: IVRGUARD_KEY (required), IVRGUARD_KEY_NEXT and
+// IVRGUARD_KEY_PREVIOUS (during a key rotation), PORT (default 4000), HOST
+// (default: all interfaces). Dependencies: none (Node's built-in `http` and `crypto`).
 "use strict";
 
 const crypto = require("crypto");
@@ -45,10 +46,31 @@ function decrypt(cipherText, key) {
   return decipher.update(encryptedMessage, "", "utf8") + decipher.final("utf8");
 }
 
-const KEY = process.env.IVRGUARD_KEY || "";
-if (!/^[0-9a-fA-F]{64}$/.test(KEY)) {
-  console.error("bank-service: IVRGUARD_KEY must hold 64 hex characters (the key ivrguard encrypts with)");
-  process.exit(1);
+// The key ivrguard encrypts with, and during a key rotation (README,
+// "Rotating the auth token and the key without downtime") the one it will
+// switch to (IVRGUARD_KEY_NEXT) or the one it used before
+// (IVRGUARD_KEY_PREVIOUS). The wire format names no key: each is tried in
+// turn, and AES-GCM's tag makes a wrong key fail, never yield garbage.
+const KEYS = ["IVRGUARD_KEY", "IVRGUARD_KEY_NEXT", "IVRGUARD_KEY_PREVIOUS"]
+  .filter((name) => name === "IVRGUARD_KEY" || process.env[name])
+  .map((name) => {
+    const key = process.env[name] || "";
+    if (!/^[0-9a-fA-F]{64}$/.test(key)) {
+      console.error(`bank-service: ${name} must hold 64 hex characters (ivrguard keygen)`);
+      process.exit(1);
+    }
+    return key;
+  });
+
+function decryptWithAnyKey(cipherText) {
+  for (const key of KEYS) {
+    try {
+      return decrypt(cipherText, key);
+    } catch {
+      // The next key, if any.
+    }
+  }
+  throw new Error("no key decrypts it");
 }
 const PORT = Number(process.env.PORT ?? 4000);
 const HOST = process.env.HOST || undefined;
@@ -78,8 +100,8 @@ function lookup(body, res) {
   let cardLast4;
   let pin;
   try {
-    cardLast4 = decrypt(String(request.cardLast4 ?? ""), KEY);
-    pin = decrypt(String(request.pin ?? ""), KEY);
+    cardLast4 = decryptWithAnyKey(String(request.cardLast4 ?? ""));
+    pin = decryptWithAnyKey(String(request.pin ?? ""));
   } catch {
     // Never echo the input: it may be a plaintext value sent by mistake.
     console.log("bank-service: lookup refused: a value did not decrypt");
