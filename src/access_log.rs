@@ -8,7 +8,7 @@
 //! of a type rather than of every call site.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::request::Parts;
 use http::Method;
@@ -53,12 +53,20 @@ pub struct AccessRecord {
     pub reason: Option<&'static str>,
     /// The app answered 401/403 to a verified, re-signed request.
     pub app_refused: bool,
+    /// When the request's head was handed over.
+    started: Instant,
+    /// Whether the line was written. A record dropped without it is a
+    /// request that ended unanswered (an HTTP/2 client reset its stream,
+    /// the drain timeout cut it at shutdown) or whose handler panicked: its
+    /// line is written then, so every request has one (found in review:
+    /// requests cut at the drain timeout left no trace).
+    written: bool,
 }
 
 impl AccessRecord {
-    /// Starts a record from the request head. The query is redacted here,
-    /// before it is stored.
-    pub fn start(parts: &Parts, peer: SocketAddr, fields: &FieldSet) -> Self {
+    /// Starts a record from the request head, handed over at `started`.
+    /// The query is redacted here, before it is stored.
+    pub fn start(parts: &Parts, peer: SocketAddr, fields: &FieldSet, started: Instant) -> Self {
         AccessRecord {
             // The standard methods are constants: no copy.
             method: parts.method.clone(),
@@ -75,7 +83,14 @@ impl AccessRecord {
             upstream_status: None,
             reason: None,
             app_refused: false,
+            started,
+            written: false,
         }
+    }
+
+    /// When the request's head was handed over.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// Records `value` as the CallSid only if it looks like one
@@ -101,9 +116,16 @@ impl AccessRecord {
         self.encrypted_fields.push_str(name);
     }
 
-    /// Writes the line. Text fields are passed as `&str`, not `%Display`:
-    /// the formatter then copies them instead of running `fmt` machinery.
-    pub fn emit(&self, status: u16, latency: Duration) {
+    /// Writes the line for the answer sent with `status`.
+    pub fn emit(&mut self, status: u16, latency: Duration) {
+        self.write(Some(status), latency, self.reason);
+        self.written = true;
+    }
+
+    /// Text fields are passed as `&str`, not `%Display`: the formatter then
+    /// copies them instead of running `fmt` machinery. A `None` status is
+    /// left out of the line.
+    fn write(&self, status: Option<u16>, latency: Duration, reason: Option<&'static str>) {
         tracing::info!(
             target: "ivrguard::access",
             method = self.method.as_str(),
@@ -117,9 +139,25 @@ impl AccessRecord {
             signature = self.signature.label(),
             call_sid = self.call_sid.as_ref().map(CallSid::as_str),
             encrypted_fields = self.encrypted_fields.as_str(),
-            reason = self.reason,
+            reason,
             "access"
         );
+    }
+}
+
+/// The line of a request that got no answer from the pipeline: `panic`
+/// with the 500 the server answers instead, or `unanswered` with no status.
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        // (The clock is read only for a line that will be written.)
+        if self.written || !tracing::enabled!(target: "ivrguard::access", tracing::Level::INFO) {
+            return;
+        }
+        let latency = self.started.elapsed();
+        match std::thread::panicking() {
+            true => self.write(Some(500), latency, Some("panic")),
+            false => self.write(None, latency, Some("unanswered")),
+        }
     }
 }
 
@@ -212,7 +250,12 @@ mod tests {
             .unwrap()
             .into_parts();
         let fields = FieldSet::new(["Digits".to_string()]);
-        AccessRecord::start(&parts, SocketAddr::from(([127, 0, 0, 1], 1)), &fields)
+        AccessRecord::start(
+            &parts,
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            &fields,
+            Instant::now(),
+        )
     }
 
     #[test]

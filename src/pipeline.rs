@@ -183,9 +183,8 @@ impl Proxy {
         body: Incoming,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        let started = std::time::Instant::now();
         let deadline = Instant::now() + self.request_timeout;
-        let mut log = AccessRecord::start(&parts, peer, &self.fields);
+        let mut log = AccessRecord::start(&parts, peer, &self.fields, std::time::Instant::now());
 
         let result = tokio::time::timeout_at(
             deadline,
@@ -201,7 +200,7 @@ impl Proxy {
                 rejection.into_response(&self.fallback)
             }
         };
-        let latency = started.elapsed();
+        let latency = log.started().elapsed();
         let outcome = match (log.reason, log.app_refused) {
             (Some(reason), _) => reason,
             (None, true) => "app_refused",

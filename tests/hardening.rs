@@ -2650,17 +2650,51 @@ async fn sigterm_with_fifty_in_flight_answers_all_and_refuses_new_connections() 
     assert_eq!(h.backend.count(), N);
 }
 
+/// A signed gather webhook with `body`, sent on a connection of its own,
+/// once the (slow) app has it.
+async fn in_flight_at_the_app(h: &Harness, body: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(h.proxy.addr).await.unwrap();
+    stream
+        .write_all(&signed_post(&h.proxy.secrets.token, "/ivr/gather", body).to_bytes())
+        .await
+        .unwrap();
+    h.backend.wait_for_requests(1).await;
+    stream
+}
+
+/// Found in review: a request still waiting for the app when the drain
+/// timeout ran out was cut with no answer and left no access line, so the
+/// audit trail lost it. Its line is written as the process ends:
+/// `"reason":"unanswered"`, no status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_by_the_drain_timeout_still_has_its_access_line() {
+    let mut h = harness(Behaviour::Delay(Duration::from_secs(5)), |c| {
+        c.drain_timeout_ms = 300
+    })
+    .await;
+    let canaries = Canaries::generate();
+    let mut stream = in_flight_at_the_app(&h, &gather_body(&canaries.pin, &canaries.speech)).await;
+
+    h.proxy.signal("TERM");
+    let status = h.proxy.wait_exit().await;
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", h.proxy.stderr_text());
+    assert_no_leak("stdout", &h.proxy.stdout(), &canaries, &h.proxy.secrets);
+    let access = h.proxy.access_lines();
+    assert_eq!(access.len(), 1, "{access:#?}");
+    let line = &access[0];
+    assert_eq!(line["reason"], "unanswered", "{line}");
+    assert!(line.get("status").is_none(), "no answer was sent: {line}");
+    assert_eq!(line["signature"], "valid", "{line}");
+    assert_eq!(line["encrypted_fields"], "Digits,SpeechResult", "{line}");
+    let (_, end) = read_for(&mut stream, Duration::from_secs(2)).await;
+    assert_ne!(end, End::Open, "the cut connection is closed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_sigterm_exits_at_once_during_a_long_drain() {
     let delay = Duration::from_secs(6);
     let mut h = harness(Behaviour::Delay(delay), |c| c.drain_timeout_ms = 10_000).await;
-    let body = gather_body("1234", "yes");
-    let mut stream = TcpStream::connect(h.proxy.addr).await.unwrap();
-    stream
-        .write_all(&signed_post(&h.proxy.secrets.token, "/ivr/gather", &body).to_bytes())
-        .await
-        .unwrap();
-    h.backend.wait_for_requests(1).await;
+    let mut stream = in_flight_at_the_app(&h, &gather_body("1234", "yes")).await;
 
     h.proxy.signal("TERM");
     wait_log(&h.proxy, "draining", 1).await;

@@ -1052,7 +1052,7 @@ pub fn pipeline_prepare(data: &[u8]) {
         .into_parts();
     let (proxy, fields) = proxy();
     let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 40000));
-    let mut log = AccessRecord::start(&parts, peer, fields);
+    let mut log = AccessRecord::start(&parts, peer, fields, std::time::Instant::now());
     let result = proxy.prepare(parts, Bytes::copy_from_slice(body), peer, &mut log);
     let request = match result {
         Err(Rejection::MalformedForm(_)) if !accepted => return,
