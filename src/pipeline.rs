@@ -221,7 +221,13 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Rejection> {
         // 1. receive
         check_head(&parts)?;
-        let body = read_body(body, &parts, self.max_body_bytes).await?;
+        // The same deadline, but the caller's: a body still not in by then
+        // is `body_timeout` (the fallback, or 408), not an app failure
+        // (found in review: it was logged and counted as the app's
+        // timeout, a 504, though the app was never asked).
+        let body = tokio::time::timeout_at(deadline, read_body(body, &parts, self.max_body_bytes))
+            .await
+            .map_err(|_| Rejection::BodyTimeout)??;
 
         // 2.–4. verify, rewrite, re-sign
         let request = self.prepare(*parts, body, peer, log)?;
@@ -262,6 +268,19 @@ impl Proxy {
         // body has been read.
         let mut response =
             response.map(|incoming| body::with_deadline(incoming, deadline, in_flight));
+        // Framed anew for the caller: hyper writes our HTTP version and the
+        // length of the body as it was decoded (found in review: an app's
+        // `HTTP/1.0` status line reached HTTP/1.1 callers).
+        *response.version_mut() = http::Version::HTTP_11;
+        let no_content = response.status() == 204;
+        let headers = response.headers_mut();
+        if headers.contains_key(header::TRANSFER_ENCODING) || no_content {
+            // RFC 9112 §6.3: with both, Transfer-Encoding framed the body
+            // and a proxy removes Content-Length; a 204 has none. The app's
+            // `Content-Length: 3` on a chunked body cut the caller's TwiML
+            // to 3 bytes (found in review).
+            headers.remove(header::CONTENT_LENGTH);
+        }
         // The app's hop-by-hop headers describe its connection to us, not ours to Twilio.
         upstream::strip_hop_by_hop(response.headers_mut());
         Ok(response)
@@ -545,6 +564,9 @@ impl Proxy {
             | Rejection::MethodNotAllowed
             | Rejection::BadHost
             | Rejection::AbsoluteTarget
+            | Rejection::NotOriginForm
+            | Rejection::BadConnectionHeader
+            | Rejection::BodyTimeout
             | Rejection::BadForwardedHeaders => {}
         }
     }
@@ -675,6 +697,24 @@ fn check_head(parts: &Parts) -> Result<(), Rejection> {
     if parts.version <= http::Version::HTTP_11 && parts.uri.scheme().is_some() {
         return Err(Rejection::AbsoluteTarget);
     }
+    // RFC 9112 §3.2: a GET or POST target is a path (origin form). hyper
+    // also takes `host:port` (CONNECT's form) and `*` (OPTIONS's), which
+    // were signed over `public_url` alone, then failed as an app error
+    // (502) or reached the app as `*` (found in review).
+    if !parts.uri.path().starts_with('/') {
+        return Err(Rejection::NotOriginForm);
+    }
+    // RFC 9110 §7.6.1: `Connection` lists hop-by-hop headers; one that
+    // names a header the request is read by would have it stripped before
+    // the app reads the request (found in review: `Connection:
+    // Content-Type` sent a verified form without its type).
+    if codings(parts, header::CONNECTION).any(|name| {
+        END_TO_END
+            .iter()
+            .any(|end_to_end| name.eq_ignore_ascii_case(end_to_end.as_str().as_bytes()))
+    }) {
+        return Err(Rejection::BadConnectionHeader);
+    }
     // RFC 9112 §6.1: 501 for a transfer coding not understood. hyper takes
     // any list that ends in `chunked` and removes only that one, so a
     // `gzip, chunked` body would be read, and forwarded, still gzipped.
@@ -689,11 +729,38 @@ fn check_head(parts: &Parts) -> Result<(), Rejection> {
     // RFC 9112 §3.2: 400 for an HTTP/1.1 request without `Host` and for any
     // request with more than one, even when `public_url` makes the signed
     // URL independent of it: the app must not get an ambiguous request.
-    let hosts = parts.headers.get_all(header::HOST).iter().count();
-    if hosts > 1 || (hosts == 0 && parts.version == http::Version::HTTP_11) {
-        return Err(Rejection::BadHost);
+    // And one that is a host, even when `public_url` is set and it is not
+    // read: it reaches the app (found in review: `a b`, `a, b` went
+    // through).
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(Rejection::BadHost),
+        (None, _) if parts.version == http::Version::HTTP_11 => return Err(Rejection::BadHost),
+        (Some(host), None) if host_text(host.as_bytes()).is_none() => {
+            return Err(Rejection::BadHost)
+        }
+        _ => {}
     }
     Ok(())
+}
+
+/// The headers a request is read by, which `Connection` must not name.
+const END_TO_END: [header::HeaderName; 4] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::HOST,
+];
+
+/// A `Host` value (or an HTTP/2 authority) as text, if it is one host:
+/// visible ASCII, trimmed, not empty, no list, no path, no userinfo.
+fn host_text(value: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let usable = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b',' | b'/' | b'@'));
+    usable.then_some(text)
 }
 
 /// Reads the whole body, refusing more than `limit` bytes — at once when
@@ -719,40 +786,31 @@ fn request_host(parts: &Parts) -> Result<String, Rejection> {
     if let Some(host) = single_header(parts, "host")? {
         return Ok(host.to_owned());
     }
+    // HTTP/2 without `Host`: `:authority`, which may carry userinfo or
+    // anything `Host` may not (found in review).
     parts
         .uri
         .authority()
-        .map(|a| a.as_str().to_owned())
+        .and_then(|a| host_text(a.as_str().as_bytes()))
+        .map(str::to_owned)
         .ok_or(Rejection::BadHost)
 }
 
 /// A header that must appear at most once, as visible ASCII.
 fn single_header<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, Rejection> {
+    // (A non-ASCII `Host` was logged as bad_forwarded_headers: review.)
+    let refused = match name {
+        "host" => Rejection::BadHost,
+        _ => Rejection::BadForwardedHeaders,
+    };
     let mut values = parts.headers.get_all(name).iter();
     let Some(first) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(if name == "host" {
-            Rejection::BadHost
-        } else {
-            Rejection::BadForwardedHeaders
-        });
+        return Err(refused);
     }
-    let text = first
-        .to_str()
-        .map_err(|_| Rejection::BadForwardedHeaders)?
-        .trim();
-    if text.is_empty()
-        || text.contains(|c: char| c == ',' || c.is_whitespace() || c == '/' || c == '@')
-    {
-        return Err(if name == "host" {
-            Rejection::BadHost
-        } else {
-            Rejection::BadForwardedHeaders
-        });
-    }
-    Ok(Some(text))
+    host_text(first.as_bytes()).map(Some).ok_or(refused)
 }
 
 /// A parsed pair is signed by its decoded name and value.
@@ -832,6 +890,32 @@ mod tests {
         assert_eq!(
             order,
             [("B", "0"), ("a", "1"), ("a", "1"), ("a", "2"), ("b", "1")]
+        );
+    }
+
+    #[test]
+    fn an_http2_authority_is_a_host_only_if_host_may_be_it() {
+        let host_of = |uri: &str| {
+            let (parts, ()) = http::Request::post(uri)
+                .version(http::Version::HTTP_2)
+                .body(())
+                .unwrap()
+                .into_parts();
+            request_host(&parts)
+        };
+        assert_eq!(
+            host_of("https://ivr.example.com:8443/x").unwrap(),
+            "ivr.example.com:8443"
+        );
+        // Found in review: userinfo went on as the app's Host and X-Forwarded-Host.
+        assert_eq!(
+            host_of("https://user@ivr.example.com/x"),
+            Err(Rejection::BadHost)
+        );
+        assert_eq!(
+            host_of("/x"),
+            Err(Rejection::BadHost),
+            "no authority at all"
         );
     }
 

@@ -35,6 +35,20 @@ pub enum Rejection {
     BadHost,
     #[error("absolute-form request target")]
     AbsoluteTarget,
+    /// An authority-form (`host:port`) or asterisk-form (`*`) target: no
+    /// path to sign or forward.
+    #[error("request target is not a path")]
+    NotOriginForm,
+    /// `Connection` names a header the request is read by
+    /// (`Content-Type`, `Content-Length`, `Transfer-Encoding`, `Host`):
+    /// stripping it as hop-by-hop would forward a request read otherwise
+    /// than it was verified.
+    #[error("Connection names an end-to-end header")]
+    BadConnectionHeader,
+    /// The caller had not sent the whole body by the deadline: not the
+    /// app's failure, so not counted as one.
+    #[error("request body not received within the request deadline")]
+    BodyTimeout,
     #[error("forwarded headers are trusted but missing or ambiguous")]
     BadForwardedHeaders,
     #[error("request did not complete within the request deadline")]
@@ -56,6 +70,9 @@ impl Rejection {
             Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::BadHost => "bad_host",
             Rejection::AbsoluteTarget => "absolute_target",
+            Rejection::NotOriginForm => "bad_target",
+            Rejection::BadConnectionHeader => "bad_connection_header",
+            Rejection::BodyTimeout => "body_timeout",
             Rejection::BadForwardedHeaders => "bad_forwarded_headers",
             Rejection::Deadline => "deadline",
             Rejection::Upstream(e) => e.reason(),
@@ -78,7 +95,24 @@ impl Rejection {
             }
             Rejection::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"),
             Rejection::BadHost => (StatusCode::BAD_REQUEST, "Bad Request\n"),
-            Rejection::AbsoluteTarget => (StatusCode::BAD_REQUEST, "Bad Request\n"),
+            Rejection::AbsoluteTarget | Rejection::NotOriginForm => {
+                (StatusCode::BAD_REQUEST, "Bad Request\n")
+            }
+            Rejection::BadConnectionHeader => (StatusCode::BAD_REQUEST, "Bad Request\n"),
+            // Like the app's timeout, the caller hears the fallback (a
+            // Twilio request slowed by the network still gets TwiML in
+            // time), but the status, when one is answered, is the
+            // caller's: 408, connection closed (RFC 9110 §15.5.9; the rest
+            // of the body is not read).
+            Rejection::BodyTimeout => {
+                let mut response =
+                    fallback.twiml_or(StatusCode::REQUEST_TIMEOUT, "Request Timeout\n");
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+                return response;
+            }
             Rejection::BadForwardedHeaders => (StatusCode::BAD_REQUEST, "Bad Request\n"),
             // The deadline and upstream failures are the caller's problem only
             // in that they hear the fallback; Twilio gets an answer in time.

@@ -77,6 +77,19 @@ impl Fallback {
 
     /// 200 `text/xml` TwiML, or 502/504, per `upstream.on_error`.
     pub fn response(&self, error: UpstreamError) -> Response<ProxyBody> {
+        match error {
+            UpstreamError::Timeout => {
+                self.twiml_or(StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout\n")
+            }
+            UpstreamError::Connect | UpstreamError::Failed => {
+                self.twiml_or(StatusCode::BAD_GATEWAY, "Bad Gateway\n")
+            }
+        }
+    }
+
+    /// 200 `text/xml` TwiML with `upstream.on_error = "twiml"` (the caller
+    /// hears it), else `status` with `text`.
+    pub fn twiml_or(&self, status: StatusCode, text: &'static str) -> Response<ProxyBody> {
         match self.on_error {
             OnUpstreamError::Twiml => {
                 let mut response = Response::new(body::full(self.twiml.clone()));
@@ -86,17 +99,7 @@ impl Fallback {
                 );
                 response
             }
-            OnUpstreamError::Status => {
-                let status = match error {
-                    UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                    UpstreamError::Connect | UpstreamError::Failed => StatusCode::BAD_GATEWAY,
-                };
-                let text = match error {
-                    UpstreamError::Timeout => "Gateway Timeout\n",
-                    UpstreamError::Connect | UpstreamError::Failed => "Bad Gateway\n",
-                };
-                crate::rejection::plain(status, text)
-            }
+            OnUpstreamError::Status => crate::rejection::plain(status, text),
         }
     }
 }

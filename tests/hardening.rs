@@ -45,7 +45,7 @@ use support::client::{self, split_responses, HttpResponse, RawRequest};
 use support::harness::{harness, random_sid, Harness};
 use support::proxy::{Proxy, ProxyConfig, Secrets, FALLBACK_TWIML, HOST};
 use support::twilio::{decrypt_field, form_decode, form_encode, join_raw, signature};
-use support::webhook::{form_post, sign_form, signed_get, signed_post, FORM};
+use support::webhook::{form_post, sign_form, sign_url, signed_get, signed_post, FORM};
 
 // ================================================================ helpers
 
@@ -856,7 +856,8 @@ async fn trickled_content_length_body_is_answered_at_the_request_deadline() {
 }
 
 /// A body trickled in (chunked or not) gets the fallback at the 1.5 s request
-/// deadline, logged with reason `deadline`, and nothing reaches the app.
+/// deadline, logged with reason `body_timeout` (not the app's `deadline`),
+/// and nothing reaches the app.
 async fn assert_answered_at_the_deadline(chunked: bool) {
     let (response, took, h) = trickle_body(chunked).await;
 
@@ -867,7 +868,7 @@ async fn assert_answered_at_the_deadline(chunked: bool) {
         "answered after {took:?}, not at the 1.5 s deadline"
     );
     let line = h.proxy.only_access().await;
-    assert_eq!(line["reason"], "deadline", "{line}");
+    assert_eq!(line["reason"], "body_timeout", "{line}");
 }
 
 // ================================================= I13 many parameters
@@ -1687,6 +1688,185 @@ async fn upstream_reset_or_garbage_before_headers_gets_fallback_or_502() {
     }
 }
 
+/// The backend's TwiML after `status_line`, framed by `Content-Length`.
+fn twiml_answer(status_line: &str) -> String {
+    format!(
+        "{status_line}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{BACKEND_TWIML}",
+        BACKEND_TWIML.len()
+    )
+}
+
+/// Found in review (wire level): an app answering with both
+/// `Transfer-Encoding: chunked` and `Content-Length: 3` had its chunked
+/// body forwarded under its `Content-Length`, so the caller got 3 bytes of
+/// TwiML on a keep-alive connection; an app's `HTTP/1.0` status line was
+/// passed to HTTP/1.1 callers. The caller's response is framed anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_framing_and_version_are_not_passed_to_the_caller() {
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    let upstream = RawBackend::start(move |_, mut stream| {
+        let count = count.clone();
+        async move {
+            while read_request(&mut stream).await.is_some() {
+                let answer = match count.fetch_add(1, Ordering::SeqCst) {
+                    0 => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 3\r\n\
+                         Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{BACKEND_TWIML}\r\n0\r\n\r\n",
+                        BACKEND_TWIML.len()
+                    ),
+                    _ => twiml_answer("HTTP/1.0 200 OK"),
+                };
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(upstream.url(), |_| {}).await;
+    let body = gather_body("1234", "yes");
+    for round in 0..2 {
+        let response = client::send(
+            proxy.addr,
+            &signed_post(&proxy.secrets.token, "/ivr/gather", &body),
+        )
+        .await;
+        assert_eq!(response.status, 200, "round {round}");
+        assert_eq!(response.text(), BACKEND_TWIML, "round {round}");
+        assert!(
+            response.raw.starts_with(b"HTTP/1.1 200"),
+            "round {round}: {}",
+            String::from_utf8_lossy(&response.raw)
+        );
+        if let Some(length) = response.header("content-length") {
+            assert_eq!(length, BACKEND_TWIML.len().to_string(), "round {round}");
+        }
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), 2);
+}
+
+/// Found in review: a caller that did not send the whole body by the
+/// deadline got the app-timeout answer (504 with `on_error = "status"`)
+/// and was counted as `upstream_errors_total{kind="deadline"}`, though the
+/// app was never asked. It is the caller's 408 now (the fallback TwiML with
+/// `on_error = "twiml"`, above), and closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_still_missing_at_the_deadline_is_408_and_no_app_error() {
+    let h = harness(Behaviour::Twiml, |c| {
+        c.request_timeout_ms = 600;
+        c.upstream_timeout_ms = 500;
+        c.on_error = "status";
+    })
+    .await;
+    let body = gather_body("1234", "yes");
+    let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body)
+        .header("Content-Length", (body.len() + 10).to_string());
+    let mut stream = TcpStream::connect(h.proxy.addr).await.unwrap();
+    stream.write_all(&request.to_bytes()).await.unwrap();
+    let response = client::read_response(stream).await;
+
+    assert_eq!(response.status, 408, "{}", response.text());
+    assert_eq!(response.header("connection"), Some("close"));
+    let access = h.proxy.wait_access(1).await;
+    assert_eq!(access[0]["reason"], "body_timeout", "{access:#?}");
+    assert_eq!(h.backend.count(), 0);
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    let metrics = client::get(admin, "/metrics").await.text();
+    assert!(
+        !metrics.contains("kind=\"deadline\""),
+        "not an app error:\n{metrics}"
+    );
+}
+
+/// Found in review: `GET ivr.example.com:80` (authority form) was signed
+/// over `public_url` alone and failed as an app error (502); `POST *`
+/// reached the app as `*`. Only a path is a webhook's target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_that_are_not_paths_are_400() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    for target in ["ivr.example.com:80", "*"] {
+        for method in ["GET", "POST"] {
+            let request = RawRequest::new(method, target, HOST)
+                .header("X-Twilio-Signature", sign_url(&h.proxy.secrets.token, "/"));
+            let response = client::send(h.proxy.addr, &request).await;
+            assert_eq!(response.status, 400, "{method} {target}");
+        }
+    }
+    let access = h.proxy.wait_access(4).await;
+    assert!(
+        access.iter().all(|l| l["reason"] == "bad_target"),
+        "{access:#?}"
+    );
+    assert_eq!(h.backend.count(), 0);
+}
+
+/// Found in review: `Connection: Content-Type` made ivrguard strip, as
+/// hop-by-hop, the type of a form it had verified and encrypted, so the app
+/// read the body otherwise. A `Connection` naming a header the request is
+/// read by is refused; ordinary options still pass. And with `public_url`
+/// set, a `Host` that is not one host reached the app; it is refused, as a
+/// bad host (a non-ASCII one was logged as bad forwarded headers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_naming_end_to_end_headers_and_odd_hosts_are_400() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = gather_body("1234", "yes");
+    let signed = || signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
+    for connection in [
+        "close, Content-Type",
+        "close, content-length",
+        "Host, close",
+    ] {
+        let response = client::send(h.proxy.addr, &signed().header("Connection", connection)).await;
+        assert_eq!(response.status, 400, "Connection: {connection}");
+    }
+    let with_host = |host: &[u8]| {
+        let mut request = signed();
+        request
+            .headers
+            .retain(|(name, _)| !name.eq_ignore_ascii_case("host"));
+        request.header("Host", host)
+    };
+    for host in [
+        &b"ivr.example.com, evil.example"[..],
+        b"ivr example.com",
+        "ivr.exämple.com".as_bytes(),
+    ] {
+        let response = client::send(h.proxy.addr, &with_host(host)).await;
+        assert_eq!(
+            response.status,
+            400,
+            "Host: {}",
+            String::from_utf8_lossy(host)
+        );
+    }
+    let access = h.proxy.wait_access(6).await;
+    let reasons: Vec<&str> = access
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "bad_connection_header",
+            "bad_connection_header",
+            "bad_connection_header",
+            "bad_host",
+            "bad_host",
+            "bad_host"
+        ]
+    );
+    assert_eq!(h.backend.count(), 0);
+
+    let fine = client::send(
+        h.proxy.addr,
+        &signed().header("Connection", "close, x-custom"),
+    )
+    .await;
+    assert_eq!(fine.status, 200);
+    assert_eq!(h.backend.count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reset_mid_body_aborts_the_client_and_the_next_request_is_served() {
     // First connection: a head promising 100,000 bytes, 1,000 of them, then
@@ -1703,10 +1883,7 @@ async fn upstream_reset_mid_body_aborts_the_client_and_the_next_request_is_serve
                 reset(stream);
                 return;
             }
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{BACKEND_TWIML}",
-                BACKEND_TWIML.len()
-            );
+            let answer = twiml_answer("HTTP/1.1 200 OK");
             if stream.write_all(answer.as_bytes()).await.is_err() {
                 return;
             }
