@@ -398,6 +398,38 @@ impl Settings {
             .transpose()
     }
 
+    /// The files the config at `path` names as it is on disk now: itself,
+    /// every `*_file` secret, the TLS certificate and key. Only the TOML
+    /// is read (no secret); a config that does not parse names itself
+    /// only. The reload poll watches these, so a secret file that a new
+    /// config names is watched before the config loads.
+    pub fn named_files(path: &Path, env: &HashMap<String, String>) -> Vec<PathBuf> {
+        let mut files = vec![path.to_owned()];
+        let Ok(raw) = RawConfig::read(path, env) else {
+            return files;
+        };
+        let shared = list(raw.twilio.shared_keys, "", StringAsList::Refuse)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|value| section::<RawSharedKey>(Some(value), "", env).ok())
+            .map(|key| key.secret_file);
+        let named = [
+            raw.twilio.auth_token_file,
+            raw.twilio.secondary_auth_token_file,
+            raw.encryption.key_file,
+            raw.server.tls_cert_file,
+            raw.server.tls_key_file,
+        ];
+        files.extend(
+            named
+                .into_iter()
+                .chain(shared)
+                .filter_map(non_empty)
+                .map(PathBuf::from),
+        );
+        files
+    }
+
     /// The effective configuration as TOML, for `ivrguard check`. Secrets
     /// appear only as the variable or file they were read from, followed by
     /// `*REDACTED*`. The output loads back into the same settings.
@@ -1079,7 +1111,7 @@ fn deserialize_error(
         }
         config::ConfigError::Message(message) => match unknown_field(&message) {
             Some(field) => {
-                let suggestion = closest_field(field, &message).map(&join);
+                let suggestion = closest_field(field, &message).map(|name| join(&name));
                 unknown_key(&join(field), suggestion.as_deref(), env)
             }
             None => ConfigError::new(
@@ -1107,18 +1139,29 @@ fn unknown_field(message: &str) -> Option<&str> {
 /// one `field` most likely meant: at most two edits away (a letter missing,
 /// extra, wrong or two swapped) and fewer than half its length, so `urll`
 /// finds `url` and `timeout` finds nothing. Ties go to the first listed.
-fn closest_field<'m>(field: &str, message: &'m str) -> Option<&'m str> {
+/// A key that exists only to be refused (a secret written in the file:
+/// `auth_token`, `key`, …) is never the answer; its `_env` key is (found in
+/// review: `auth_tokn` was pointed at `auth_token`, which is refused).
+fn closest_field(field: &str, message: &str) -> Option<String> {
     let (_, expected) = message.split_once("`, expected ")?;
     let limit = 2.min(field.chars().count().saturating_sub(1) / 2);
-    expected
+    let closest = expected
         .split('`')
         .skip(1)
         .step_by(2)
         .map(|name| (strsim::damerau_levenshtein(field, name), name))
         .filter(|(distance, _)| (1..=limit).contains(distance))
         .min_by_key(|(distance, _)| *distance)
-        .map(|(_, name)| name)
+        .map(|(_, name)| name)?;
+    Some(match LITERAL_SECRET_KEYS.contains(&closest) {
+        true => format!("{closest}_env"),
+        false => closest.to_string(),
+    })
 }
+
+/// The keys that hold a secret written in the file, refused wherever
+/// they appear (secrets come from `_env` or `_file` keys).
+const LITERAL_SECRET_KEYS: [&str; 4] = ["auth_token", "secondary_auth_token", "secret", "key"];
 
 /// The override variable that sets `key`, if one does (the first by name,
 /// should several spellings do).
@@ -2105,6 +2148,12 @@ scrub_card_numbers = false
         assert_eq!(
             err.to_string(),
             r#"config: unknown key "server.listn"; did you mean "server.listen"?"#
+        );
+        // A secret's key is never suggested, only its `_env` key.
+        let err = error(&with(&[("twilio", r#"auth_tokn = "x""#)]), &env(&[]));
+        assert_eq!(
+            err.to_string(),
+            r#"config: unknown key "twilio.auth_tokn"; did you mean "twilio.auth_token_env"?"#
         );
         // Short names get no guess: two edits turn `ab` into most anything.
         let err = error(&with(&[("log", "lv = 1")]), &env(&[]));

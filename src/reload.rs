@@ -44,16 +44,23 @@ pub struct Reloader {
     path: PathBuf,
     shared: SharedProxy,
     running: Settings,
-    /// The watched files as they were when the running settings were read
-    /// (hashed before reading them, so a change during the read is seen).
-    fingerprint: [u8; 32],
-    /// Why the last reload was refused, while it stands. The poll then
-    /// tries again every tick, whatever the fingerprint says: the new
-    /// config may name a file the running one does not (a secondary token
-    /// whose Secret arrives after the ConfigMap), which the fingerprint
-    /// does not cover (found in review: such a reload was never retried).
-    /// A refusal is logged again only when its reason changes.
-    refusal: Option<String>,
+    /// The files the config on disk names, each with the hash of its
+    /// contents, as they were just before the last reload read them (so a
+    /// change made during a read is a change at the next poll). The list
+    /// comes from the TOML on disk, not from the running settings: a new
+    /// config that names a secret file the running one does not (a
+    /// secondary token whose Secret arrives after the ConfigMap) has that
+    /// file watched while its reload is refused (found in review: such a
+    /// reload was never tried again).
+    files: Vec<(PathBuf, [u8; 32])>,
+    /// Whether the last reload was refused: a later one that loads is
+    /// logged even if nothing changed, so the refusal is seen to be over.
+    refused: bool,
+    /// Whether a reload ran since start. The running settings were loaded
+    /// before `files` was hashed, so the first poll reloads anyway: a
+    /// Secret updated while ivrguard started is not missed (found in
+    /// review). Silent if nothing changed.
+    reloaded_once: bool,
 }
 
 /// A reload that was applied.
@@ -118,30 +125,36 @@ fn needs_restart(new: &Settings, old: &Settings) -> Option<String> {
 }
 
 impl Reloader {
+    /// `running` was loaded from `path` just before.
     pub fn new(path: &Path, shared: SharedProxy, running: Settings) -> Self {
-        let fingerprint = fingerprint(&watched_files(path, &running));
+        let files = hashed(Settings::named_files(path, &config::process_env()));
         Reloader {
             path: path.to_owned(),
             shared,
             running,
-            fingerprint,
-            refusal: None,
+            files,
+            refused: false,
+            reloaded_once: false,
         }
     }
 
     /// Loads, validates and swaps in a new proxy; on error the old one
-    /// stays, and the error is kept until a reload succeeds. The log
-    /// settings are applied by [`Reloader::apply_log`], after the caller
-    /// has logged the reload.
+    /// stays. The log settings are applied by [`Reloader::apply_log`],
+    /// once the caller has logged the reload.
     pub fn reload(&mut self) -> Result<Reloaded, String> {
-        let result = self.try_reload();
-        self.refusal = result.as_ref().err().cloned();
+        let now = hashed(self.named_files());
+        let previous = std::mem::replace(&mut self.files, now);
+        let result = self.try_reload(&previous);
+        self.refused = result.is_err();
+        self.reloaded_once = true;
         result
     }
 
-    fn try_reload(&mut self) -> Result<Reloaded, String> {
-        let files = watched_files(&self.path, &self.running);
-        let before = fingerprint(&files);
+    fn named_files(&self) -> Vec<PathBuf> {
+        Settings::named_files(&self.path, &config::process_env())
+    }
+
+    fn try_reload(&mut self, previous: &[(PathBuf, [u8; 32])]) -> Result<Reloaded, String> {
         let settings =
             Settings::load(&self.path, &config::process_env()).map_err(|e| e.to_string())?;
         if let Some(refusal) = needs_restart(&settings, &self.running) {
@@ -163,16 +176,10 @@ impl Reloader {
             proxy.keep_upstream_of(&current);
         }
         self.shared.store(Arc::new(proxy));
-        let new_files = watched_files(&self.path, &settings);
-        // The same files: their state before the read, so a change made
-        // while they were read is a change at the next poll. Other files
-        // (rare: a secret or certificate moved): hashed now.
-        self.fingerprint = match new_files == files {
-            true => before,
-            false => fingerprint(&new_files),
-        };
+        let mut changed = changed_keys(&self.running, &settings);
+        changed.extend(renewed_tls_files(&settings, previous, &self.files));
         let reloaded = Reloaded {
-            changed: changed_keys(&self.running, &settings),
+            changed,
             warnings: crate::check::warnings(&settings),
         };
         self.running = settings;
@@ -185,11 +192,11 @@ impl Reloader {
         crate::logging::apply(&self.running.log);
     }
 
-    /// Whether the poll should reload: the config file or a file it names
-    /// changed since the last (re)load, or the last reload was refused.
+    /// Whether the poll should reload: the config file, or a file it names
+    /// now, changed since the last reload (refused or not) read them; and
+    /// once after start.
     pub fn due(&self) -> bool {
-        self.refusal.is_some()
-            || fingerprint(&watched_files(&self.path, &self.running)) != self.fingerprint
+        !self.reloaded_once || hashed(self.named_files()) != self.files
     }
 
     /// Reloads on SIGHUP, and on change every `poll` if set. Runs until the
@@ -215,18 +222,33 @@ impl Reloader {
                     "file_changed"
                 }
             };
-            let refused_before = self.refusal.clone();
+            let was_refused = self.refused;
             match self.reload() {
-                Ok(reloaded) => {
-                    log_reloaded(trigger, &reloaded);
+                // A poll that found the files touched but saying the same
+                // (or the first poll, at start) is not news.
+                Ok(reloaded)
+                    if reloaded.changed.is_empty() && trigger != "sighup" && !was_refused =>
+                {
                     self.apply_log();
-                    for warning in &reloaded.warnings {
-                        tracing::warn!(trigger, "configuration warning: {warning}");
+                }
+                Ok(reloaded) => {
+                    // Logged at whichever level shows it: before a level
+                    // that hides INFO applies, or after one that shows it
+                    // again (found in review: `level = "warn"` hid the line
+                    // saying it was applied, and the access lines stopped
+                    // with no word why).
+                    let shown_now = tracing::enabled!(tracing::Level::INFO);
+                    if shown_now {
+                        log_reloaded(trigger, &reloaded);
+                    }
+                    self.apply_log();
+                    if !shown_now {
+                        log_reloaded(trigger, &reloaded);
                     }
                 }
-                // The poll retries a refused reload every tick: the same
-                // refusal again is not news. A SIGHUP is always answered.
-                Err(error) if trigger != "sighup" && refused_before.as_ref() == Some(&error) => {}
+                // Every refusal is logged: each comes from a change (or a
+                // SIGHUP), so a rotation refused because of an unrelated
+                // refused key is not silent.
                 Err(error) => {
                     tracing::error!(trigger, %error, "configuration reload refused; the running configuration stays")
                 }
@@ -245,6 +267,35 @@ fn log_reloaded(trigger: &str, reloaded: &Reloaded) {
         false => reloaded.changed.join(", "),
     };
     tracing::info!(trigger, changed = %changed, "configuration reloaded");
+    for warning in &reloaded.warnings {
+        tracing::warn!(trigger, "configuration warning: {warning}");
+    }
+}
+
+/// `server.tls_cert_file`/`_key_file` when the file is the same but its
+/// contents changed (a renewal): `describe` shows only the paths.
+fn renewed_tls_files(
+    new: &Settings,
+    before: &[(PathBuf, [u8; 32])],
+    after: &[(PathBuf, [u8; 32])],
+) -> Vec<String> {
+    let Some(tls) = &new.server.tls else {
+        return Vec::new();
+    };
+    let hash_in = |files: &[(PathBuf, [u8; 32])], path: &PathBuf| {
+        files.iter().find(|(p, _)| p == path).map(|(_, hash)| *hash)
+    };
+    [
+        ("server.tls_cert_file", &tls.cert_file),
+        ("server.tls_key_file", &tls.key_file),
+    ]
+    .into_iter()
+    .filter(|(_, path)| {
+        let (was, is) = (hash_in(before, path), hash_in(after, path));
+        was.is_some() && was != is
+    })
+    .map(|(key, _)| key.to_string())
+    .collect()
 }
 
 /// The keys whose effective values differ between `old` and `new`, by
@@ -344,38 +395,21 @@ fn keyed_lines(described: &str) -> Vec<(String, String)> {
     out
 }
 
-/// The config file, every `*_file` secret it names and the TLS certificate
-/// and key.
-fn watched_files(path: &Path, settings: &Settings) -> Vec<PathBuf> {
-    let mut files = vec![path.to_owned()];
-    let twilio = &settings.twilio;
-    let sources = std::iter::once(&twilio.auth_token_source)
-        .chain(twilio.secondary_auth_token_source.iter())
-        .chain(twilio.shared_key_sources.iter().map(|(_, s)| s))
-        .chain(std::iter::once(&settings.encryption.key_source));
-    files.extend(sources.filter_map(|s| match s {
-        SecretSource::File(p) => Some(p.clone()),
-        SecretSource::Env(_) => None,
-    }));
-    if let Some(tls) = &settings.server.tls {
-        files.extend([tls.cert_file.clone(), tls.key_file.clone()]);
-    }
+/// Each file with the SHA-256 of its contents. An unreadable file hashes
+/// as empty, so its disappearance is a change.
+fn hashed(files: Vec<PathBuf>) -> Vec<(PathBuf, [u8; 32])> {
     files
-}
-
-/// SHA-256 over `files`' contents. Unreadable files hash as absent, so
-/// their disappearance is a change.
-fn fingerprint(files: &[PathBuf]) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    for file in files {
-        // Secrets and the TLS key pass through here: zeroed after hashing.
-        let content = zeroize::Zeroizing::new(
-            crate::config_file::read(file, crate::config_file::CONFIG_LIMIT).unwrap_or_default(),
-        );
-        hasher.update((content.len() as u64).to_le_bytes());
-        hasher.update(Sha256::digest(&content));
-    }
-    hasher.finalize().into()
+        .into_iter()
+        .map(|file| {
+            // Secrets and the TLS key pass through here: zeroed after hashing.
+            let content = zeroize::Zeroizing::new(
+                crate::config_file::read(&file, crate::config_file::CONFIG_LIMIT)
+                    .unwrap_or_default(),
+            );
+            let hash = Sha256::digest(&content).into();
+            (file, hash)
+        })
+        .collect()
 }
 
 #[cfg(unix)]

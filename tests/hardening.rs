@@ -2359,6 +2359,39 @@ async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
     }
 }
 
+/// A proxy reading its auth token from a file, polling its files every
+/// 50 ms, in front of a TwiML backend.
+struct TokenFile {
+    _backend: Backend,
+    dir: tempfile::TempDir,
+    token_path: std::path::PathBuf,
+    secrets: Secrets,
+    config: ProxyConfig,
+    proxy: Proxy,
+}
+
+async fn polled_with_token_file() -> TokenFile {
+    let backend = Backend::start(Behaviour::Twiml).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("auth_token");
+    let secrets = Secrets::generate();
+    write_token(&token_path, &secrets.token);
+    let mut config = ProxyConfig::new(backend.url());
+    config.auth_token_file = Some(token_path.clone());
+    config
+        .server_extra
+        .push("reload_poll_interval_ms = 50".into());
+    let proxy = Proxy::start_with(&config, secrets.clone()).await;
+    TokenFile {
+        _backend: backend,
+        dir,
+        token_path,
+        secrets,
+        config,
+        proxy,
+    }
+}
+
 /// Found in review: the poll fingerprints the files the *running* config
 /// names. A new config naming a secret file that is not there yet (the
 /// ConfigMap adds `secondary_auth_token_file` before the kubelet writes the
@@ -2368,18 +2401,15 @@ async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
 /// the reload says what changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
-    let backend = Backend::start(Behaviour::Twiml).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_path = dir.path().join("auth_token");
+    let TokenFile {
+        _backend,
+        dir,
+        token_path,
+        secrets,
+        config,
+        proxy,
+    } = polled_with_token_file().await;
     let secondary_path = dir.path().join("auth_token_secondary");
-    let secrets = Secrets::generate();
-    write_token(&token_path, &secrets.token);
-    let mut config = ProxyConfig::new(backend.url());
-    config.auth_token_file = Some(token_path.clone());
-    config
-        .server_extra
-        .push("reload_poll_interval_ms = 50".into());
-    let proxy = Proxy::start_with(&config, secrets.clone()).await;
     assert_eq!(status_with(&proxy, &secrets.secondary).await, 403);
     // `check`'s warnings are logged by `run` too (found in review: a token
     // `check` would flag was taken without a word): here, the example host.
@@ -2444,6 +2474,41 @@ async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
     let canaries = Canaries::generate();
     assert_no_leak("stdout", &proxy.stdout(), &canaries, &secrets);
     assert!(!proxy.stdout_text().contains(&new_primary));
+}
+
+/// Found in review: while a reload stood refused for a key that needs a
+/// restart, a later change (a rotated token) was retried silently, so the
+/// operator never learnt the rotation was not applied. Every change that
+/// is refused is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_change_refused_behind_a_standing_refusal_is_logged() {
+    let TokenFile {
+        _backend,
+        dir: _dir,
+        token_path,
+        secrets,
+        config,
+        proxy,
+    } = polled_with_token_file().await;
+
+    let mut more_workers = config.clone();
+    more_workers.workers += 1;
+    std::fs::write(proxy.config_path(), more_workers.toml()).unwrap();
+    let refused = "configuration reload refused; the running configuration stays";
+    proxy.wait_log(refused, 1).await;
+    write_token(&token_path, &Secrets::generate().token);
+    let lines = proxy.wait_log(refused, 2).await;
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["error"].as_str().unwrap().starts_with("server.workers:")),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        status_with(&proxy, &secrets.token).await,
+        200,
+        "the running token stays"
+    );
 }
 
 /// Found in review: `ivrguard health` (the image's HEALTHCHECK) loaded the

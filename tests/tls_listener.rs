@@ -442,7 +442,12 @@ async fn sighup_serves_a_renewed_certificate_to_new_connections_only() {
     assert_ne!(renewed.der, h.leaf.der);
     renewed.write(&h.cert_path, &h.key_path);
     h.proxy.signal("HUP");
-    h.proxy.wait_log("configuration reloaded", 1).await;
+    let reloaded = h.proxy.wait_log("configuration reloaded", 1).await;
+    // Found in review: a renewal was logged as `"changed":"nothing"`.
+    assert_eq!(
+        reloaded[0]["changed"], "server.tls_cert_file, server.tls_key_file",
+        "{reloaded:#?}"
+    );
 
     let (mut new_connection, cert) = keep_alive(&h).await;
     assert_eq!(
