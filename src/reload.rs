@@ -257,10 +257,9 @@ impl Reloader {
     }
 }
 
-/// The reload's line. Logged before the new level applies, so a level
-/// that hides INFO lines does not hide its own reload (found in review:
-/// `level = "warn"` silenced the line saying it was applied, and the
-/// access lines stopped with no word why).
+/// The reload's line, with the keys that changed, then `check`'s warnings
+/// for the new settings (the caller picks the moment: before or after the
+/// new `log.level` applies).
 fn log_reloaded(trigger: &str, reloaded: &Reloaded) {
     let changed = match reloaded.changed.is_empty() {
         true => "nothing".to_string(),
