@@ -392,6 +392,13 @@ podman logs "$NAME-ivrguard" 2>&1 | grep '"configuration reloaded"' | grep -q '"
   || die_with_logs "SIGHUP after editing the mounted config did not reload the secondary token" "$NAME-ivrguard"
 [[ "$(post_signed "$(sign_with "$TOKEN2")")" == 200 ]] || die_with_logs "the secondary token is refused after the reload" "$NAME-ivrguard"
 ok "compose: an edited config in the mounted directory (write-then-rename) is reloaded on SIGHUP; the secondary token is accepted"
+# Secret files may be put beside it: neither git nor the image build takes them.
+if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
+  git -C "$ROOT" check-ignore -q docker/config/twilio-auth-token || die "docker/config/: a secret file put there would be tracked by git"
+  git -C "$ROOT" check-ignore -q docker/config/ivrguard.toml && die "docker/config/ivrguard.toml is ignored by git"
+fi
+grep -qx 'docker/config' "$DOCKER/Dockerfile.dockerignore" || die "docker/config/ is in the image build context"
+ok "docker/config/: secret files there are ignored by git and kept out of the build context"
 HEALTH="$(podman healthcheck run "$NAME-ivrguard" 2>&1)" || die "the image's HEALTHCHECK failed: $HEALTH"
 ok "the image's HEALTHCHECK (podman healthcheck run): ${HEALTH:-healthy}"
 

@@ -2829,6 +2829,12 @@ async fn sighup_reload_applies_the_log_scrub_patterns_and_level() {
     );
     // Only the line from before the pattern holds the value.
     assert_eq!(proxy.stdout_text().matches(ACCOUNT).count(), 1);
+
+    // Back to info: the line saying so is written once the level shows it.
+    std::fs::write(proxy.config_path(), &scrubbed).unwrap();
+    proxy.signal("HUP");
+    let reloads = proxy.wait_log("configuration reloaded", 3).await;
+    assert_eq!(reloads[2]["changed"], "log.level", "{reloads:#?}");
 }
 
 // =========================================================== F10 SIGTERM drain
