@@ -39,6 +39,9 @@ pub struct Metrics {
     encryptions_this_key: Gauge,
     log_lines_dropped: Gauge,
     upstream_connections_open: Gauge,
+    signatures_not_primary: Family<Labels, Counter>,
+    config_reloads: Family<Labels, Counter>,
+    config_reload_refused: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -113,6 +116,25 @@ impl Metrics {
             "Connections open to the app, idle ones included (at most upstream.max_connections)",
             upstream_connections_open.clone(),
         );
+        let signatures_not_primary = Family::<Labels, Counter>::default();
+        registry.register(
+            "signatures_not_primary",
+            "Requests whose signature matched a key other than the primary auth token (key: secondary, shared_key); \
+             during a token rotation, how much is still signed with the token being replaced",
+            signatures_not_primary.clone(),
+        );
+        let config_reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result (applied, refused)",
+            config_reloads.clone(),
+        );
+        let config_reload_refused = Gauge::default();
+        registry.register(
+            "config_reload_refused",
+            "1 while the last reload was refused (the files on disk differ from what is running), else 0",
+            config_reload_refused.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -126,7 +148,26 @@ impl Metrics {
             encryptions_this_key,
             log_lines_dropped,
             upstream_connections_open,
+            signatures_not_primary,
+            config_reloads,
+            config_reload_refused,
         }
+    }
+
+    /// A request accepted with the secondary token or a shared key.
+    pub fn signature_not_primary(&self, key: &'static str) {
+        self.signatures_not_primary
+            .get_or_create(&[("key", key)])
+            .inc();
+    }
+
+    /// A reload, applied or refused.
+    pub fn config_reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.config_reloads
+            .get_or_create(&[("result", result)])
+            .inc();
+        self.config_reload_refused.set(i64::from(!applied));
     }
 
     pub fn request(&self, outcome: &'static str, latency_seconds: f64) {

@@ -329,6 +329,11 @@ impl Proxy {
             Err(e) => SignatureOutcome::Invalid(e.reason()),
         };
         let verified = verified.map_err(Rejection::Signature)?;
+        match verified.key {
+            signature::KeyUsed::Primary => {}
+            signature::KeyUsed::Secondary => self.metrics.signature_not_primary("secondary"),
+            signature::KeyUsed::SharedKey => self.metrics.signature_not_primary("shared_key"),
+        }
         if let Some(sid) = find(&body_pairs, "CallSid").or_else(|| find(&query_pairs, "CallSid")) {
             log.set_call_sid(sid);
         }

@@ -232,6 +232,7 @@ impl Reloader {
                     self.apply_log();
                 }
                 Ok(reloaded) => {
+                    self.shared.load().metrics().config_reload(true);
                     // Logged at whichever level shows it: before a level
                     // that hides INFO applies, or after one that shows it
                     // again (found in review: `level = "warn"` hid the line
@@ -250,6 +251,7 @@ impl Reloader {
                 // SIGHUP), so a rotation refused because of an unrelated
                 // refused key is not silent.
                 Err(error) => {
+                    self.shared.load().metrics().config_reload(false);
                     tracing::error!(trigger, %error, "configuration reload refused; the running configuration stays")
                 }
             }

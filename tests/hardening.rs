@@ -2444,6 +2444,18 @@ async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
     // Ten polls go by with the same refusal: it is not logged again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(status_with(&proxy, &secrets.secondary).await, 403);
+    // A refusal that stands shows in the metrics (found in review: only
+    // the one ERROR line said so).
+    let admin = proxy.admin_addr.expect("admin listener");
+    let metrics = client::get(admin, "/metrics").await.text();
+    assert_eq!(metric(&metrics, "ivrguard_config_reload_refused"), 1.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "ivrguard_config_reloads_total{result=\"refused\"}"
+        ),
+        1.0
+    );
 
     write_token(&secondary_path, &secrets.secondary);
     let reloaded = proxy.wait_log("configuration reloaded", 1).await;
@@ -2454,6 +2466,23 @@ async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
     assert_eq!(reloaded[0]["trigger"], "file_changed");
     assert_eq!(status_with(&proxy, &secrets.secondary).await, 200);
     assert_eq!(status_with(&proxy, &secrets.token).await, 200);
+    // And who still signs with the token being replaced.
+    let metrics = client::get(admin, "/metrics").await.text();
+    assert_eq!(metric(&metrics, "ivrguard_config_reload_refused"), 0.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "ivrguard_config_reloads_total{result=\"applied\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "ivrguard_signatures_not_primary_total{key=\"secondary\"}"
+        ),
+        1.0
+    );
     let refusals = proxy
         .log_lines()
         .iter()
