@@ -95,10 +95,9 @@ impl Rejection {
             }
             Rejection::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"),
             Rejection::BadHost => (StatusCode::BAD_REQUEST, "Bad Request\n"),
-            Rejection::AbsoluteTarget | Rejection::NotOriginForm => {
-                (StatusCode::BAD_REQUEST, "Bad Request\n")
-            }
-            Rejection::BadConnectionHeader => (StatusCode::BAD_REQUEST, "Bad Request\n"),
+            Rejection::AbsoluteTarget
+            | Rejection::NotOriginForm
+            | Rejection::BadConnectionHeader => (StatusCode::BAD_REQUEST, "Bad Request\n"),
             // Like the app's timeout, the caller hears the fallback (a
             // Twilio request slowed by the network still gets TwiML in
             // time), but the status, when one is answered, is the
