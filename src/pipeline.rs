@@ -517,6 +517,9 @@ impl Proxy {
     ) -> Result<Request<Full<Bytes>>, Rejection> {
         let mut headers = parts.headers;
         upstream::strip_hop_by_hop(&mut headers);
+        if parts.version == http::Version::HTTP_2 {
+            upstream::join_cookies(&mut headers);
+        }
         headers.remove(signature::SETTINGS_HEADER);
         // hyper answered the caller's `100-continue` when the body was
         // read; the app gets the whole body at once, with nothing to expect.

@@ -302,6 +302,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// Joins the `Cookie` fields of an HTTP/2 request, which may carry one per
+/// cookie (RFC 9113 §8.2.3), into the one field HTTP/1.1 allows (RFC 6265
+/// §5.4), in their order and with `"; "` between them, as RFC 9113 says a
+/// proxy must: an app that reads the first `Cookie` line only would lose
+/// the rest of the call's session.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    let joined = HeaderValue::from_bytes(&joined).expect("header values joined by '; '");
+    headers.insert(header::COOKIE, joined);
+}
+
 /// How long a request whose new connection failed waits before trying
 /// again, unless a connection turns idle first.
 const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(100);

@@ -1172,6 +1172,42 @@ async fn an_idle_http2_connection_is_closed_but_a_slow_request_finishes() {
     assert_eq!(h.backend.count(), 1);
 }
 
+/// An HTTP/2 request may carry one `Cookie` field per cookie (RFC 9113
+/// §8.2.3); the HTTP/1.1 app gets them as one `Cookie` line, in order,
+/// joined by `"; "` (it got two lines before, and an app that reads one
+/// loses the call's session). Other repeated fields stay as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_fields_reach_the_app_as_one_line() {
+    let h = harness(Behaviour::Twiml, |c| {
+        c.server_extra.push("http2 = true".into())
+    })
+    .await;
+    let (mut sender, conn) = h2_connect(h.proxy.addr).await;
+    tokio::spawn(conn);
+    let mut request = h2_gather(&h.proxy.secrets.token);
+    for (name, value) in [
+        ("cookie", "session=abc"),
+        ("x-repeated", "one"),
+        ("cookie", "step=2"),
+        ("x-repeated", "two"),
+        ("cookie", "lang=es"),
+    ] {
+        request
+            .headers_mut()
+            .append(name, hyper::header::HeaderValue::from_static(value));
+    }
+
+    let response = sender.send_request(request).await.expect("h2 response");
+
+    assert_eq!(response.status(), 200);
+    let r = &h.backend.wait_for_requests(1).await[0];
+    assert_eq!(
+        r.header_all("cookie"),
+        [b"session=abc; step=2; lang=es".as_slice()]
+    );
+    assert_eq!(r.header_all("x-repeated"), [b"one".as_slice(), b"two"]);
+}
+
 /// An HTTP/2 cleartext (prior knowledge) client connection to `addr`: the
 /// sender, and the connection's future to spawn.
 async fn h2_connect(
