@@ -542,7 +542,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// Keeps the writer thread alive; dropping it flushes the queue, for at
 /// most [`LOG_FLUSH_TIMEOUT`].
 pub struct LogHandle {
-    guard: Option<WorkerGuard>,
+    guard: std::sync::Mutex<Option<WorkerGuard>>,
     dropped: ErrorCounter,
 }
 
@@ -556,7 +556,21 @@ pub const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Drop for LogHandle {
     fn drop(&mut self) {
-        let Some(guard) = self.guard.take() else {
+        self.finish();
+    }
+}
+
+impl LogHandle {
+    /// Writes out the queued lines, waiting at most [`LOG_FLUSH_TIMEOUT`];
+    /// lines logged after it are not written. For an exit that runs no
+    /// destructors (the second shutdown signal), and for the drop.
+    pub fn finish(&self) {
+        let guard = self
+            .guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(guard) = guard else {
             return;
         };
         let (done, flushed) = std::sync::mpsc::channel();
@@ -570,9 +584,7 @@ impl Drop for LogHandle {
             let _ = flushed.recv_timeout(LOG_FLUSH_TIMEOUT);
         }
     }
-}
 
-impl LogHandle {
     /// Lines dropped because stdout could not keep up.
     pub fn dropped_lines(&self) -> usize {
         self.dropped.dropped_lines()
@@ -674,7 +686,7 @@ pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> L
         });
     }
     LogHandle {
-        guard: Some(guard),
+        guard: std::sync::Mutex::new(Some(guard)),
         dropped,
     }
 }

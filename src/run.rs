@@ -271,12 +271,16 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
         Box::new(move || log.dropped_lines() as u64)
     };
     let drained = runtime.block_on(async {
+        let log = log.clone();
         let shutdown = async {
             server::shutdown_signal().await;
             tracing::info!("shutdown signal received; draining (a second signal exits at once)");
-            tokio::spawn(async {
+            tokio::spawn(async move {
                 server::shutdown_signal().await;
                 tracing::warn!("second shutdown signal; exiting without draining");
+                // `exit` runs no destructors: the queued lines, this one
+                // included, are written first (they were lost).
+                log.finish();
                 std::process::exit(1);
             });
         };

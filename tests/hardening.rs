@@ -3026,6 +3026,15 @@ async fn second_sigterm_exits_at_once_during_a_long_drain() {
         second.elapsed()
     );
     assert_eq!(status.code(), Some(1), "exit status without draining");
+    // Its line is written before the exit (it was lost with the queue).
+    let lines = h.proxy.log_lines();
+    let last = lines.last().expect("log lines");
+    assert_eq!(
+        last["message"],
+        "second shutdown signal; exiting without draining",
+        "stdout:\n{}",
+        h.proxy.stdout_text()
+    );
     let (_, end) = read_for(&mut stream, Duration::from_secs(2)).await;
     assert_ne!(end, End::Open, "the abandoned client connection is closed");
 }
