@@ -39,6 +39,9 @@ use crate::secret::REDACTED;
 pub struct Scrubber {
     patterns: Vec<Regex>,
     card_numbers: bool,
+    /// Lines are JSON objects ([`JsonLines`]): patterns apply to string
+    /// values only, see [`Scrubber::scrub`].
+    json: bool,
 }
 
 impl Scrubber {
@@ -51,10 +54,20 @@ impl Scrubber {
         Scrubber {
             patterns,
             card_numbers: settings.scrub_card_numbers,
+            json: settings.format == LogFormat::Json,
         }
     }
 
     /// The line with every match replaced by `*REDACTED*`.
+    ///
+    /// `log.scrub_patterns` apply to what can carry request data: in a
+    /// JSON line, each string value (decoded, then encoded again), not the
+    /// keys, numbers or the `timestamp`; in a text line, all but the
+    /// leading timestamp. Applied to the whole line, a PIN pattern such as
+    /// `\b\d{4}\b` redacted the year of every timestamp and the digits of
+    /// a `"latency_ms":1234.5`, and the line was no longer JSON (found in
+    /// review). The card-number rule needs no such care: it replaces only
+    /// standalone Luhn-valid digit runs.
     pub fn scrub<'a>(&self, line: &'a [u8]) -> Cow<'a, [u8]> {
         let mut out = Cow::Borrowed(line);
         if self.card_numbers && has_long_digit_run(&out) {
@@ -62,14 +75,106 @@ impl Scrubber {
                 out = Cow::Owned(replaced);
             }
         }
+        if self.patterns.is_empty() {
+            return out;
+        }
+        let replaced = match self.json {
+            // A line that is not the JSON expected (never seen) is scrubbed
+            // whole: more redacted, never less.
+            true => self
+                .scrub_json_strings(&out)
+                .unwrap_or_else(|| self.apply_patterns(&out)),
+            false => self.scrub_after_timestamp(&out),
+        };
+        match replaced {
+            Some(replaced) => Cow::Owned(replaced),
+            None => out,
+        }
+    }
+
+    /// `text` with every pattern's matches replaced; `None` if none matched.
+    fn apply_patterns(&self, text: &[u8]) -> Option<Vec<u8>> {
+        let mut out: Option<Vec<u8>> = None;
         for re in &self.patterns {
-            if re.is_match(&out) {
-                let replaced = re.replace_all(&out, REDACTED.as_bytes()).into_owned();
-                out = Cow::Owned(replaced);
+            let current = out.as_deref().unwrap_or(text);
+            if re.is_match(current) {
+                out = Some(re.replace_all(current, REDACTED.as_bytes()).into_owned());
             }
         }
         out
     }
+
+    /// A text line: its first word is the timestamp when it looks like one
+    /// (`2026-11-25T09:30:00.123456Z`).
+    fn scrub_after_timestamp(&self, line: &[u8]) -> Option<Vec<u8>> {
+        let word = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+        let stamp = &line[..word];
+        let skip = match stamp.len() >= 20 && stamp[4] == b'-' && stamp.ends_with(b"Z") {
+            true => word,
+            false => 0,
+        };
+        let rest = self.apply_patterns(&line[skip..])?;
+        Some([&line[..skip], &rest].concat())
+    }
+
+    /// A JSON line as [`JsonLines`] writes it: each string that is a value
+    /// (not a key, not the `timestamp`'s) is decoded, scrubbed and encoded
+    /// again where it stands. `Some(None)`: nothing matched; `None`: a
+    /// string could not be read.
+    fn scrub_json_strings(&self, line: &[u8]) -> Option<Option<Vec<u8>>> {
+        let mut out: Option<Vec<u8>> = None;
+        let mut copied = 0;
+        let mut key: &[u8] = b"";
+        let mut i = 0;
+        while let Some(open) = line[i..].iter().position(|&b| b == b'"').map(|p| i + p) {
+            let close = string_end(line, open + 1)?;
+            let raw = &line[open + 1..close];
+            i = close + 1;
+            let is_key = line[i..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':');
+            if is_key {
+                key = raw;
+                continue;
+            }
+            if key == b"timestamp" {
+                continue;
+            }
+            let decoded: Cow<'_, [u8]> = match raw.contains(&b'\\') {
+                false => Cow::Borrowed(raw),
+                true => {
+                    let quoted = &line[open..=close];
+                    let text: String = serde_json::from_slice(quoted).ok()?;
+                    Cow::Owned(text.into_bytes())
+                }
+            };
+            let Some(scrubbed) = self.apply_patterns(&decoded) else {
+                continue;
+            };
+            let mut encoded = String::new();
+            write_json_str(&mut encoded, &String::from_utf8_lossy(&scrubbed)).ok()?;
+            let buf = out.get_or_insert_with(|| Vec::with_capacity(line.len()));
+            buf.extend_from_slice(&line[copied..open]);
+            buf.extend_from_slice(encoded.as_bytes());
+            copied = close + 1;
+        }
+        Some(out.map(|mut buf| {
+            buf.extend_from_slice(&line[copied..]);
+            buf
+        }))
+    }
+}
+
+/// The index of the `"` that closes the JSON string whose contents start at
+/// `from` (escapes skipped); `None` if the string is not closed.
+fn string_end(line: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < line.len() {
+        match line[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i),
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// Replaces each standalone run of 13–19 ASCII digits that passes the Luhn
@@ -699,6 +804,7 @@ mod tests {
         Scrubber {
             patterns: patterns.iter().map(|p| Regex::new(p).unwrap()).collect(),
             card_numbers: true,
+            json: false,
         }
     }
 
@@ -961,6 +1067,67 @@ mod tests {
                 longest = longest.max(current);
             }
             proptest::prop_assert_eq!(has_long_digit_run(&line), longest >= 13);
+        }
+    }
+
+    /// A JSON line keeps its shape whatever the patterns match: they apply
+    /// to string values (decoded), not to keys, numbers or the timestamp.
+    #[test]
+    fn patterns_apply_to_json_string_values_only() {
+        let s = Scrubber {
+            json: true,
+            ..scrubber(&[r"\b\d{4}\b", "status"])
+        };
+        let line = concat!(
+            r#"{"timestamp":"2026-11-25T09:30:00.123456Z","level":"INFO","#,
+            r#""message":"pin 1234 said","status":200,"latency_ms":1234.5,"#,
+            r#""path":"/a\"4321\"b\\","target":"ivrguard::access"}"#,
+            "\n"
+        );
+        let out = s.scrub(line.as_bytes());
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("still JSON");
+        assert_eq!(value["timestamp"], "2026-11-25T09:30:00.123456Z");
+        assert_eq!(value["message"], "pin *REDACTED* said");
+        assert_eq!(value["status"], 200, "a key is not scrubbed");
+        assert_eq!(value["latency_ms"].to_string(), "1234.5");
+        assert_eq!(value["path"], "/a\"*REDACTED*\"b\\");
+        assert_eq!(value["target"], "ivrguard::access");
+        assert!(out.ends_with(b"}\n"));
+        // Nothing matched: the line itself.
+        let quiet = br#"{"timestamp":"2026-11-25T09:30:00Z","message":"ok"}"#;
+        assert!(matches!(s.scrub(quiet), Cow::Borrowed(_)));
+        // Not the JSON expected (an unclosed string): scrubbed whole.
+        assert_eq!(
+            &*s.scrub(br#"{"message":"pin 1234"#),
+            br#"{"message":"pin *REDACTED*"#
+        );
+    }
+
+    #[test]
+    fn patterns_skip_a_text_lines_timestamp() {
+        let s = scrubber(&[r"\b\d{4}\b"]);
+        let line = b"2026-11-25T09:30:00.123456Z  INFO ivrguard: pin 1234 latency_ms=2026";
+        assert_eq!(
+            &*s.scrub(line),
+            b"2026-11-25T09:30:00.123456Z  INFO ivrguard: pin *REDACTED* latency_ms=*REDACTED*"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever a logged value holds, the scrubbed JSON line is JSON
+        /// with the same keys, and the value no longer matches.
+        #[test]
+        fn scrubbed_json_lines_stay_json(value in "[ -~\\n\\t\u{e9}\u{2028}]{0,40}") {
+            let s = Scrubber { json: true, ..scrubber(&[r"[0-9]+", r#"""#, r"\\"]) };
+            let mut line = String::from(r#"{"timestamp":"2026-11-25T09:30:00Z","v":"#);
+            write_json_str(&mut line, &value).unwrap();
+            line.push_str(",\"n\":12}\n");
+            let out = s.scrub(line.as_bytes());
+            let parsed: serde_json::Value = serde_json::from_slice(&out).expect("still JSON");
+            let v = parsed["v"].as_str().unwrap();
+            proptest::prop_assert!(!v.contains(|c: char| c.is_ascii_digit() || c == '"' || c == '\\'));
+            proptest::prop_assert_eq!(parsed["n"].as_u64(), Some(12));
+            proptest::prop_assert_eq!(parsed["timestamp"].as_str(), Some("2026-11-25T09:30:00Z"));
         }
     }
 
