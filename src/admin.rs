@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::body::{self, ProxyBody};
-use crate::metrics::Sampled;
+use crate::metrics::{Format, Sampled};
 use crate::reload::SharedProxy;
 use crate::server::Readiness;
 use crate::write_stall::WriteStallLimit;
@@ -73,7 +73,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 }
 
 fn route(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody> {
-    if request.method() != Method::GET {
+    // HEAD as GET: hyper sends the head without the body (load balancers'
+    // health checks use HEAD; it was 405).
+    if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
@@ -92,16 +94,15 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody>
         ),
         "/metrics" => {
             let proxy = state.proxy.load();
-            let rendered = proxy.metrics().render(Sampled {
+            let accept = request.headers().get(header::ACCEPT);
+            let format = Format::accepted(accept.map(header::HeaderValue::as_bytes));
+            let sampled = Sampled {
                 encryptions: proxy.cipher().encryptions(),
                 dropped_log_lines: (state.dropped_log_lines)(),
                 upstream_connections_open: proxy.upstream_connections_open() as u64,
-            });
-            text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                rendered.into(),
-            )
+            };
+            let rendered = proxy.metrics().render_as(sampled, format);
+            text(StatusCode::OK, format.content_type(), rendered.into())
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

@@ -1,7 +1,18 @@
 //! Prometheus metrics, served as text on the admin listener's `/metrics`.
 //!
 //! Labels come only from fixed allow-lists (`outcome`, `reason`, `kind`):
-//! never a path, a parameter, a header or any other request data.
+//! never a path, a parameter, a header or any other request data. Every
+//! value of every list is there, at zero, from the start: a series that
+//! appeared with its first increment was invisible to `increase()` and
+//! `rate()`, so the first outage after a restart raised no alert (found in
+//! review).
+//!
+//! Two text formats, as the scraper asks (`Accept`): OpenMetrics 1.0 for
+//! Prometheus (which asks for it), else the Prometheus text format 0.0.4,
+//! whose counters are declared under their `_total` name (the OpenMetrics
+//! body sent as 0.0.4, as before, declared `ivrguard_requests` and sampled
+//! `ivrguard_requests_total`: promtool failed it, and Prometheus' metadata
+//! lost the counters' type).
 //!
 //! What every request touches (its outcome counter, the latency histogram,
 //! the encrypted-fields counter) is sharded by worker ([`crate::worker`]):
@@ -25,6 +36,48 @@ type Labels = [(&'static str, &'static str); 1];
 
 /// The outcome of most requests: its counter is resolved once.
 const FORWARDED: &str = "forwarded";
+/// The app answered 401 or 403 to a request ivrguard verified and re-signed.
+pub const APP_REFUSED: &str = "app_refused";
+/// Outcomes of a request head hyper refused itself (400 or 431, 414).
+pub const HEAD_TOO_LARGE: &str = "head_too_large";
+pub const MALFORMED_HEAD: &str = "malformed_head";
+/// The `kind` of an app that did not answer within the request deadline.
+const DEADLINE: &str = "deadline";
+/// The `class` label of the app's answers.
+const STATUS_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+
+/// The two text formats `/metrics` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 (`application/openmetrics-text`), what Prometheus
+    /// asks for.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (`text/plain`), for every other
+    /// scraper and for people.
+    Text,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for.
+    pub fn accepted(accept: Option<&[u8]>) -> Format {
+        let asks = |accept: &[u8]| {
+            accept
+                .windows(b"application/openmetrics-text".len())
+                .any(|w| w.eq_ignore_ascii_case(b"application/openmetrics-text"))
+        };
+        match accept {
+            Some(accept) if asks(accept) => Format::OpenMetrics,
+            _ => Format::Text,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +95,7 @@ pub struct Metrics {
     signatures_not_primary: Family<Labels, Counter>,
     config_reloads: Family<Labels, Counter>,
     config_reload_refused: Gauge,
+    upstream_responses: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -135,6 +189,31 @@ impl Metrics {
             "1 while the last reload was refused (the files on disk differ from what is running), else 0",
             config_reload_refused.clone(),
         );
+        let upstream_responses = Family::<Labels, Counter>::default();
+        registry.register(
+            "upstream_responses",
+            "Responses from the app, by status class (class: 2xx, 3xx, 4xx, 5xx)",
+            upstream_responses.clone(),
+        );
+
+        // Every label value, at zero (see the module's documentation).
+        let outcomes = crate::rejection::Rejection::all()
+            .map(|r| r.reason())
+            .chain([FORWARDED, APP_REFUSED, HEAD_TOO_LARGE, MALFORMED_HEAD]);
+        create_each(&requests, "outcome", outcomes);
+        let reasons = crate::signature::SignatureError::ALL.map(|e| e.reason());
+        create_each(&signature_failures, "reason", reasons);
+        let kinds = crate::upstream::UpstreamError::ALL.map(|e| e.kind());
+        create_each(
+            &upstream_errors,
+            "kind",
+            kinds.into_iter().chain([DEADLINE]),
+        );
+        let failures = crate::tls::HandshakeFailure::ALL.map(|f| f.reason());
+        create_each(&tls_handshake_failures, "reason", failures);
+        create_each(&signatures_not_primary, "key", ["secondary", "shared_key"]);
+        create_each(&config_reloads, "result", ["applied", "refused"]);
+        create_each(&upstream_responses, "class", STATUS_CLASSES);
         Metrics {
             registry,
             requests,
@@ -151,7 +230,21 @@ impl Metrics {
             signatures_not_primary,
             config_reloads,
             config_reload_refused,
+            upstream_responses,
         }
+    }
+
+    /// An answer from the app (any status it may send, 200 to 599).
+    pub fn upstream_response(&self, status: u16) {
+        let class = match status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.upstream_responses
+            .get_or_create(&[("class", class)])
+            .inc();
     }
 
     /// A request accepted with the secondary token or a shared key.
@@ -214,8 +307,13 @@ impl Metrics {
             .inc();
     }
 
-    /// Prometheus text format, with the gauges sampled now.
+    /// The Prometheus text format 0.0.4, with the gauges sampled now.
     pub fn render(&self, now: Sampled) -> String {
+        self.render_as(now, Format::Text)
+    }
+
+    /// `format`, with the gauges sampled now.
+    pub fn render_as(&self, now: Sampled, format: Format) -> String {
         let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         self.encryptions_this_key.set(gauge(now.encryptions));
         self.log_lines_dropped.set(gauge(now.dropped_log_lines));
@@ -223,8 +321,56 @@ impl Metrics {
             .set(gauge(now.upstream_connections_open));
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text => text_format(&out),
+        }
     }
+}
+
+/// The series of each of `values` of `label` in `family`, at zero.
+fn create_each<M, I>(family: &Family<Labels, M>, label: &'static str, values: I)
+where
+    M: EncodeMetric + TypedMetric + Default,
+    I: IntoIterator<Item = &'static str>,
+{
+    for value in values {
+        drop(family.get_or_create(&[(label, value)]));
+    }
+}
+
+/// prometheus-client's OpenMetrics text as the Prometheus text format
+/// 0.0.4: a counter's `# HELP`/`# TYPE` name its samples' `_total` name, and
+/// the OpenMetrics-only `# UNIT` and `# EOF` lines are left out. Nothing
+/// else differs for the metrics here (no exemplars, no `_created`).
+fn text_format(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let declared = ["# HELP ", "# TYPE "].into_iter().find_map(|intro| {
+            let rest = line.strip_prefix(intro)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(&name).then_some((intro, name, tail))
+        });
+        match declared {
+            Some((intro, name, tail)) => {
+                out.push_str(intro);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// The gauges' values, read when `/metrics` is rendered.
@@ -279,14 +425,21 @@ impl EncodeMetric for ShardedCounter {
 }
 
 /// Upper bounds of the latency buckets, in seconds: 0.25 ms doubling to
-/// about 8.2 s (the same buckets as before sharding), then +Inf.
-const LATENCY_BOUNDS: [f64; 16] = {
-    let mut bounds = [0.000_25; 16];
+/// about 8.2 s, then 10, 12, 14 and 15 s, then +Inf. The last ones hold the
+/// requests that wait for the app's timeout (10 s by default), the request
+/// deadline (14 s) and Twilio's own 15 s: with 8.2 s the top bound, the
+/// 99th percentile of a slow app read 8.192 s (found in review).
+const LATENCY_BOUNDS: [f64; 20] = {
+    let mut bounds = [0.000_25; 20];
     let mut i = 1;
-    while i < bounds.len() {
+    while i < 16 {
         bounds[i] = bounds[i - 1] * 2.0;
         i += 1;
     }
+    bounds[16] = 10.0;
+    bounds[17] = 12.0;
+    bounds[18] = 14.0;
+    bounds[19] = 15.0;
     bounds
 };
 
@@ -384,11 +537,94 @@ mod tests {
         assert!(text.contains("ivrguard_request_duration_seconds_bucket"));
     }
 
+    /// Every label value is a series from the start, at zero, so the first
+    /// increment is an increase Prometheus sees.
+    #[test]
+    fn every_label_value_is_a_series_at_zero_from_the_start() {
+        let text = Metrics::new().render(Sampled::default());
+        for series in [
+            r#"ivrguard_requests_total{outcome="forwarded"} 0"#,
+            r#"ivrguard_requests_total{outcome="upstream_connect_error"} 0"#,
+            r#"ivrguard_requests_total{outcome="mismatch"} 0"#,
+            r#"ivrguard_requests_total{outcome="app_refused"} 0"#,
+            r#"ivrguard_requests_total{outcome="malformed_head"} 0"#,
+            r#"ivrguard_signature_failures_total{reason="body_hash_mismatch"} 0"#,
+            r#"ivrguard_upstream_errors_total{kind="deadline"} 0"#,
+            r#"ivrguard_tls_handshake_failures_total{reason="peer_alert"} 0"#,
+            r#"ivrguard_signatures_not_primary_total{key="shared_key"} 0"#,
+            r#"ivrguard_config_reloads_total{result="refused"} 0"#,
+            r#"ivrguard_upstream_responses_total{class="5xx"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == series), "no {series} in\n{text}");
+        }
+        let outcomes = text
+            .lines()
+            .filter(|l| l.starts_with("ivrguard_requests_total{"))
+            .count();
+        assert_eq!(outcomes, crate::rejection::Rejection::all().count() + 4);
+    }
+
+    #[test]
+    fn text_format_declares_counters_by_their_sample_name() {
+        let m = Metrics::new();
+        m.upstream_response(503);
+        let text = m.render_as(Sampled::default(), Format::Text);
+        assert!(
+            text.contains("# HELP ivrguard_requests_total Requests by outcome"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE ivrguard_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE ivrguard_panics_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE ivrguard_request_duration_seconds histogram\n"));
+        assert!(text.contains("# TYPE ivrguard_upstream_connections_open gauge\n"));
+        assert!(text.contains(r#"ivrguard_upstream_responses_total{class="5xx"} 1"#));
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        let open = m.render_as(Sampled::default(), Format::OpenMetrics);
+        assert!(
+            open.contains("# TYPE ivrguard_requests counter\n"),
+            "{open}"
+        );
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        // The samples are the same.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&text), samples(&open));
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        let asked = |accept: &str| Format::accepted(Some(accept.as_bytes()));
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(asked(prometheus), Format::OpenMetrics);
+        assert_eq!(asked("Application/OpenMetrics-Text"), Format::OpenMetrics);
+        assert_eq!(asked("text/plain"), Format::Text);
+        assert_eq!(asked("*/*"), Format::Text);
+        assert_eq!(Format::accepted(None), Format::Text);
+    }
+
     /// The sharded histogram renders what prometheus-client's own
     /// `Histogram` renders for the same observations, spread over workers.
     #[test]
     fn sharded_histogram_renders_like_prometheus_clients() {
         use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        let bounds: Vec<f64> = exponential_buckets(0.000_25, 2.0, 16)
+            .chain([10.0, 12.0, 14.0, 15.0])
+            .collect();
+        assert_eq!(bounds, LATENCY_BOUNDS);
         let observations = [
             0.0,
             0.000_1,
@@ -399,9 +635,12 @@ mod tests {
             0.5,
             8.192,
             9.0,
+            12.5,
+            14.99,
+            15.0,
             1e6,
         ];
-        let reference = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        let reference = Histogram::new(bounds.into_iter());
         let ours = LatencyHistogram::default();
         std::thread::scope(|scope| {
             for (worker, chunk) in observations.chunks(3).enumerate() {
@@ -429,7 +668,7 @@ mod tests {
                 .collect()
         };
         assert_eq!(lines(&ours, true), lines(&reference, true));
-        assert!(ours.contains("lat_count 10"), "{ours}");
+        assert!(ours.contains("lat_count 13"), "{ours}");
         let sum = |text: &str| -> f64 {
             let line = text.lines().find(|l| l.starts_with("lat_sum")).unwrap();
             line.split(' ').nth(1).unwrap().parse().unwrap()

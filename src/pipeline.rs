@@ -203,7 +203,7 @@ impl Proxy {
         let latency = log.started().elapsed();
         let outcome = match (log.reason, log.app_refused) {
             (Some(reason), _) => reason,
-            (None, true) => "app_refused",
+            (None, true) => crate::metrics::APP_REFUSED,
             (None, false) => "forwarded",
         };
         self.metrics.request(outcome, latency.as_secs_f64());
@@ -245,6 +245,7 @@ impl Proxy {
             return Err(Rejection::Upstream(upstream::UpstreamError::Failed));
         }
         log.upstream_status = Some(response.status().as_u16());
+        self.metrics.upstream_response(response.status().as_u16());
         if matches!(response.status().as_u16(), 401 | 403) {
             // The request was Twilio's and was re-signed: the app refusing it
             // is a configuration mismatch between ivrguard and the app.

@@ -58,6 +58,30 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every reason a request can be refused for (the values of the
+    /// `outcome` label besides `forwarded` and `app_refused`), one variant
+    /// for each; a test checks each variant of the enum has its reasons here.
+    pub fn all() -> impl Iterator<Item = Rejection> {
+        let plain = [
+            Rejection::MalformedForm(FormError::BadPercentEncoding),
+            Rejection::BodyTooLarge,
+            Rejection::BodyRead,
+            Rejection::UnsupportedMediaType,
+            Rejection::UnsupportedTransferCoding,
+            Rejection::MethodNotAllowed,
+            Rejection::BadHost,
+            Rejection::AbsoluteTarget,
+            Rejection::NotOriginForm,
+            Rejection::BadConnectionHeader,
+            Rejection::BodyTimeout,
+            Rejection::BadForwardedHeaders,
+            Rejection::Deadline,
+        ];
+        (SignatureError::ALL.into_iter().map(Rejection::Signature))
+            .chain(plain)
+            .chain(UpstreamError::ALL.into_iter().map(Rejection::Upstream))
+    }
+
     /// The fixed label written to the access log and used as a metric label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -131,4 +155,48 @@ pub fn plain(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which variant `r` is: a `match` without a `_` arm, so a new variant
+    /// must be named here, and [`VARIANTS`] raised with it.
+    fn variant(r: &Rejection) -> usize {
+        match r {
+            Rejection::Signature(_) => 0,
+            Rejection::MalformedForm(_) => 1,
+            Rejection::BodyTooLarge => 2,
+            Rejection::BodyRead => 3,
+            Rejection::UnsupportedMediaType => 4,
+            Rejection::UnsupportedTransferCoding => 5,
+            Rejection::MethodNotAllowed => 6,
+            Rejection::BadHost => 7,
+            Rejection::AbsoluteTarget => 8,
+            Rejection::NotOriginForm => 9,
+            Rejection::BadConnectionHeader => 10,
+            Rejection::BodyTimeout => 11,
+            Rejection::BadForwardedHeaders => 12,
+            Rejection::Deadline => 13,
+            Rejection::Upstream(_) => 14,
+        }
+    }
+    const VARIANTS: usize = 15;
+
+    /// `all` (the metric's label values, created at zero) names every
+    /// variant, and no reason twice.
+    #[test]
+    fn all_has_every_variant_and_each_reason_once() {
+        let variants: std::collections::HashSet<usize> =
+            Rejection::all().map(|r| variant(&r)).collect();
+        assert_eq!(variants.len(), VARIANTS);
+        let reasons: Vec<&str> = Rejection::all().map(|r| r.reason()).collect();
+        let distinct: std::collections::HashSet<&str> = reasons.iter().copied().collect();
+        assert_eq!(distinct.len(), reasons.len(), "{reasons:?}");
+        assert_eq!(
+            reasons.len(),
+            SignatureError::ALL.len() + 13 + UpstreamError::ALL.len()
+        );
+    }
 }

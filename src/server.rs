@@ -266,9 +266,9 @@ fn report_refused_head(
         return;
     };
     let reason = if error.is_parse_too_large() {
-        "head_too_large"
+        crate::metrics::HEAD_TOO_LARGE
     } else if error.is_parse() {
-        "malformed_head"
+        crate::metrics::MALFORMED_HEAD
     } else {
         return;
     };

@@ -505,6 +505,19 @@ pub enum SignatureError {
 }
 
 impl SignatureError {
+    /// Every error, in declaration order (the metric's label values).
+    pub const ALL: [SignatureError; 9] = [
+        SignatureError::Missing,
+        SignatureError::Duplicate,
+        SignatureError::Malformed,
+        SignatureError::Mismatch,
+        SignatureError::UnknownKeyId,
+        SignatureError::UnknownAlgorithm,
+        SignatureError::MalformedSettings,
+        SignatureError::DuplicateBodyHash,
+        SignatureError::BodyHashMismatch,
+    ];
+
     /// Short snake_case label: the access-log field and the metric label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -1650,17 +1663,7 @@ mod tests {
 
     // ---- errors and redaction ---------------------------------------------
 
-    const ALL_ERRORS: [SignatureError; 9] = [
-        SignatureError::Missing,
-        SignatureError::Duplicate,
-        SignatureError::Malformed,
-        SignatureError::Mismatch,
-        SignatureError::UnknownKeyId,
-        SignatureError::UnknownAlgorithm,
-        SignatureError::MalformedSettings,
-        SignatureError::DuplicateBodyHash,
-        SignatureError::BodyHashMismatch,
-    ];
+    const ALL_ERRORS: [SignatureError; 9] = SignatureError::ALL;
 
     #[test]
     fn reasons_are_the_contract_labels() {

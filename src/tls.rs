@@ -141,6 +141,16 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
+    /// Every failure (the metric's label values).
+    pub const ALL: [HandshakeFailure; 6] = [
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Malformed,
+        HandshakeFailure::Incompatible,
+        HandshakeFailure::PeerAlert,
+        HandshakeFailure::Disconnected,
+        HandshakeFailure::Other,
+    ];
+
     pub fn reason(self) -> &'static str {
         match self {
             HandshakeFailure::Timeout => "timeout",

@@ -42,6 +42,13 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Every kind (the metric's label values).
+    pub const ALL: [UpstreamError; 3] = [
+        UpstreamError::Connect,
+        UpstreamError::Timeout,
+        UpstreamError::Failed,
+    ];
+
     pub fn reason(&self) -> &'static str {
         match self {
             UpstreamError::Connect => "upstream_connect_error",

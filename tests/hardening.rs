@@ -1810,7 +1810,7 @@ async fn a_body_still_missing_at_the_deadline_is_408_and_no_app_error() {
     let admin = h.proxy.admin_addr.expect("admin listener");
     let metrics = client::get(admin, "/metrics").await.text();
     assert!(
-        !metrics.contains("kind=\"deadline\""),
+        metrics.contains("ivrguard_upstream_errors_total{kind=\"deadline\"} 0\n"),
         "not an app error:\n{metrics}"
     );
 }

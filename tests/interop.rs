@@ -66,11 +66,15 @@ fn python() -> PathBuf {
         let mut cmd = Command::new(&python);
         cmd.args([
             "-c",
-            "import cryptography, twilio; assert twilio.__version__ == '9.13.0', twilio.__version__",
+            "import cryptography, prometheus_client, twilio; \
+             assert twilio.__version__ == '9.13.0', twilio.__version__",
         ]);
         let out = run(cmd, b"", "python import check");
         if !out.status.success() {
-            return Err(format!("the venv lacks the pinned packages: {}", out.stderr.trim()));
+            return Err(format!(
+                "the venv lacks the pinned packages: {}",
+                out.stderr.trim()
+            ));
         }
         Ok(python)
     });
@@ -891,7 +895,8 @@ impl Secrets {
 }
 
 /// The real binary in front of `upstream`, listening on 127.0.0.1:0.
-fn start_ivrguard(dir: &Path, secrets: &Secrets, upstream: &str) -> (Service, String) {
+/// The proxy, its address and its admin listener's.
+fn start_ivrguard(dir: &Path, secrets: &Secrets, upstream: &str) -> (Service, String, String) {
     let fields = FIELDS
         .iter()
         .map(|f| format!("{f:?}"))
@@ -900,6 +905,7 @@ fn start_ivrguard(dir: &Path, secrets: &Secrets, upstream: &str) -> (Service, St
     let config = format!(
         r#"[server]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 
 [upstream]
 url = "http://{upstream}"
@@ -940,7 +946,11 @@ format = "json"
         .and_then(Value::as_str)
         .unwrap_or_else(|| panic!("no \"listen\" in the start-up line {ready}"))
         .to_owned();
-    (proxy, addr)
+    let admin = find_key(&ready, "admin_listen")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no \"admin_listen\" in the start-up line {ready}"))
+        .to_owned();
+    (proxy, addr, admin)
 }
 
 /// One webhook, as the simulated Twilio sends it.
@@ -1340,7 +1350,7 @@ fn webhooks_signed_by_sdk_pass_through_and_validate_downstream(signer: Signer) {
     let account = format!("AC{}", random_hex(16));
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut backend, backend_addr) = start_backend(token, key);
-    let (mut proxy, proxy_addr) = start_ivrguard(dir.path(), &secrets, &backend_addr);
+    let (mut proxy, proxy_addr, admin_addr) = start_ivrguard(dir.path(), &secrets, &backend_addr);
 
     let cases = webhooks(&account, signer);
     let doc = json!({
@@ -1541,6 +1551,67 @@ fn webhooks_signed_by_sdk_pass_through_and_validate_downstream(signer: Signer) {
             node["decrypted"], rec["decrypted"],
             "Node crypto and Python AESGCM disagree for {sid}"
         );
+    }
+
+    // The metrics, as Prometheus scrapes them (OpenMetrics) and as other
+    // scrapers do (text 0.0.4), each read by the official Python client's
+    // parser for it: the same counts in both, every counter typed (as 0.0.4
+    // the counters were declared under another name than their samples',
+    // and the parser typed them `unknown`).
+    let mut scrape = python_script("scrape_metrics.py");
+    scrape.arg(&admin_addr);
+    let scraped = run_json(scrape, &Value::Null, "scrape_metrics.py");
+    let forwarded = records.len() as f64;
+    for (format, content_type) in [
+        (
+            "openmetrics",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        ("text", "text/plain; version=0.0.4; charset=utf-8"),
+    ] {
+        let view = &scraped[format];
+        assert_eq!(view["content_type"], content_type, "{format}");
+        let families = view["families"].as_object().expect("families");
+        let untyped: Vec<&String> = families
+            .iter()
+            .filter(|(_, f)| f["type"] == "unknown")
+            .map(|(name, _)| name)
+            .collect();
+        assert!(untyped.is_empty(), "{format}: untyped {untyped:?}");
+        let value = |family: &str, label: &str, wanted: &str| -> f64 {
+            let f = &families[family];
+            let samples = f["samples"].as_array().expect("samples");
+            samples
+                .iter()
+                .filter(|s| s[1][label] == wanted || label.is_empty())
+                .filter(|s| !s[0].as_str().unwrap_or("").ends_with("_created"))
+                .map(|s| s[2].as_f64().expect("a value"))
+                .sum()
+        };
+        assert_eq!(families["ivrguard_requests"]["type"], "counter", "{format}");
+        assert_eq!(
+            value("ivrguard_requests", "", ""),
+            cases.len() as f64,
+            "{format}"
+        );
+        assert_eq!(
+            value("ivrguard_requests", "outcome", "forwarded"),
+            forwarded
+        );
+        assert_eq!(
+            value("ivrguard_upstream_responses", "class", "2xx"),
+            forwarded
+        );
+        assert_eq!(value("ivrguard_upstream_errors", "kind", "connect"), 0.0);
+        let latency = &families["ivrguard_request_duration_seconds"];
+        assert_eq!(latency["type"], "histogram", "{format}");
+        let count = latency["samples"]
+            .as_array()
+            .expect("samples")
+            .iter()
+            .find(|s| s[0] == "ivrguard_request_duration_seconds_count")
+            .map(|s| s[2].as_f64().expect("a count"));
+        assert_eq!(count, Some(cases.len() as f64), "{format}");
     }
 
     // Clean shutdown, and nothing sensitive in ivrguard's own output.

@@ -1225,6 +1225,22 @@ async fn admin_endpoints_report_health_and_metrics() {
     let admin = h.proxy.admin_addr.expect("admin listener");
     assert_eq!(client::get(admin, "/healthz").await.status, 200);
     assert_eq!(client::get(admin, "/readyz").await.status, 200);
+    // HEAD as GET, without the body (a load balancer's check; it was 405).
+    for path in ["/healthz", "/readyz"] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let request = RawRequest::new("HEAD", path, "admin").to_bytes();
+        stream.write_all(&request).await.unwrap();
+        let mut raw = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw));
+        read.await.expect("answered and closed").unwrap();
+        let raw = String::from_utf8_lossy(&raw);
+        assert!(raw.starts_with("HTTP/1.1 200 "), "HEAD {path}: {raw:?}");
+        assert!(
+            raw.ends_with("\r\n\r\n"),
+            "HEAD {path} has no body: {raw:?}"
+        );
+    }
     let canaries = Canaries::generate();
     let body = join_raw(&gather_pieces(
         &canaries.pin,
@@ -1251,7 +1267,11 @@ async fn admin_endpoints_report_health_and_metrics() {
         "ivrguard_fields_encrypted_total 2",
         "ivrguard_encryptions_current_key 2",
         "ivrguard_request_duration_seconds_count",
-        "# TYPE ivrguard_upstream_errors counter",
+        // Text format 0.0.4: a counter is declared by its samples' name,
+        // and every label value is there before its first increment.
+        "# TYPE ivrguard_upstream_errors_total counter",
+        r#"ivrguard_upstream_errors_total{kind="connect"} 0"#,
+        r#"ivrguard_upstream_responses_total{class="2xx"} 1"#,
     ] {
         assert!(
             metrics.contains(expected),

@@ -63,7 +63,7 @@ phase "Python interop environment (tests/interop/.venv)"
 PY_STAMP="$VENV/.installed-requirements"
 PY_WANT="$(fingerprint "$INTEROP/requirements.txt")"
 if [[ -x "$VENV/bin/python" && -f "$PY_STAMP" && "$(cat "$PY_STAMP")" == "$PY_WANT" ]] \
-  && "$VENV/bin/python" -c 'import twilio, cryptography' 2>/dev/null; then
+  && "$VENV/bin/python" -c 'import twilio, cryptography, prometheus_client' 2>/dev/null; then
   echo "up to date, skipping pip install"
 else
   rm -rf "$VENV"
@@ -71,7 +71,7 @@ else
   "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet --requirement "$INTEROP/requirements.txt" \
     || die "pip install -r tests/interop/requirements.txt failed"
   echo "$PY_WANT" >"$PY_STAMP"
-  "$VENV/bin/python" -m pip freeze --disable-pip-version-check | grep -Ei '^(twilio|cryptography)=='
+  "$VENV/bin/python" -m pip freeze --disable-pip-version-check | grep -Ei '^(twilio|cryptography|prometheus.client)=='
 fi
 
 phase "Node interop environment (tests/interop/node_modules)"
