@@ -101,6 +101,11 @@ impl AccessRecord {
         }
     }
 
+    /// The CallSid, if the request had one of the right shape.
+    pub fn call_sid(&self) -> Option<CallSid> {
+        self.call_sid
+    }
+
     /// Adds an encrypted field's name, unless it is listed already.
     pub fn add_encrypted(&mut self, name: &str) {
         if self
@@ -162,8 +167,8 @@ impl Drop for AccessRecord {
 }
 
 /// A `CallSid` as it is logged: `CA` and 32 hex digits, held inline.
-#[derive(PartialEq)]
-struct CallSid([u8; 34]);
+#[derive(PartialEq, Clone, Copy)]
+pub struct CallSid([u8; 34]);
 
 impl CallSid {
     /// `Some` only for a value of exactly that shape.
@@ -173,7 +178,7 @@ impl CallSid {
         (prefix == b"CA" && digits.iter().all(u8::is_ascii_hexdigit)).then_some(CallSid(sid))
     }
 
-    fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         // ASCII, checked in `parse`.
         std::str::from_utf8(&self.0).unwrap_or_default()
     }

@@ -43,6 +43,8 @@ pub const HEAD_TOO_LARGE: &str = "head_too_large";
 pub const MALFORMED_HEAD: &str = "malformed_head";
 /// The `kind` of an app that did not answer within the request deadline.
 const DEADLINE: &str = "deadline";
+/// The `kind` of an app's response that broke off after its head.
+pub const RESPONSE_BODY: &str = "response_body";
 /// The `class` label of the app's answers.
 const STATUS_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
 
@@ -207,7 +209,7 @@ impl Metrics {
         create_each(
             &upstream_errors,
             "kind",
-            kinds.into_iter().chain([DEADLINE]),
+            kinds.into_iter().chain([DEADLINE, RESPONSE_BODY]),
         );
         let failures = crate::tls::HandshakeFailure::ALL.map(|f| f.reason());
         create_each(&tls_handshake_failures, "reason", failures);

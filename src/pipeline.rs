@@ -34,7 +34,7 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::access_log::{AccessRecord, SignatureOutcome};
+use crate::access_log::{AccessRecord, CallSid, SignatureOutcome};
 use crate::body::{self, ProxyBody};
 use crate::cipher::FieldCipher;
 use crate::config::Settings;
@@ -193,12 +193,13 @@ impl Proxy {
         .await
         .unwrap_or(Err(Rejection::Deadline));
 
-        let response = match result {
-            Ok(response) => response,
-            Err(rejection) => {
-                self.count_rejection(&rejection, &mut log);
-                rejection.into_response(&self.fallback)
-            }
+        let answer = result.map_err(|rejection| {
+            self.count_rejection(&rejection, &mut log);
+            rejection.into_response(&self.fallback)
+        });
+        let status = match &answer {
+            Ok((response, _)) => response.status(),
+            Err(response) => response.status(),
         };
         let latency = log.started().elapsed();
         let outcome = match (log.reason, log.app_refused) {
@@ -207,8 +208,36 @@ impl Proxy {
             (None, false) => "forwarded",
         };
         self.metrics.request(outcome, latency.as_secs_f64());
-        log.emit(response.status().as_u16(), latency);
-        response
+        log.emit(status.as_u16(), latency);
+        match answer {
+            Err(response) => response,
+            // The app's connection stays busy (and its slot taken) until
+            // the body has been read. The body holds this request's handle
+            // on the proxy (no other), to say if it breaks off.
+            Ok((response, in_flight)) => {
+                let call_sid = log.call_sid();
+                let failed = move |why| self.response_body_failed(why, call_sid);
+                response.map(|app| body::with_deadline(app, deadline, in_flight, failed))
+            }
+        }
+    }
+
+    /// The app's body failed after its head and the access line went out
+    /// (`why`: `broken`, `deadline`): the caller got a response cut short,
+    /// which Twilio plays as an application error. Found in review: this
+    /// was logged and counted as a success.
+    fn response_body_failed(&self, why: &'static str, call_sid: Option<CallSid>) {
+        self.metrics.upstream_error(crate::metrics::RESPONSE_BODY);
+        static BROKEN: LogLimit = LogLimit::new(mismatch::EVERY);
+        if BROKEN.due() {
+            tracing::warn!(
+                reason = why,
+                call_sid = call_sid.as_ref().map(CallSid::as_str),
+                "the app's response broke off after its head was forwarded: the caller got it \
+                 cut short (its access line shows the status only). At most one such line per \
+                 10 s; each is counted in upstream_errors_total{{kind=\"response_body\"}}"
+            );
+        }
     }
 
     async fn process(
@@ -218,7 +247,7 @@ impl Proxy {
         peer: SocketAddr,
         deadline: Instant,
         log: &mut AccessRecord,
-    ) -> Result<Response<ProxyBody>, Rejection> {
+    ) -> Result<(Response<Incoming>, upstream::InFlight), Rejection> {
         // 1. receive
         check_head(&parts)?;
         // The same deadline, but the caller's: a body still not in by then
@@ -265,10 +294,7 @@ impl Proxy {
                 );
             }
         }
-        // The app's connection stays busy (and its slot taken) until the
-        // body has been read.
-        let mut response =
-            response.map(|incoming| body::with_deadline(incoming, deadline, in_flight));
+        let mut response = response;
         // Framed anew for the caller: hyper writes our HTTP version and the
         // length of the body as it was decoded (found in review: an app's
         // `HTTP/1.0` status line reached HTTP/1.1 callers).
@@ -284,7 +310,7 @@ impl Proxy {
         }
         // The app's hop-by-hop headers describe its connection to us, not ours to Twilio.
         upstream::strip_hop_by_hop(response.headers_mut());
-        Ok(response)
+        Ok((response, in_flight))
     }
 
     /// Stages 2–4 on a received request: verify, rewrite, re-sign, and the

@@ -1172,6 +1172,72 @@ async fn an_idle_http2_connection_is_closed_but_a_slow_request_finishes() {
     assert_eq!(h.backend.count(), 1);
 }
 
+/// Found in review: an app whose body broke off after its head (it closed
+/// the connection, or stalled past the deadline) left a caller with cut
+/// TwiML, but was logged and counted as a success. The access line, written
+/// with the head, still says 200; a WARN line (with the CallSid) and
+/// `upstream_errors_total{kind="response_body"}` now say what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_body_cut_after_its_head_is_logged_and_counted() {
+    let upstream = RawBackend::start(|n, mut stream| async move {
+        if read_request(&mut stream).await.is_none() {
+            return;
+        }
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 100\r\n\r\n";
+        let _ = stream
+            .write_all(format!("{head}<Response>").as_bytes())
+            .await;
+        if n == 1 {
+            // The second request's app stalls past the request deadline.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    })
+    .await;
+    let proxy = proxy_for(upstream.url(), |c| {
+        c.upstream_timeout_ms = 1_000;
+        c.request_timeout_ms = 1_500;
+    })
+    .await;
+    let body = gather_body("1234", "yes");
+    let sid = form_decode(&body)
+        .into_iter()
+        .find(|(name, _)| name == "CallSid")
+        .map(|(_, sid)| sid)
+        .unwrap();
+    for round in 0..2 {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let request = signed_post(&proxy.secrets.token, "/ivr/gather", &body);
+        stream.write_all(&request.to_bytes()).await.unwrap();
+        let (raw, end) = read_for(&mut stream, Duration::from_secs(5)).await;
+        let raw = String::from_utf8_lossy(&raw);
+        assert!(raw.starts_with("HTTP/1.1 200 "), "round {round}: {raw:?}");
+        assert!(
+            raw.ends_with("\r\n\r\n<Response>"),
+            "round {round}: {raw:?}"
+        );
+        assert_ne!(
+            end,
+            End::Open,
+            "round {round}: the cut response's connection ends"
+        );
+    }
+
+    let access = proxy.wait_access(2).await;
+    assert!(access.iter().all(|l| l["status"] == 200), "{access:#?}");
+    let warned: Vec<Value> = proxy
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["level"] == "WARN" && l["reason"].is_string())
+        .collect();
+    assert_eq!(warned.len(), 1, "one line per 10 s: {warned:#?}");
+    assert_eq!(warned[0]["reason"], "broken", "{warned:#?}");
+    assert_eq!(warned[0]["call_sid"], sid.as_str());
+    let admin = proxy.admin_addr.expect("admin listener");
+    let metrics = client::get(admin, "/metrics").await.text();
+    let counted = r#"ivrguard_upstream_errors_total{kind="response_body"} 2"#;
+    assert!(metrics.lines().any(|l| l == counted), "{metrics}");
+}
+
 /// An HTTP/2 request may carry one `Cookie` field per cookie (RFC 9113
 /// §8.2.3); the HTTP/1.1 app gets them as one `Cookie` line, in order,
 /// joined by `"; "` (it got two lines before, and an app that reads one
