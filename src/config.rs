@@ -388,13 +388,38 @@ impl Settings {
     /// whether the running process answers even while the files on disk
     /// hold a change a reload refused (found in review: an emptied key file
     /// made the health check fail while the proxy served every call).
+    ///
+    /// Read leniently: the TOML need only parse, and only this key is
+    /// looked at, so a change elsewhere that a reload refused (an unknown
+    /// key, a number where a URL goes) does not fail the check either
+    /// (found in review). An override variable wins, as in [`Self::load`].
     pub fn load_admin_listen(
         path: &Path,
         env: &HashMap<String, String>,
     ) -> Result<Option<SocketAddr>, ConfigError> {
-        let raw = RawConfig::read(path, env)?;
-        non_empty(raw.server.admin_listen)
-            .map(|addr| socket_addr("server.admin_listen", &addr))
+        const KEY: &str = "server.admin_listen";
+        let overridden = env
+            .iter()
+            .filter(|(name, _)| override_key(name).as_deref() == Some(KEY))
+            .map(|(_, value)| value.clone())
+            .next();
+        let value = match overridden {
+            Some(value) => value,
+            None => {
+                let table: toml::Table = read_text(path)?.parse().map_err(|e| {
+                    let what = format!("{} is not valid TOML: {e}", path.display());
+                    ConfigError::new("config", what.replace('\n', " "))
+                })?;
+                let server = table.get("server").and_then(toml::Value::as_table);
+                match server.and_then(|s| s.get("admin_listen")) {
+                    None => String::new(),
+                    Some(toml::Value::String(value)) => value.clone(),
+                    Some(_) => return Err(ConfigError::new(KEY, "must be a string")),
+                }
+            }
+        };
+        non_empty(Some(value))
+            .map(|addr| socket_addr(KEY, &addr))
             .transpose()
     }
 
@@ -881,12 +906,7 @@ struct RawConfig {
 impl RawConfig {
     /// The file at `path`, with the `IVRGUARD__…` overrides in `env`.
     fn read(path: &Path, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let cannot = |e: &dyn std::fmt::Display| {
-            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
-        };
-        let bytes = config_file::read(path, config_file::CONFIG_LIMIT).map_err(|e| cannot(&e))?;
-        let text = String::from_utf8(bytes).map_err(|_| cannot(&"not UTF-8 text"))?;
-        RawConfig::parse(&text, path, env)
+        RawConfig::parse(&read_text(path)?, path, env)
     }
 
     fn parse(text: &str, path: &Path, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
@@ -1021,6 +1041,15 @@ fn strict_value(value: &toml::Value, path: &str) -> Result<(), ConfigError> {
         )),
         _ => Ok(()),
     }
+}
+
+/// The config file's text, within its size limit.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    let cannot = |e: &dyn std::fmt::Display| {
+        ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+    };
+    let bytes = config_file::read(path, config_file::CONFIG_LIMIT).map_err(|e| cannot(&e))?;
+    String::from_utf8(bytes).map_err(|_| cannot(&"not UTF-8 text"))
 }
 
 fn is_override(name: &str) -> bool {

@@ -2692,6 +2692,31 @@ async fn health_reads_only_the_admin_address_not_the_secrets() {
     let still = health();
     assert!(still.status.success(), "{still:?}");
     assert!(String::from_utf8_lossy(&still.stdout).starts_with("healthy:"));
+
+    // Nor does a change elsewhere that a reload would refuse (found in
+    // review: an unknown key or a wrong type failed the check).
+    let pinned = std::fs::read_to_string(&probe_config).unwrap();
+    let odd = pinned.replacen("[server]", "[server]\nno_such_key = 1", 1);
+    let odd = odd.replacen("[upstream]", "[upstream]\nmax_connections = \"many\"", 1);
+    assert_ne!(odd, pinned);
+    std::fs::write(&probe_config, &odd).unwrap();
+    let lenient = health();
+    assert!(lenient.status.success(), "{lenient:?}");
+    // The override variable wins over the file, as for `run`.
+    let moved = odd.replace(
+        &format!("admin_listen = \"{admin}\""),
+        "admin_listen = \"127.0.0.1:9\"",
+    );
+    std::fs::write(&probe_config, moved).unwrap();
+    assert!(!health().status.success(), "nothing listens on port 9");
+    let overridden = std::process::Command::new(env!("CARGO_BIN_EXE_ivrguard"))
+        .args(["health", "--config"])
+        .arg(&probe_config)
+        .env_clear()
+        .env("IVRGUARD__SERVER__ADMIN_LISTEN", admin.to_string())
+        .output()
+        .unwrap();
+    assert!(overridden.status.success(), "{overridden:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
