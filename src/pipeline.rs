@@ -589,8 +589,8 @@ impl Proxy {
         log.reason = Some(rejection.reason());
         match rejection {
             Rejection::Signature(e) => self.metrics.signature_failure(e.reason()),
-            Rejection::Upstream(e) => self.metrics.upstream_error(e.kind()),
-            Rejection::Deadline => self.metrics.upstream_error("deadline"),
+            Rejection::Upstream(e) => app_failed(&self.metrics, e.kind()),
+            Rejection::Deadline => app_failed(&self.metrics, "deadline"),
             Rejection::MalformedForm(_)
             | Rejection::BodyTooLarge
             | Rejection::BodyRead
@@ -604,6 +604,23 @@ impl Proxy {
             | Rejection::BodyTimeout
             | Rejection::BadForwardedHeaders => {}
         }
+    }
+}
+
+/// The app could not be reached or did not answer (`kind`, the metric's
+/// label): counted, and logged at WARN at most once per 10 s. Each request
+/// has its access line at INFO; with `log.level = "warn"` an outage left no
+/// line at all (found in review).
+fn app_failed(metrics: &Metrics, kind: &'static str) {
+    metrics.upstream_error(kind);
+    static FAILED: LogLimit = LogLimit::new(mismatch::EVERY);
+    if FAILED.due() {
+        tracing::warn!(
+            kind,
+            "the app did not answer: callers get upstream.on_error's answer (the fallback \
+             TwiML, or 502/504). At most one such line per 10 s; each request has its access \
+             line, and upstream_errors_total{{kind}} counts them"
+        );
     }
 }
 
