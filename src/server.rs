@@ -247,7 +247,9 @@ pub async fn serve(
     }
     readiness.set(false);
     drop(listener);
-    tracing::info!(in_flight_connections = drain.count(), "draining");
+    // One line per worker, each with its own connections.
+    let worker = crate::worker::index();
+    tracing::info!(worker, in_flight_connections = drain.count(), "draining");
     tokio::time::timeout(settings.drain_timeout, drain.shutdown())
         .await
         .is_ok()

@@ -3028,7 +3028,17 @@ async fn sigterm_with_fifty_in_flight_answers_all_and_refuses_new_connections() 
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    wait_log(&h.proxy, "draining", 1).await;
+    // One line per worker (two here), each naming its worker.
+    wait_log(&h.proxy, "draining", 2).await;
+    let mut workers: Vec<u64> = h
+        .proxy
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "draining")
+        .map(|l| l["worker"].as_u64().expect("a worker index"))
+        .collect();
+    workers.sort_unstable();
+    assert_eq!(workers, [0, 1]);
     let refused = TcpStream::connect(h.proxy.addr).await;
     assert!(
         refused.is_err(),
