@@ -97,7 +97,9 @@ pub struct Metrics {
     signatures_not_primary: Family<Labels, Counter>,
     config_reloads: Family<Labels, Counter>,
     config_reload_refused: Gauge,
-    upstream_responses: Family<Labels, Counter>,
+    /// Per class of [`STATUS_CLASSES`], resolved once: every forwarded
+    /// request adds to one.
+    upstream_responses: [ShardedCounter; 4],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -191,11 +193,11 @@ impl Metrics {
             "1 while the last reload was refused (the files on disk differ from what is running), else 0",
             config_reload_refused.clone(),
         );
-        let upstream_responses = Family::<Labels, Counter>::default();
+        let responses = Family::<Labels, ShardedCounter>::default();
         registry.register(
             "upstream_responses",
             "Responses from the app, by status class (class: 2xx, 3xx, 4xx, 5xx)",
-            upstream_responses.clone(),
+            responses.clone(),
         );
 
         // Every label value, at zero (see the module's documentation).
@@ -215,7 +217,8 @@ impl Metrics {
         create_each(&tls_handshake_failures, "reason", failures);
         create_each(&signatures_not_primary, "key", ["secondary", "shared_key"]);
         create_each(&config_reloads, "result", ["applied", "refused"]);
-        create_each(&upstream_responses, "class", STATUS_CLASSES);
+        let upstream_responses =
+            STATUS_CLASSES.map(|class| responses.get_or_create(&[("class", class)]).clone());
         Metrics {
             registry,
             requests,
@@ -239,14 +242,12 @@ impl Metrics {
     /// An answer from the app (any status it may send, 200 to 599).
     pub fn upstream_response(&self, status: u16) {
         let class = match status {
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+            200..=299 => 0,
+            300..=399 => 1,
+            400..=499 => 2,
+            _ => 3,
         };
-        self.upstream_responses
-            .get_or_create(&[("class", class)])
-            .inc();
+        self.upstream_responses[class].inc_by(1);
     }
 
     /// A request accepted with the secondary token or a shared key.
