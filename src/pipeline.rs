@@ -29,7 +29,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -826,11 +826,12 @@ async fn read_body(body: Incoming, parts: &Parts, limit: usize) -> Result<Bytes,
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Rejection::BodyTooLarge);
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::BodyTooLarge),
-        Err(_) => Err(Rejection::BodyRead),
-    }
+    body::collect_within(body, limit)
+        .await
+        .map_err(|e| match e {
+            body::CollectError::TooLarge => Rejection::BodyTooLarge,
+            body::CollectError::Read => Rejection::BodyRead,
+        })
 }
 
 /// The `Host` (HTTP/1.1) or `:authority` (HTTP/2) of the request.

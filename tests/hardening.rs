@@ -2278,6 +2278,57 @@ async fn big_upstream(len: usize) -> RawBackend {
     .await
 }
 
+/// Found in review: a request body trickled a byte per TCP segment held a
+/// whole 8 KiB read block per byte until the body was complete (196,590
+/// bytes uploaded took RSS from 7 MB to 789 MB). 16 callers trickling
+/// 1,500 bytes each took RSS up by 99 MB that way; now by about 1 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_a_byte_per_segment_costs_its_bytes_not_a_block_each() {
+    const CALLERS: usize = 16;
+    const BYTES: usize = 1_500;
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let pid = h.proxy.pid();
+    let baseline = rss_kib(pid);
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let addr = h.proxy.addr;
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let head = format!(
+                    "POST /ivr/gather HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {FORM}\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    2 * BYTES
+                );
+                stream.write_all(head.as_bytes()).await.unwrap();
+                // A segment at a time: the proxy reads each on its own.
+                for _ in 0..BYTES {
+                    stream.write_all(b"a").await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                stream // held open: the body is half sent
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for caller in callers {
+        held.push(caller.await.unwrap());
+    }
+    let mut peak = 0;
+    for _ in 0..10 {
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let grown = peak.saturating_sub(baseline);
+    eprintln!("RSS {baseline} KiB -> {peak} KiB with {CALLERS} bodies half trickled");
+    assert!(
+        grown < 32 * 1024,
+        "RSS grew by {grown} KiB for {} body bytes",
+        CALLERS * BYTES
+    );
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_megabyte_response_is_streamed_with_flat_memory() {
     const LEN: usize = 10 * 1024 * 1024;
