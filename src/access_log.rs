@@ -70,11 +70,11 @@ impl AccessRecord {
         AccessRecord {
             // The standard methods are constants: no copy.
             method: parts.method.clone(),
-            path: parts.uri.path().to_owned(),
+            path: bounded(parts.uri.path().to_owned()),
             query: parts
                 .uri
                 .query()
-                .map(|q| form::redacted(q.as_bytes(), fields))
+                .map(|q| bounded(form::redacted(q.as_bytes(), fields)))
                 .unwrap_or_default(),
             peer,
             signature: SignatureOutcome::NotChecked,
@@ -166,6 +166,35 @@ impl Drop for AccessRecord {
     }
 }
 
+/// The most of a path or a (redacted) query an access line carries.
+/// Twilio's are far shorter; a caller's 60 KiB path made 124 KB lines, and
+/// the log queue, bounded in lines, held 1 GB of them while stdout stalled
+/// (found in review).
+pub const LOGGED_MAX: usize = 1024;
+
+/// `text`, cut to at most [`LOGGED_MAX`] bytes with the length it had
+/// noted: `…[61440 bytes]`. Never cut inside a word (letters, digits, `%`):
+/// a card number cut short would slip past the log's card-number rule.
+fn bounded(mut text: String) -> String {
+    if text.len() <= LOGGED_MAX {
+        return text;
+    }
+    let total = text.len();
+    let bytes = text.as_bytes();
+    let mut cut = LOGGED_MAX;
+    while cut > 0 && (bytes[cut - 1].is_ascii_alphanumeric() || bytes[cut - 1] == b'%') {
+        cut -= 1;
+    }
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str("\u{2026}[");
+    text.push_str(itoa::Buffer::new().format(total));
+    text.push_str(" bytes]");
+    text
+}
+
 /// A `CallSid` as it is logged: `CA` and 32 hex digits, held inline.
 #[derive(PartialEq, Clone, Copy)]
 pub struct CallSid([u8; 34]);
@@ -231,6 +260,31 @@ pub(crate) fn ip_text(ip: IpAddr) -> String {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn long_paths_and_queries_are_cut_between_words() {
+        assert_eq!(bounded("/ivr/gather".into()), "/ivr/gather");
+        let exact = "a".repeat(LOGGED_MAX);
+        assert_eq!(bounded(exact.clone()), exact);
+        // A digit run across the cut is left out whole, not cut short.
+        let card = "4111111111111111";
+        let long = format!("{}/{card}/{}", "x/".repeat(505), "y".repeat(5000));
+        let cut = bounded(long.clone());
+        assert_eq!(
+            cut,
+            format!("{}/\u{2026}[{} bytes]", "x/".repeat(505), long.len())
+        );
+        assert!(!cut.contains("4111"), "{cut}");
+        // Nor an escape; and no char is split.
+        let escaped = format!("{}%41%42", "é".repeat(510));
+        let cut = bounded(escaped);
+        assert!(
+            cut.starts_with(&"é".repeat(510)) && !cut.contains('%'),
+            "{cut}"
+        );
+        let wide = "€".repeat(2000);
+        assert!(bounded(wide).starts_with(&"€".repeat(341)));
+    }
 
     #[test]
     fn ip_text_matches_display() {

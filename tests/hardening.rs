@@ -2278,6 +2278,41 @@ async fn big_upstream(len: usize) -> RawBackend {
     .await
 }
 
+/// Found in review: the access line carried the whole path and query (up
+/// to the 64 KiB head), so a caller's long paths made 124 KB lines, and the
+/// log queue (bounded in lines) held 1 GB while stdout stalled. Each is cut
+/// at 1 KiB, with its length noted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_path_and_query_make_a_short_access_line() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let path = format!("/ivr/{}", "segment/".repeat(3_000));
+    let query = format!("step=1&note={}", "long-".repeat(4_000));
+    let target = format!("{path}?{query}");
+    let response = client::send(h.proxy.addr, &RawRequest::new("GET", &target, HOST)).await;
+    assert_eq!(response.status, 403);
+    let line = &h.proxy.wait_access(1).await[0];
+    let logged_path = line["path"].as_str().unwrap();
+    let logged_query = line["query"].as_str().unwrap();
+    let tail = |text: &str| text.chars().rev().take(60).collect::<String>();
+    assert!(logged_path.starts_with("/ivr/segment/segment/"));
+    assert!(
+        logged_path.ends_with(&format!("/\u{2026}[{} bytes]", path.len())),
+        "{} bytes logged, ending (reversed) {}",
+        logged_path.len(),
+        tail(logged_path)
+    );
+    assert!(logged_query.ends_with(&format!("-\u{2026}[{} bytes]", query.len())));
+    assert!(logged_path.len() <= 1024 + 16 && logged_query.len() <= 1024 + 16);
+    let longest = h
+        .proxy
+        .stdout_text()
+        .lines()
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(longest < 3_000, "a log line of {longest} bytes");
+}
+
 /// Found in review: a request body trickled a byte per TCP segment held a
 /// whole 8 KiB read block per byte until the body was complete (196,590
 /// bytes uploaded took RSS from 7 MB to 789 MB). 16 callers trickling
