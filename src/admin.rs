@@ -26,6 +26,8 @@ pub struct AdminState {
     pub proxy: SharedProxy,
     pub readiness: Arc<Readiness>,
     pub dropped_log_lines: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// The callers' connection slots (`server.max_connections`).
+    pub connection_slots: Arc<crate::server::Slots>,
 }
 
 /// At most this many admin connections at once; more are closed at once.
@@ -100,6 +102,8 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody>
                 encryptions: proxy.cipher().encryptions(),
                 dropped_log_lines: (state.dropped_log_lines)(),
                 upstream_connections_open: proxy.upstream_connections_open() as u64,
+                connections_open: state.connection_slots.open() as u64,
+                connections_max: state.connection_slots.max() as u64,
             };
             let rendered = proxy.metrics().render_as(sampled, format);
             text(StatusCode::OK, format.content_type(), rendered.into())

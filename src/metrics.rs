@@ -94,6 +94,8 @@ pub struct Metrics {
     encryptions_this_key: Gauge,
     log_lines_dropped: Gauge,
     upstream_connections_open: Gauge,
+    connections_open: Gauge,
+    connections_max: Gauge,
     signatures_not_primary: Family<Labels, Counter>,
     config_reloads: Family<Labels, Counter>,
     config_reload_refused: Gauge,
@@ -174,6 +176,19 @@ impl Metrics {
             "Connections open to the app, idle ones included (at most upstream.max_connections)",
             upstream_connections_open.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Callers' connections open, idle keep-alive ones included (at most connections_max: \
+             past it, new ones wait in the kernel's backlog)",
+            connections_open.clone(),
+        );
+        let connections_max = Gauge::default();
+        registry.register(
+            "connections_max",
+            "server.max_connections: callers' connections served at once",
+            connections_max.clone(),
+        );
         let signatures_not_primary = Family::<Labels, Counter>::default();
         registry.register(
             "signatures_not_primary",
@@ -232,6 +247,8 @@ impl Metrics {
             encryptions_this_key,
             log_lines_dropped,
             upstream_connections_open,
+            connections_open,
+            connections_max,
             signatures_not_primary,
             config_reloads,
             config_reload_refused,
@@ -322,6 +339,8 @@ impl Metrics {
         self.log_lines_dropped.set(gauge(now.dropped_log_lines));
         self.upstream_connections_open
             .set(gauge(now.upstream_connections_open));
+        self.connections_open.set(gauge(now.connections_open));
+        self.connections_max.set(gauge(now.connections_max));
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         match format {
@@ -383,6 +402,9 @@ pub struct Sampled {
     pub encryptions: u64,
     pub dropped_log_lines: u64,
     pub upstream_connections_open: u64,
+    /// Callers' connections open, and the most that may be.
+    pub connections_open: u64,
+    pub connections_max: u64,
 }
 
 /// Shards per sharded metric: workers beyond this share shards (still
@@ -525,6 +547,8 @@ mod tests {
         let text = m.render(Sampled {
             encryptions: 7,
             upstream_connections_open: 3,
+            connections_open: 5,
+            connections_max: 4096,
             ..Sampled::default()
         });
         assert!(
@@ -537,6 +561,8 @@ mod tests {
         assert!(text.contains(r#"ivrguard_tls_handshake_failures_total{reason="timeout"} 1"#));
         assert!(text.contains("ivrguard_encryptions_current_key 7"));
         assert!(text.contains("ivrguard_upstream_connections_open 3"));
+        assert!(text.contains("ivrguard_connections_open 5\n"));
+        assert!(text.contains("ivrguard_connections_max 4096\n"));
         assert!(text.contains("ivrguard_request_duration_seconds_bucket"));
     }
 

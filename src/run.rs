@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
@@ -76,6 +76,8 @@ pub async fn start(
         .local_addr()
         .map_err(|e| format!("server.listen: {e}"))?;
 
+    // One slot per callers' connection, shared by all workers.
+    let slots = Arc::new(server::Slots::new(settings.server.max_connections));
     let (admin, admin_addr) = match settings.server.admin_listen {
         Some(admin_listen) => {
             let admin_listener = TcpListener::bind(admin_listen).await.map_err(|e| {
@@ -88,6 +90,7 @@ pub async fn start(
                 proxy: proxy.clone(),
                 readiness: readiness.clone(),
                 dropped_log_lines,
+                connection_slots: slots.clone(),
             });
             (
                 Some(tokio::spawn(admin::serve(admin_listener, state))),
@@ -99,7 +102,6 @@ pub async fn start(
 
     // Workers 1.. run on their own threads, each with its own socket on the
     // same port; this task is worker 0. One stop signal reaches them all.
-    let permits = Arc::new(Semaphore::new(settings.server.max_connections));
     let (stop_workers, workers_stop) = watch::channel(false);
     let mut workers = Vec::new();
     for index in 1..settings.server.workers {
@@ -110,7 +112,7 @@ pub async fn start(
             proxy: proxy.clone(),
             settings: settings.server.clone(),
             readiness: readiness.clone(),
-            permits: permits.clone(),
+            slots: slots.clone(),
             stop: workers_stop.clone(),
         };
         workers.push(worker.spawn()?);
@@ -128,8 +130,7 @@ pub async fn start(
             }
             let _ = stop_workers.send(true);
         };
-        let drained =
-            server::serve(listener, proxy, &server_settings, ready, permits, either).await;
+        let drained = server::serve(listener, proxy, &server_settings, ready, slots, either).await;
         let others = tokio::task::spawn_blocking(move || {
             workers
                 .into_iter()
@@ -206,7 +207,7 @@ struct Worker {
     proxy: SharedProxy,
     settings: ServerSettings,
     readiness: Arc<Readiness>,
-    permits: Arc<Semaphore>,
+    slots: Arc<server::Slots>,
     stop: watch::Receiver<bool>,
 }
 
@@ -249,7 +250,7 @@ impl Worker {
                 self.proxy,
                 &self.settings,
                 self.readiness,
-                self.permits,
+                self.slots,
                 stopped,
             )
             .await

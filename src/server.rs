@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,16 +102,62 @@ impl Builders {
     }
 }
 
+/// The callers' connection slots (`server.max_connections`), shared by all
+/// workers. A worker takes a slot before it accepts (past the limit, new
+/// connections wait in the kernel's backlog), so a slot is held by each
+/// connection and by each worker waiting to accept.
+#[derive(Debug)]
+pub struct Slots {
+    permits: Arc<Semaphore>,
+    max: usize,
+    /// Slots held by workers waiting to accept, not by connections.
+    accepting: AtomicUsize,
+}
+
+impl Slots {
+    pub fn new(max: usize) -> Self {
+        Slots {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            accepting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Callers' connections open now.
+    pub fn open(&self) -> usize {
+        let taken = self.max.saturating_sub(self.permits.available_permits());
+        taken.saturating_sub(self.accepting.load(Ordering::Relaxed))
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Counts the caller's slot as a worker's until the guard is dropped.
+    fn accepting(&self) -> Accepting<'_> {
+        self.accepting.fetch_add(1, Ordering::Relaxed);
+        Accepting(&self.accepting)
+    }
+}
+
+struct Accepting<'a>(&'a AtomicUsize);
+
+impl Drop for Accepting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves `proxy` on `listener` until `shutdown` resolves, then stops
 /// accepting and waits up to `drain_timeout` for in-flight requests.
 /// Returns false if the drain timed out. Every connection holds one of
-/// `permits` (`server.max_connections`, shared by all workers).
+/// `slots` (`server.max_connections`, shared by all workers).
 pub async fn serve(
     listener: TcpListener,
     proxy: SharedProxy,
     settings: &ServerSettings,
     readiness: Arc<Readiness>,
-    permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
     let builders = Arc::new(Builders::new(settings));
@@ -123,8 +169,9 @@ pub async fn serve(
         // (the kernel backlog holds new ones) instead of collapsing.
         let permit = tokio::select! {
             () = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            permit = slots.permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
         };
+        let accepting = slots.accepting();
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -137,6 +184,7 @@ pub async fn serve(
                 }
             },
         };
+        drop(accepting);
         let _ = stream.set_nodelay(true);
         // TLS and the request timeout as they are now (a reload changes
         // them for new connections only). A client that takes none of what

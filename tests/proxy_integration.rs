@@ -1299,6 +1299,33 @@ async fn admin_endpoints_report_health_and_metrics() {
         &canaries,
         &h.proxy.secrets,
     );
+
+    // Callers' connections, against server.max_connections (4,096 by
+    // default): three held open are three (the requests above have closed
+    // theirs, which takes a moment to be seen).
+    // Not the slots the workers hold while they wait to accept.
+    assert!(
+        metrics.contains("ivrguard_connections_max 4096\n"),
+        "{metrics}"
+    );
+    let reads = |wanted: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let metrics = client::get(admin, "/metrics").await.text();
+            if metrics.contains(wanted) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {wanted:?} in\n{metrics}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    reads("ivrguard_connections_open 0\n").await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(h.proxy.addr).await.unwrap());
+    }
+    reads("ivrguard_connections_open 3\n").await;
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
