@@ -151,6 +151,9 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_connections: usize,
+    /// Connections open at once from one peer address; more are closed as
+    /// they arrive. `None`: no such limit.
+    pub max_connections_per_client: Option<usize>,
     /// Worker threads, each with its own event loop and its own pool of
     /// connections to the app, taking connections from the one listener.
     pub workers: usize,
@@ -485,6 +488,10 @@ impl Settings {
             s.drain_timeout.as_millis()
         ));
         out.push(format!("max_connections = {}", s.max_connections));
+        out.push(format!(
+            "max_connections_per_client = {}",
+            s.max_connections_per_client.unwrap_or(0)
+        ));
         out.push(format!("workers = {}", s.workers));
         out.push(format!(
             "reload_poll_interval_ms = {}",
@@ -834,6 +841,7 @@ struct RawServer {
     request_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     max_connections: Option<u64>,
+    max_connections_per_client: Option<u64>,
     workers: Option<u64>,
     reload_poll_interval_ms: Option<u64>,
     tls_cert_file: Option<String>,
@@ -1327,6 +1335,10 @@ fn server_settings(raw: RawServer) -> Result<ServerSettings, ConfigError> {
             raw.max_connections,
             DEFAULT_MAX_CONNECTIONS,
         )?,
+        max_connections_per_client: match raw.max_connections_per_client.unwrap_or(0) {
+            0 => None,
+            n => Some(to_usize("server.max_connections_per_client", n)?),
+        },
         workers: match raw.workers {
             None => default_workers(),
             Some(n @ 1..=MAX_WORKERS) => to_usize("server.workers", n)?,

@@ -96,6 +96,7 @@ pub struct Metrics {
     upstream_connections_open: Gauge,
     connections_open: Gauge,
     connections_max: Gauge,
+    connections_refused: Counter,
     signatures_not_primary: Family<Labels, Counter>,
     config_reloads: Family<Labels, Counter>,
     config_reload_refused: Gauge,
@@ -189,6 +190,12 @@ impl Metrics {
             "server.max_connections: callers' connections served at once",
             connections_max.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed on arrival: their peer held server.max_connections_per_client",
+            connections_refused.clone(),
+        );
         let signatures_not_primary = Family::<Labels, Counter>::default();
         registry.register(
             "signatures_not_primary",
@@ -249,6 +256,7 @@ impl Metrics {
             upstream_connections_open,
             connections_open,
             connections_max,
+            connections_refused,
             signatures_not_primary,
             config_reloads,
             config_reload_refused,
@@ -265,6 +273,11 @@ impl Metrics {
             _ => 3,
         };
         self.upstream_responses[class].inc_by(1);
+    }
+
+    /// A connection closed on arrival (`server.max_connections_per_client`).
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// A request accepted with the secondary token or a shared key.

@@ -112,6 +112,11 @@ fn needs_restart(new: &Settings, old: &Settings) -> Option<String> {
             new.max_connections != old.max_connections,
         ),
         (
+            "server.max_connections_per_client",
+            "changing it",
+            new.max_connections_per_client != old.max_connections_per_client,
+        ),
+        (
             "server.reload_poll_interval_ms",
             "changing it",
             new.reload_poll_interval != old.reload_poll_interval,

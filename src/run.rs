@@ -77,7 +77,10 @@ pub async fn start(
         .map_err(|e| format!("server.listen: {e}"))?;
 
     // One slot per callers' connection, shared by all workers.
-    let slots = Arc::new(server::Slots::new(settings.server.max_connections));
+    let slots = Arc::new(server::Slots::new(
+        settings.server.max_connections,
+        settings.server.max_connections_per_client,
+    ));
     let (admin, admin_addr) = match settings.server.admin_listen {
         Some(admin_listen) => {
             let admin_listener = TcpListener::bind(admin_listen).await.map_err(|e| {

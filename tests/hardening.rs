@@ -2278,6 +2278,59 @@ async fn big_upstream(len: usize) -> RawBackend {
     .await
 }
 
+/// Found in review: one client could hold every `max_connections` slot
+/// (connections that sent nothing, or a body a byte a second), and Twilio's
+/// webhooks waited behind it. With `server.max_connections_per_client`, a
+/// peer's connections past it are closed as they arrive, logged (once per
+/// 10 s) and counted; one that ends frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_hold_more_than_its_connections() {
+    let h = harness(Behaviour::Twiml, |c| {
+        c.server_extra.push("max_connections_per_client = 2".into())
+    })
+    .await;
+    let held = [
+        TcpStream::connect(h.proxy.addr).await.unwrap(),
+        TcpStream::connect(h.proxy.addr).await.unwrap(),
+    ];
+    // The third from the same address is closed unanswered.
+    let mut third = TcpStream::connect(h.proxy.addr).await.unwrap();
+    let body = gather_body("1234", "yes");
+    let request = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body).to_bytes();
+    let _ = third.write_all(&request).await;
+    let (raw, end) = read_for(&mut third, Duration::from_secs(5)).await;
+    assert!(raw.is_empty(), "{}", String::from_utf8_lossy(&raw));
+    assert_ne!(end, End::Open);
+    assert_eq!(h.backend.count(), 0);
+
+    // One held connection closes: a caller is served again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (answers, _) = exchange(h.proxy.addr, &request, Duration::from_secs(5)).await;
+        if statuses(&answers) == [200] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let warned = wait_log(
+        &h.proxy,
+        "a client holds server.max_connections_per_client connections: its new ones are \
+         closed as they arrive. At most one such line per 10 s; connections_refused_total \
+         counts them",
+        1,
+    )
+    .await;
+    assert_eq!(warned, 1);
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    let metrics = client::get(admin, "/metrics").await.text();
+    assert!(
+        metrics.contains("ivrguard_connections_refused_total 1\n"),
+        "{metrics}"
+    );
+}
+
 /// Found in review: the access line carried the whole path and query (up
 /// to the 64 KiB head), so a caller's long paths made 124 KB lines, and the
 /// log queue (bounded in lines) held 1 GB while stdout stalled. Each is cut
