@@ -250,6 +250,12 @@ impl Proxy {
     ) -> Result<(Response<Incoming>, upstream::InFlight), Rejection> {
         // 1. receive
         check_head(&parts)?;
+        // What the signature headers alone say, before the body is read:
+        // a request without a usable signature costs no more.
+        if let Err(e) = self.verifier.check_headers(&parts.headers) {
+            log.signature = SignatureOutcome::Invalid(e.reason());
+            return Err(Rejection::Signature(e));
+        }
         // The same deadline, but the caller's: a body still not in by then
         // is `body_timeout` (the fallback, or 408), not an app failure
         // (found in review: it was logged and counted as the app's
