@@ -409,10 +409,11 @@ impl Settings {
         let value = match overridden {
             Some(value) => value,
             None => {
-                let table: toml::Table = read_text(path)?.parse().map_err(|e| {
-                    let what = format!("{} is not valid TOML: {e}", path.display());
-                    ConfigError::new("config", what.replace('\n', " "))
-                })?;
+                // The position only: the parser's message quotes the line,
+                // which may hold a pasted secret (found in review).
+                let table: toml::Table = read_text(path)?
+                    .parse()
+                    .map_err(|e| syntax_error(path, &e))?;
                 let server = table.get("server").and_then(toml::Value::as_table);
                 match server.and_then(|s| s.get("admin_listen")) {
                     None => String::new(),
@@ -1092,7 +1093,7 @@ fn section<T: DeserializeOwned + Default>(
 
 /// A TOML syntax error: the position only. The parser's own message quotes
 /// the offending line, which may hold a pasted secret.
-fn syntax_error(path: &Path, error: &config::ConfigError) -> ConfigError {
+fn syntax_error(path: &Path, error: &dyn std::fmt::Display) -> ConfigError {
     let text = error.to_string();
     let position = text
         .lines()
@@ -1895,6 +1896,27 @@ key_env = "IVRGUARD_KEY"
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(contents).unwrap();
         f
+    }
+
+    /// `ivrguard health` reads a config that may not parse: its error names
+    /// the position, never the line (found in review: the parser's message
+    /// quoted a half-pasted token to the container's health log).
+    #[test]
+    fn admin_listen_read_never_quotes_the_config() {
+        let canary = "SUPERSECRETCANARY0123456789";
+        let broken = format!("[server]\nadmin_listen = \"127.0.0.1:9\"\nauth_token = \"{canary}\n");
+        let f = file(broken.as_bytes());
+        let err = Settings::load_admin_listen(f.path(), &env(&[])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            !text.contains(canary) && !text.contains("SUPERSECRET"),
+            "{text}"
+        );
+        assert!(text.contains("is not valid TOML (line 3, column"), "{text}");
+        let lenient = format!("{MINIMAL}\n[server]\nadmin_listen = \"127.0.0.1:9\"\nodd = 1\n");
+        let f = file(lenient.as_bytes());
+        let addr = Settings::load_admin_listen(f.path(), &env(&[])).unwrap();
+        assert_eq!(addr, Some("127.0.0.1:9".parse().unwrap()));
     }
 
     fn load(toml: &str, env: &HashMap<String, String>) -> Result<Settings, ConfigError> {
