@@ -1495,11 +1495,14 @@ async fn clients_that_stop_reading_are_cut_and_free_their_connection_slots() {
 
     assert_eq!(response.status, 200, "{}", response.text());
     for hog in hogs {
-        let (held, _stream) = tokio::time::timeout(Duration::from_secs(10), hog)
+        // Far past the 1.5 s stall limit: a hog the kernel held in the
+        // backlog while the other was served is taken in, and cut, only
+        // after it; in a loaded CI run that took over 10 s (twice).
+        let (held, _stream) = tokio::time::timeout(Duration::from_secs(25), hog)
             .await
             .expect("the reader that stopped reading was cut")
             .unwrap();
-        assert!(held < Duration::from_secs(10), "held for {held:?}");
+        assert!(held < Duration::from_secs(25), "held for {held:?}");
     }
     eprintln!("the caller waited {:?}", started.elapsed());
 }
@@ -2398,15 +2401,17 @@ async fn a_long_path_and_query_make_a_short_access_line() {
         logged_path.len(),
         tail(logged_path)
     );
-    assert!(logged_query.ends_with(&format!("-\u{2026}[{} bytes]", query.len())));
-    assert!(logged_path.len() <= 1024 + 16 && logged_query.len() <= 1024 + 16);
-    let longest = h
-        .proxy
-        .stdout_text()
-        .lines()
-        .map(str::len)
-        .max()
-        .unwrap_or(0);
+    let expected = format!("step=1&\u{2026}[{} bytes]", query.len());
+    assert_eq!(logged_query, expected, "cut after the last whole parameter");
+    assert!(logged_path.len() <= 1024 + 16);
+    // Nor a long method (any token is one).
+    let method = "M".repeat(20_000);
+    let response = client::send(h.proxy.addr, &RawRequest::new(&method, "/ivr", HOST)).await;
+    assert_eq!(response.status, 405);
+    let line = &h.proxy.wait_access(2).await[1];
+    assert_eq!(line["method"], "[long method]", "{}", line["reason"]);
+    let stdout = h.proxy.stdout_text();
+    let longest = stdout.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 3_000, "a log line of {longest} bytes");
 }
 
