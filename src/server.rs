@@ -122,6 +122,22 @@ pub struct Slots {
     clients: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
+/// The client an address stands for: an IPv6 client holds at least a /64
+/// (found in review: keyed by the whole address, one IPv6 client could
+/// take every slot), and an IPv4-mapped address is its IPv4 one.
+fn client_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                std::net::IpAddr::V6(prefix.into())
+            }
+        },
+        v4 => v4,
+    }
+}
+
 /// The peer holds `server.max_connections_per_client` connections already.
 #[derive(Debug)]
 pub struct AtLimit;
@@ -170,6 +186,7 @@ impl Slots {
         let Some(limit) = self.per_client else {
             return Ok(None);
         };
+        let ip = client_of(ip);
         let mut clients = self.clients();
         let open = clients.entry(ip).or_insert(0);
         if *open >= limit {
@@ -507,6 +524,30 @@ pub async fn shutdown_signal() {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    /// One client per IPv4 address, per IPv6 /64, an IPv4-mapped address
+    /// counted as its IPv4 one; a connection that ends frees its place.
+    #[test]
+    fn a_client_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let slots = Arc::new(Slots::new(100, Some(2)));
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        let first = slots.admit(ip("2001:db8:1:2::1")).unwrap();
+        let second = slots.admit(ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert!(slots.admit(ip("2001:db8:1:2:abcd::7")).is_err(), "same /64");
+        assert!(slots.admit(ip("2001:db8:1:3::1")).is_ok(), "another /64");
+        let v4 = slots.admit(ip("192.0.2.7")).unwrap();
+        let _mapped = slots.admit(ip("::ffff:192.0.2.7")).unwrap();
+        assert!(
+            slots.admit(ip("192.0.2.7")).is_err(),
+            "mapped counts as IPv4"
+        );
+        drop((first, second, v4));
+        assert!(slots.admit(ip("2001:db8:1:2::5")).is_ok());
+        assert!(Arc::new(Slots::new(1, None))
+            .admit(ip("192.0.2.7"))
+            .unwrap()
+            .is_none());
+    }
 
     #[tokio::test]
     async fn a_panicking_handler_becomes_a_counted_500_without_its_message() {
