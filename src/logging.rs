@@ -38,6 +38,9 @@ use crate::secret::REDACTED;
 #[derive(Debug, Clone)]
 pub struct Scrubber {
     patterns: Vec<Regex>,
+    /// All of `patterns` at once: which JSON values any of them matches is
+    /// one search per value, not one per pattern.
+    any: regex::bytes::RegexSet,
     card_numbers: bool,
     /// Lines are JSON objects ([`JsonLines`]): patterns apply to string
     /// values only, see [`Scrubber::scrub`].
@@ -46,15 +49,28 @@ pub struct Scrubber {
 
 impl Scrubber {
     pub fn new(settings: &LogSettings) -> Self {
-        let patterns = settings
+        let patterns: Vec<&str> = settings
             .scrub_patterns
             .iter()
-            .map(|re| Regex::new(re.as_str()).expect("pattern compiled when config was loaded"))
+            .map(|re| re.as_str())
             .collect();
+        Scrubber::of(
+            &patterns,
+            settings.scrub_card_numbers,
+            settings.format == LogFormat::Json,
+        )
+    }
+
+    fn of(patterns: &[&str], card_numbers: bool, json: bool) -> Self {
+        const COMPILED: &str = "pattern compiled when config was loaded";
         Scrubber {
-            patterns,
-            card_numbers: settings.scrub_card_numbers,
-            json: settings.format == LogFormat::Json,
+            patterns: patterns
+                .iter()
+                .map(|re| Regex::new(re).expect(COMPILED))
+                .collect(),
+            any: regex::bytes::RegexSet::new(patterns).expect(COMPILED),
+            card_numbers,
+            json,
         }
     }
 
@@ -146,6 +162,9 @@ impl Scrubber {
                     Cow::Owned(text.into_bytes())
                 }
             };
+            if !self.any.is_match(&decoded) {
+                continue;
+            }
             let Some(scrubbed) = self.apply_patterns(&decoded) else {
                 continue;
             };
@@ -801,11 +820,7 @@ mod tests {
     use super::*;
 
     fn scrubber(patterns: &[&str]) -> Scrubber {
-        Scrubber {
-            patterns: patterns.iter().map(|p| Regex::new(p).unwrap()).collect(),
-            card_numbers: true,
-            json: false,
-        }
+        Scrubber::of(patterns, true, false)
     }
 
     #[test]
@@ -1074,10 +1089,7 @@ mod tests {
     /// to string values (decoded), not to keys, numbers or the timestamp.
     #[test]
     fn patterns_apply_to_json_string_values_only() {
-        let s = Scrubber {
-            json: true,
-            ..scrubber(&[r"\b\d{4}\b", "status"])
-        };
+        let s = Scrubber::of(&[r"\b\d{4}\b", "status"], true, true);
         let line = concat!(
             r#"{"timestamp":"2026-11-25T09:30:00.123456Z","level":"INFO","#,
             r#""message":"pin 1234 said","status":200,"latency_ms":1234.5,"#,
@@ -1118,7 +1130,7 @@ mod tests {
         /// with the same keys, and the value no longer matches.
         #[test]
         fn scrubbed_json_lines_stay_json(value in "[ -~\\n\\t\u{e9}\u{2028}]{0,40}") {
-            let s = Scrubber { json: true, ..scrubber(&[r"[0-9]+", r#"""#, r"\\"]) };
+            let s = Scrubber::of(&[r"[0-9]+", r#"""#, r"\\"], true, true);
             let mut line = String::from(r#"{"timestamp":"2026-11-25T09:30:00Z","v":"#);
             write_json_str(&mut line, &value).unwrap();
             line.push_str(",\"n\":12}\n");

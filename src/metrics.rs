@@ -62,13 +62,20 @@ pub enum Format {
 impl Format {
     /// The format an `Accept` header asks for.
     pub fn accepted(accept: Option<&[u8]>) -> Format {
-        let asks = |accept: &[u8]| {
-            accept
-                .windows(b"application/openmetrics-text".len())
-                .any(|w| w.eq_ignore_ascii_case(b"application/openmetrics-text"))
+        const OPENMETRICS: &[u8] = b"application/openmetrics-text";
+        // A media range naming it, without `q=0` (which refuses it).
+        let asks = |range: &[u8]| {
+            let mut params = range.split(|&b| b == b';').map(<[u8]>::trim_ascii);
+            params
+                .next()
+                .is_some_and(|media| media.eq_ignore_ascii_case(OPENMETRICS))
+                && !params.any(|p| {
+                    p.strip_prefix(b"q=")
+                        .is_some_and(|q| q.iter().all(|&b| b == b'0' || b == b'.'))
+                })
         };
         match accept {
-            Some(accept) if asks(accept) => Format::OpenMetrics,
+            Some(accept) if accept.split(|&b| b == b',').any(asks) => Format::OpenMetrics,
             _ => Format::Text,
         }
     }
@@ -654,6 +661,18 @@ mod tests {
         assert_eq!(asked(prometheus), Format::OpenMetrics);
         assert_eq!(asked("Application/OpenMetrics-Text"), Format::OpenMetrics);
         assert_eq!(asked("text/plain"), Format::Text);
+        assert_eq!(
+            asked("application/openmetrics-text;q=0, text/plain"),
+            Format::Text
+        );
+        assert_eq!(
+            asked("text/plain, application/openmetrics-text; q=0.0"),
+            Format::Text
+        );
+        assert_eq!(
+            asked("application/openmetrics-text;q=0.5"),
+            Format::OpenMetrics
+        );
         assert_eq!(asked("*/*"), Format::Text);
         assert_eq!(Format::accepted(None), Format::Text);
     }

@@ -319,6 +319,22 @@ impl AsyncWrite for TlsConnection {
 mod tests {
     use super::*;
 
+    /// `ALL` (the metric's label values, created at zero) names each
+    /// failure once: the `match` has no `_` arm, so a new one must be named.
+    #[test]
+    fn all_lists_every_failure_once() {
+        let index = |f: &HandshakeFailure| match f {
+            HandshakeFailure::Timeout => 0,
+            HandshakeFailure::Malformed => 1,
+            HandshakeFailure::Incompatible => 2,
+            HandshakeFailure::PeerAlert => 3,
+            HandshakeFailure::Disconnected => 4,
+            HandshakeFailure::Other => 5,
+        };
+        let listed: Vec<usize> = HandshakeFailure::ALL.iter().map(index).collect();
+        assert_eq!(listed, [0, 1, 2, 3, 4, 5]);
+    }
+
     /// A self-signed certificate for `localhost` and its PKCS#8 key, as PEM.
     fn pkcs8_pair() -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();

@@ -326,8 +326,10 @@ pub fn join_cookies(headers: &mut HeaderMap) {
         }
         joined.extend_from_slice(value.as_bytes());
     }
-    let joined = HeaderValue::from_bytes(&joined).expect("header values joined by '; '");
-    headers.insert(header::COOKIE, joined);
+    // Valid header values joined by "; " are one; kept as they were if not.
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, joined);
+    }
 }
 
 /// How long a request whose new connection failed waits before trying
@@ -371,6 +373,19 @@ pub fn set_forwarded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ALL` (the metric's label values, created at zero) names each kind
+    /// once: the `match` has no `_` arm, so a new one must be named here.
+    #[test]
+    fn all_lists_every_kind_once() {
+        let index = |e: &UpstreamError| match e {
+            UpstreamError::Connect => 0,
+            UpstreamError::Timeout => 1,
+            UpstreamError::Failed => 2,
+        };
+        let listed: Vec<usize> = UpstreamError::ALL.iter().map(index).collect();
+        assert_eq!(listed, [0, 1, 2]);
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
