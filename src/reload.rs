@@ -251,6 +251,11 @@ impl Reloader {
                     if !shown_now {
                         log_reloaded(trigger, &reloaded);
                     }
+                    // After the new settings apply: a reader who sees these
+                    // knows later lines follow them.
+                    for warning in &reloaded.warnings {
+                        tracing::warn!(trigger, "configuration warning: {warning}");
+                    }
                 }
                 // Every refusal is logged: each comes from a change (or a
                 // SIGHUP), so a rotation refused because of an unrelated
@@ -264,18 +269,14 @@ impl Reloader {
     }
 }
 
-/// The reload's line, with the keys that changed, then `check`'s warnings
-/// for the new settings (the caller picks the moment: before or after the
-/// new `log.level` applies).
+/// The reload's line, with the keys that changed (the caller picks the
+/// moment: before or after the new `log.level` applies).
 fn log_reloaded(trigger: &str, reloaded: &Reloaded) {
     let changed = match reloaded.changed.is_empty() {
         true => "nothing".to_string(),
         false => reloaded.changed.join(", "),
     };
     tracing::info!(trigger, changed = %changed, "configuration reloaded");
-    for warning in &reloaded.warnings {
-        tracing::warn!(trigger, "configuration warning: {warning}");
-    }
 }
 
 /// `server.tls_cert_file`/`_key_file` when the file is the same but its

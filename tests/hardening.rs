@@ -3149,6 +3149,13 @@ async fn sighup_reload_applies_the_log_scrub_patterns_and_level() {
     let reloads = proxy.wait_log("configuration reloaded", 2).await;
     assert_eq!(reloads[0]["changed"], "log.scrub_patterns", "{reloads:#?}");
     assert_eq!(reloads[1]["changed"], "log.level", "{reloads:#?}");
+    // `check`'s warnings for the config (its example host) follow each
+    // reload once the new level applies: at start, then after each reload.
+    // (The reload's own line comes before the level applies: a request
+    // sent on seeing it alone was logged at the old level, once in CI.)
+    let warning = "configuration warning: twilio.public_url: still the example's host; \
+                   set the scheme://host[:port] of the webhook URL configured at Twilio";
+    wait_log(&proxy, warning, 3).await;
     unsigned_get().await;
     // An error line after that request's would-be access line: once it is
     // in, the access line would be too.
