@@ -127,106 +127,90 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("ivrguard");
-        let requests = Family::<Labels, ShardedCounter>::default();
-        registry.register("requests", "Requests by outcome", requests.clone());
+        let requests: Family<Labels, ShardedCounter> =
+            registered(&mut registry, "requests", "Requests by outcome");
         let forwarded = requests.get_or_create(&[("outcome", FORWARDED)]).clone();
-        let signature_failures = Family::<Labels, Counter>::default();
-        registry.register(
+        let signature_failures: Family<Labels, Counter> = registered(
+            &mut registry,
             "signature_failures",
             "Requests refused by signature verification, by reason",
-            signature_failures.clone(),
         );
-        let fields_encrypted = ShardedCounter::default();
-        registry.register(
+        let fields_encrypted: ShardedCounter = registered(
+            &mut registry,
             "fields_encrypted",
             "Parameter values encrypted",
-            fields_encrypted.clone(),
         );
-        let upstream_errors = Family::<Labels, Counter>::default();
-        registry.register(
+        let upstream_errors: Family<Labels, Counter> = registered(
+            &mut registry,
             "upstream_errors",
             "Upstream failures, by kind",
-            upstream_errors.clone(),
         );
-        let panics = Counter::default();
-        registry.register(
+        let panics: Counter = registered(
+            &mut registry,
             "panics",
             "Requests that panicked (answered 500)",
-            panics.clone(),
         );
-        let tls_handshake_failures = Family::<Labels, Counter>::default();
-        registry.register(
+        let tls_handshake_failures: Family<Labels, Counter> = registered(
+            &mut registry,
             "tls_handshake_failures",
             "TLS handshakes on the listener that failed, by reason",
-            tls_handshake_failures.clone(),
         );
-        let latency = LatencyHistogram::default();
-        registry.register(
+        let latency: LatencyHistogram = registered(
+            &mut registry,
             "request_duration_seconds",
             "Time from request head to response head",
-            latency.clone(),
         );
-        let encryptions_this_key = Gauge::default();
-        registry.register(
+        let encryptions_this_key: Gauge = registered(
+            &mut registry,
             "encryptions_current_key",
             "Values encrypted with the current key since start-up (NIST SP 800-38D bound: 2^32 per key)",
-            encryptions_this_key.clone(),
         );
-        let log_lines_dropped = Gauge::default();
-        registry.register(
+        let log_lines_dropped: Gauge = registered(
+            &mut registry,
             "log_lines_dropped",
             "Log lines dropped because stdout could not keep up",
-            log_lines_dropped.clone(),
         );
-        let upstream_connections_open = Gauge::default();
-        registry.register(
+        let upstream_connections_open: Gauge = registered(
+            &mut registry,
             "upstream_connections_open",
             "Connections open to the app, idle ones included (at most upstream.max_connections)",
-            upstream_connections_open.clone(),
         );
-        let connections_open = Gauge::default();
-        registry.register(
+        let connections_open: Gauge = registered(
+            &mut registry,
             "connections_open",
             "Callers' connections open, idle keep-alive ones included (at most connections_max: \
              past it, new ones wait in the kernel's backlog)",
-            connections_open.clone(),
         );
-        let connections_max = Gauge::default();
-        registry.register(
+        let connections_max: Gauge = registered(
+            &mut registry,
             "connections_max",
             "server.max_connections: callers' connections served at once",
-            connections_max.clone(),
         );
-        let connections_refused = Counter::default();
-        registry.register(
+        let connections_refused: Counter = registered(
+            &mut registry,
             "connections_refused",
             "Connections closed on arrival: their peer held server.max_connections_per_client",
-            connections_refused.clone(),
         );
-        let signatures_not_primary = Family::<Labels, Counter>::default();
-        registry.register(
+        let signatures_not_primary: Family::<Labels, Counter> = registered(
+            &mut registry,
             "signatures_not_primary",
             "Requests whose signature matched a key other than the primary auth token (key: secondary, shared_key); \
              during a token rotation, how much is still signed with the token being replaced",
-            signatures_not_primary.clone(),
         );
-        let config_reloads = Family::<Labels, Counter>::default();
-        registry.register(
+        let config_reloads: Family<Labels, Counter> = registered(
+            &mut registry,
             "config_reloads",
             "Configuration reloads, by result (applied, refused)",
-            config_reloads.clone(),
         );
-        let config_reload_refused = Gauge::default();
-        registry.register(
+        let config_reload_refused: Gauge = registered(
+            &mut registry,
             "config_reload_refused",
             "1 while the last reload was refused (the files on disk differ from what is running), else 0",
-            config_reload_refused.clone(),
         );
-        let responses = Family::<Labels, ShardedCounter>::default();
-        registry.register(
+        let responses: Family<Labels, ShardedCounter> = registered(
+            &mut registry,
             "upstream_responses",
             "Responses from the app, by status class (class: 2xx, 3xx, 4xx, 5xx)",
-            responses.clone(),
         );
 
         // Every label value, at zero (see the module's documentation).
@@ -368,6 +352,16 @@ impl Metrics {
             Format::Text => text_format(&out),
         }
     }
+}
+
+/// A new metric registered as `ivrguard_<name>`, with its help text.
+fn registered<M>(registry: &mut Registry, name: &str, help: &str) -> M
+where
+    M: prometheus_client::registry::Metric + Default + Clone,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// The series of each of `values` of `label` in `family`, at zero.
