@@ -7,12 +7,13 @@
 //! idle keep-alive connections: it restarts whenever hyper waits for the next
 //! request head.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -119,19 +120,19 @@ pub struct Slots {
     /// Slots held by workers waiting to accept, not by connections.
     accepting: AtomicUsize,
     per_client: Option<usize>,
-    clients: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    clients: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// The client an address stands for: an IPv6 client holds at least a /64
 /// (found in review: keyed by the whole address, one IPv6 client could
 /// take every slot), and an IPv4-mapped address is its IPv4 one.
-fn client_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+fn client_of(ip: IpAddr) -> IpAddr {
     match ip {
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => std::net::IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
             None => {
                 let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                std::net::IpAddr::V6(prefix.into())
+                IpAddr::V6(prefix.into())
             }
         },
         v4 => v4,
@@ -146,7 +147,7 @@ pub struct AtLimit;
 /// until it is dropped.
 pub struct Client {
     slots: Arc<Slots>,
-    ip: std::net::IpAddr,
+    ip: IpAddr,
 }
 
 impl Drop for Client {
@@ -172,17 +173,13 @@ impl Slots {
         }
     }
 
-    fn clients(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
-        self.clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn clients(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts a connection from `ip` against its limit: `Err` if the peer
     /// holds as many as it may; `Ok(None)` without a limit.
-    pub fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<Option<Client>, AtLimit> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<Client>, AtLimit> {
         let Some(limit) = self.per_client else {
             return Ok(None);
         };
@@ -530,7 +527,7 @@ mod tests {
     #[test]
     fn a_client_is_an_ipv4_address_or_an_ipv6_slash_64() {
         let slots = Arc::new(Slots::new(100, Some(2)));
-        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         let first = slots.admit(ip("2001:db8:1:2::1")).unwrap();
         let second = slots.admit(ip("2001:db8:1:2:ffff::9")).unwrap();
         assert!(slots.admit(ip("2001:db8:1:2:abcd::7")).is_err(), "same /64");
