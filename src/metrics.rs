@@ -35,14 +35,14 @@ use prometheus_client::registry::Registry;
 type Labels = [(&'static str, &'static str); 1];
 
 /// The outcome of most requests: its counter is resolved once.
-const FORWARDED: &str = "forwarded";
+pub const FORWARDED: &str = "forwarded";
 /// The app answered 401 or 403 to a request ivrguard verified and re-signed.
 pub const APP_REFUSED: &str = "app_refused";
 /// Outcomes of a request head hyper refused itself (400 or 431, 414).
 pub const HEAD_TOO_LARGE: &str = "head_too_large";
 pub const MALFORMED_HEAD: &str = "malformed_head";
 /// The `kind` of an app that did not answer within the request deadline.
-const DEADLINE: &str = "deadline";
+pub const DEADLINE: &str = "deadline";
 /// The `kind` of an app's response that broke off after its head.
 pub const RESPONSE_BODY: &str = "response_body";
 /// The `class` label of the app's answers.

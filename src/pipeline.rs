@@ -205,7 +205,7 @@ impl Proxy {
         let outcome = match (log.reason, log.app_refused) {
             (Some(reason), _) => reason,
             (None, true) => crate::metrics::APP_REFUSED,
-            (None, false) => "forwarded",
+            (None, false) => crate::metrics::FORWARDED,
         };
         self.metrics.request(outcome, latency.as_secs_f64());
         log.emit(status.as_u16(), latency);
@@ -268,7 +268,7 @@ impl Proxy {
         let request = self.prepare(*parts, body, peer, log)?;
 
         // 5. forward
-        let (response, in_flight) = self
+        let (mut response, in_flight) = self
             .upstream
             .send(request)
             .await
@@ -300,7 +300,6 @@ impl Proxy {
                 );
             }
         }
-        let mut response = response;
         // Framed anew for the caller: hyper writes our HTTP version and the
         // length of the body as it was decoded (found in review: an app's
         // `HTTP/1.0` status line reached HTTP/1.1 callers).
@@ -596,7 +595,7 @@ impl Proxy {
         match rejection {
             Rejection::Signature(e) => self.metrics.signature_failure(e.reason()),
             Rejection::Upstream(e) => app_failed(&self.metrics, e.kind()),
-            Rejection::Deadline => app_failed(&self.metrics, "deadline"),
+            Rejection::Deadline => app_failed(&self.metrics, crate::metrics::DEADLINE),
             Rejection::MalformedForm(_)
             | Rejection::BodyTooLarge
             | Rejection::BodyRead
