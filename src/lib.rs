@@ -19,6 +19,7 @@ pub mod health;
 pub mod json_body;
 pub mod log_limit;
 pub mod logging;
+pub mod memory_guard;
 pub mod metrics;
 pub mod mismatch;
 pub mod pipeline;

@@ -14,6 +14,11 @@ use ivrguard::signature::Verifier;
 
 fn main() -> ExitCode {
     install_panic_hook();
+    // Before any secret is read: no core dump, no reading by other processes.
+    if let Err(message) = ivrguard::memory_guard::seal() {
+        eprintln!("ivrguard: {message}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let result = match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Run => load(&cli).and_then(|s| ivrguard::run::run(&cli.config_path(), s)),
