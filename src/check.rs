@@ -7,6 +7,8 @@
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use subtle::ConstantTimeEq;
+
 use crate::config::Settings;
 
 /// How long `check` waits for the app to accept a connection.
@@ -52,6 +54,25 @@ pub fn warnings(settings: &Settings) -> Vec<String> {
                 .to_string(),
         );
     }
+    if let Some(app) = &settings.upstream.auth_token {
+        let signing = [
+            Some(&twilio.auth_token),
+            twilio.secondary_auth_token.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(twilio.shared_keys.iter().map(|(_, secret)| secret));
+        if signing
+            .into_iter()
+            .any(|secret| bool::from(secret.expose().ct_eq(app.expose())))
+        {
+            out.push(
+                "upstream.auth_token: the same as a Twilio signing secret, so the app holds \
+                 it after all; give the app a token of its own (ivrguard keygen)"
+                    .to_string(),
+            );
+        }
+    }
     if !settings.upstream.fallback_twiml.contains("<Response") {
         out.push(
             "upstream.fallback_twiml: not TwiML (no <Response>): when the app fails, Twilio \
@@ -96,6 +117,10 @@ mod tests {
     const KEY: &str = "a154eb4c759711bc2538a7cc021e9e9f17dd8aa63151c62ca28a82a4a404203d";
 
     fn settings(twilio: &str, upstream: &str, token: &str) -> Settings {
+        settings_with(twilio, upstream, token, &[])
+    }
+
+    fn settings_with(twilio: &str, upstream: &str, token: &str, vars: &[(&str, &str)]) -> Settings {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ivrguard.toml");
         let toml = format!(
@@ -103,10 +128,11 @@ mod tests {
              [twilio]\nauth_token_env = \"T\"\n{twilio}\n[encryption]\nkey_env = \"K\"\n"
         );
         std::fs::write(&path, toml).unwrap();
-        let env = HashMap::from([
+        let mut env = HashMap::from([
             ("T".to_string(), token.to_string()),
             ("K".to_string(), KEY.to_string()),
         ]);
+        env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Settings::load(&path, &env).unwrap()
     }
 
@@ -138,6 +164,22 @@ mod tests {
             TOKEN,
         );
         assert!(warnings(&s)[0].starts_with("upstream.fallback_twiml: not TwiML"));
+    }
+
+    #[test]
+    fn an_app_token_equal_to_the_twilio_token_is_warned_of() {
+        let public = "public_url = \"https://ivr.bank.test\"";
+        let up = "url = \"http://127.0.0.1:3000\"\nauth_token_env = \"A\"";
+        let own = settings_with(public, up, TOKEN, &[("A", "a-token-of-the-apps-own")]);
+        assert_eq!(warnings(&own), Vec::<String>::new());
+        let same = settings_with(public, up, TOKEN, &[("A", TOKEN)]);
+        let w = warnings(&same);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("upstream.auth_token: the same as"),
+            "{w:?}"
+        );
+        assert!(!w[0].contains(TOKEN), "never the value");
     }
 
     #[test]

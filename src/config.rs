@@ -210,6 +210,11 @@ pub struct UpstreamSettings {
     pub rewrite_host: bool,
     pub on_error: OnUpstreamError,
     pub fallback_twiml: String,
+    /// `upstream.auth_token`: the app's own token, which forwarded requests
+    /// are signed with; without it, they are signed with
+    /// `twilio.auth_token`, which the app must then hold.
+    pub auth_token: Option<Secret>,
+    pub auth_token_source: Option<SecretSource>,
 }
 
 impl UpstreamSettings {
@@ -230,6 +235,8 @@ impl UpstreamSettings {
             rewrite_host: _,
             on_error: _,
             fallback_twiml: _,
+            auth_token: _,
+            auth_token_source: _,
         } = self;
         *scheme_authority == other.scheme_authority
             && *path_prefix == other.path_prefix
@@ -369,7 +376,7 @@ impl Settings {
         let raw = RawConfig::read(path, env)?;
 
         let server = server_settings(raw.server)?;
-        let upstream = upstream_settings(raw.upstream)?;
+        let upstream = upstream_settings(raw.upstream, env)?;
         if upstream.timeout >= server.request_timeout {
             return Err(ConfigError::new(
                 "upstream.timeout_ms",
@@ -443,6 +450,7 @@ impl Settings {
             .filter_map(|value| section::<RawSharedKey>(Some(value), "", env).ok())
             .map(|key| key.secret_file);
         let named = [
+            raw.upstream.auth_token_file,
             raw.twilio.auth_token_file,
             raw.twilio.secondary_auth_token_file,
             raw.encryption.key_file,
@@ -543,6 +551,14 @@ impl Settings {
         };
         out.push(format!("on_error = {}", toml_str(on_error)));
         out.push(format!("fallback_twiml = {}", toml_str(&u.fallback_twiml)));
+        match &u.auth_token_source {
+            Some(source) => out.push(secret_line("auth_token", source)),
+            None => out.push(
+                "# auth_token is not set: forwarded requests are signed with twilio.auth_token, \
+                 so the app holds the Twilio auth token (which also opens Twilio's REST API)"
+                    .to_string(),
+            ),
+        }
 
         let t = &self.twilio;
         out.push(String::new());
@@ -862,6 +878,9 @@ struct RawUpstream {
     rewrite_host: Option<bool>,
     on_error: Option<String>,
     fallback_twiml: Option<String>,
+    auth_token: Option<IgnoredAny>,
+    auth_token_env: Option<String>,
+    auth_token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1403,7 +1422,10 @@ fn tls_settings(
     }))
 }
 
-fn upstream_settings(raw: RawUpstream) -> Result<UpstreamSettings, ConfigError> {
+fn upstream_settings(
+    raw: RawUpstream,
+    env: &HashMap<String, String>,
+) -> Result<UpstreamSettings, ConfigError> {
     let url = non_empty(raw.url).ok_or_else(|| {
         ConfigError::new(
             "upstream.url",
@@ -1437,6 +1459,16 @@ fn upstream_settings(raw: RawUpstream) -> Result<UpstreamSettings, ConfigError> 
             ))
         }
     };
+    let auth_token_source = secret_source(
+        "upstream.auth_token",
+        raw.auth_token.is_some(),
+        raw.auth_token_env,
+        raw.auth_token_file,
+    )?;
+    let auth_token = auth_token_source
+        .as_ref()
+        .map(|source| read_secret(source, &source.key("upstream.auth_token"), env))
+        .transpose()?;
     Ok(UpstreamSettings {
         scheme_authority: format!("http://{}", authority.as_str()),
         authority,
@@ -1462,6 +1494,8 @@ fn upstream_settings(raw: RawUpstream) -> Result<UpstreamSettings, ConfigError> 
         on_error,
         fallback_twiml: non_empty(raw.fallback_twiml)
             .unwrap_or_else(|| DEFAULT_FALLBACK_TWIML.to_string()),
+        auth_token,
+        auth_token_source,
     })
 }
 
@@ -2328,6 +2362,11 @@ scrub_card_numbers = false
                 "twilio.secondary_auth_token",
             ),
             ("encryption", r#"key = "CANARY-LITERAL""#, "encryption.key"),
+            (
+                "upstream",
+                r#"auth_token = "CANARY-LITERAL""#,
+                "upstream.auth_token",
+            ),
         ];
         for (section, line, key) in cases {
             let err = error(&with(&[(section, line)]), &env(&[]));
@@ -2920,12 +2959,50 @@ scrub_card_numbers = false
             "[twilio]\n",
             "[twilio]\nsecondary_auth_token_env = \"SECOND\"\n",
         );
-        let s = load(&toml, &env(&[("SECOND", "CANARY-SECOND")])).unwrap();
+        let without_app_token = load(&toml, &env(&[("SECOND", "CANARY-SECOND")]))
+            .unwrap()
+            .describe();
+        assert!(
+            without_app_token.contains(
+                "# auth_token is not set: forwarded requests are signed with twilio.auth_token"
+            ),
+            "{without_app_token}"
+        );
+        let toml = toml.replace(
+            "[upstream]\n",
+            "[upstream]\nauth_token_env = \"APP_TOKEN\"\n",
+        );
+        let s = load(
+            &toml,
+            &env(&[("SECOND", "CANARY-SECOND"), ("APP_TOKEN", "CANARY-APP")]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.upstream.auth_token.as_ref().map(|t| t.expose()),
+            Some(&b"CANARY-APP"[..])
+        );
         let text = s.describe();
+        assert!(
+            text.contains("auth_token_env = \"APP_TOKEN\"  # set, *REDACTED*"),
+            "{text}"
+        );
+        // It loads back (the app's token has its own variable).
+        let again = load(
+            &text,
+            &env(&[("SECOND", "CANARY-SECOND"), ("APP_TOKEN", "CANARY-APP")]),
+        )
+        .unwrap();
+        assert_eq!(again.describe(), text);
+        let missing = error(&toml, &env(&[("SECOND", "CANARY-SECOND")]));
+        assert_eq!(
+            missing.to_string(),
+            "upstream.auth_token_env: environment variable APP_TOKEN is not set"
+        );
         let debug = format!("{s:?}");
         for out in [&text, &debug] {
             for secret in [
                 TOKEN,
+                "CANARY-APP",
                 "CANARY-SECOND",
                 "CANARY-FILE-TOKEN",
                 KEY_HEX,
@@ -2950,6 +3027,25 @@ scrub_card_numbers = false
             text.contains("key_env = \"IVRGUARD_KEY\"  # set, *REDACTED*"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn named_files_lists_every_secret_file_for_the_reload_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ivrguard.toml");
+        let toml = with(&[("upstream", r#"auth_token_file = "/run/app-token""#)]).replace(
+            "auth_token_env = \"TWILIO_AUTH_TOKEN\"",
+            "auth_token_file = \"/run/twilio-token\"",
+        );
+        std::fs::write(&path, toml).unwrap();
+        let files = Settings::named_files(&path, &env(&[]));
+        for expected in ["/run/app-token", "/run/twilio-token"] {
+            assert!(
+                files.contains(&PathBuf::from(expected)),
+                "{expected}: {files:?}"
+            );
+        }
+        assert_eq!(files[0], path);
     }
 
     #[test]

@@ -102,7 +102,8 @@ impl Proxy {
                 &twilio.auth_token,
                 twilio.secondary_auth_token.as_ref(),
                 &twilio.shared_keys,
-            ),
+            )
+            .signing_for_app_with(settings.upstream.auth_token.as_ref()),
             cipher,
             fields: FieldSet::new(settings.encryption.fields.iter().cloned()),
             upstream: Arc::new(Upstream::new(&settings.upstream, settings.server.workers)),
@@ -293,7 +294,8 @@ impl Proxy {
                 tracing::warn!(
                     status = response.status().as_u16(),
                     "the app refused a request ivrguard verified and re-signed: the app must \
-                     validate with the same primary token as twilio.auth_token_env/_file and \
+                     validate with the token ivrguard signs with (upstream.auth_token_env/_file, \
+                     or without it the primary twilio.auth_token_env/_file) and \
                      rebuild the URL ivrguard signed (X-Forwarded-Proto + X-Forwarded-Host + path; \
                      see upstream.rewrite_host). At most one such line per 10 s; each request \
                      has its access line (upstream_status)"

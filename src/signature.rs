@@ -571,6 +571,10 @@ pub struct Verifier {
     primary: SigningKey,
     secondary: Option<SigningKey>,
     shared: Vec<(String, SigningKey)>,
+    /// The app's own token (`upstream.auth_token`), when it has one:
+    /// forwarded requests are signed with it instead of the primary. It
+    /// verifies nothing.
+    app: Option<SigningKey>,
 }
 
 impl Verifier {
@@ -589,7 +593,21 @@ impl Verifier {
                 .iter()
                 .map(|(id, secret)| (id.clone(), SigningKey::new(secret)))
                 .collect(),
+            app: None,
         }
+    }
+
+    /// Signs what [`Verifier::sign_after`] signs with `app_token` instead
+    /// of the primary token (`upstream.auth_token`), so that the app never
+    /// holds the Twilio auth token.
+    pub fn signing_for_app_with(mut self, app_token: Option<&Secret>) -> Self {
+        self.app = app_token.map(SigningKey::new);
+        self
+    }
+
+    /// The key forwarded requests are signed with.
+    fn app_key(&self) -> &SigningKey {
+        self.app.as_ref().unwrap_or(&self.primary)
     }
 
     /// Verifies the request's `X-Twilio-Signature` over each
@@ -631,8 +649,9 @@ impl Verifier {
         let mut variant = None;
         for (key, used) in keys.iter().flatten() {
             let verified = |resume| Verified { key: *used, resume };
-            if *used == KeyUsed::Primary {
-                // Always HMAC-SHA1: the case re-signing can resume from.
+            if *used == KeyUsed::Primary && self.app.is_none() {
+                // Always HMAC-SHA1: the case re-signing can resume from
+                // (when it signs with this key too).
                 let at = pairs
                     .iter()
                     .position(|pair| may_change(pair.name()))
@@ -713,18 +732,20 @@ impl Verifier {
     }
 
     /// The signature Twilio would send: primary token, HMAC-SHA1, over
-    /// exactly `url` (no candidates). Used to re-sign forwarded requests and
-    /// by `ivrguard sign`.
+    /// exactly `url` (no candidates). Used by `ivrguard sign`.
     pub fn sign<K: AsRef<str>, V: AsRef<str>>(&self, url: &str, params: &[(K, V)]) -> String {
         compute(&self.primary, Algorithm::HmacSha1, url, params)
     }
 
-    /// [`Verifier::sign`] (same result) for params in signing order
-    /// ([`in_signing_order`]) that are the verified ones with only
+    /// The signature of a forwarded request: HMAC-SHA1 over `url` and
+    /// `pairs` (in signing order, [`in_signing_order`]) with the app's token
+    /// if it has one, else the primary ([`Verifier::sign`]'s result).
+    ///
+    /// With the primary, for params that are the verified ones with only
     /// values changed whose names `may_change` accepted (what the
     /// pipeline's rewrite does), over the same `url`: it hashes only the
-    /// pairs from the first such name on. For any other `url` it signs from
-    /// the start.
+    /// pairs from the first such name on. For any other `url`, or with the
+    /// app's own token, it signs from the start.
     ///
     /// If `pairs` broke that rule, the signature would not match what is
     /// forwarded and the app would refuse the request; it never signs
@@ -733,12 +754,12 @@ impl Verifier {
     pub fn sign_after<P: Param>(&self, verified: &Verified<'_>, url: &str, pairs: &[P]) -> String {
         let mac = match verified.resume.as_ref().filter(|resume| resume.url == url) {
             Some(resume) => feed(resume.state.clone(), pairs, resume.at),
-            None => mac_over(self.primary.sha1.clone(), &[url, "", ""], pairs),
+            None => mac_over(self.app_key().sha1.clone(), &[url, "", ""], pairs),
         };
         let signature = STANDARD.encode(mac.finalize().into_bytes());
         debug_assert_eq!(
             signature,
-            self.primary.sign(Algorithm::HmacSha1, url, pairs),
+            self.app_key().sign(Algorithm::HmacSha1, url, pairs),
             "re-signing resumed wrongly"
         );
         signature
@@ -752,6 +773,7 @@ impl fmt::Debug for Verifier {
             .field("primary", &self.primary)
             .field("secondary", &self.secondary)
             .field("shared_key_ids", &ids)
+            .field("app_token", &self.app)
             .finish()
     }
 }
@@ -1887,6 +1909,42 @@ mod tests {
                 v.sign(new_url, &changed)
             );
         }
+    }
+
+    #[test]
+    fn with_an_app_token_forwarded_requests_are_signed_with_it_and_it_verifies_nothing() {
+        let primary = secret("primary-token");
+        let v = Verifier::new(&primary, None, &[]).signing_for_app_with(Some(&secret(TOKEN)));
+        let pairs = sorted_pairs(&PARAMS);
+        let by_primary = compute(
+            &SigningKey::new(&primary),
+            Algorithm::HmacSha1,
+            URL,
+            &PARAMS,
+        );
+        let verified = v
+            .verify_resumable(URL, &pairs, &signed(&by_primary), |_| true)
+            .expect("Twilio's token verifies");
+        assert_eq!(verified.key, KeyUsed::Primary);
+        assert!(
+            verified.resume.is_none(),
+            "no state of the primary to resume"
+        );
+        // Twilio's SDK fixture: "12345" over URL and PARAMS is SIG.
+        assert_eq!(v.sign_after(&verified, URL, &pairs), SIG);
+        assert_eq!(
+            v.verify_resumable(URL, &pairs, &signed(SIG), |_| true)
+                .map(|v| v.key),
+            Err(SignatureError::Mismatch),
+            "a request signed with the app's token is refused"
+        );
+        // `ivrguard sign` signs as Twilio does, with the primary.
+        assert_eq!(v.sign(URL, &PARAMS), by_primary);
+        let shown = format!("{v:?}");
+        assert!(
+            !shown.contains(TOKEN) && shown.contains("app_token: Some"),
+            "{shown}"
+        );
     }
 
     #[test]

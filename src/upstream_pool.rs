@@ -320,6 +320,8 @@ mod tests {
             rewrite_host: false,
             on_error: OnUpstreamError::Status,
             fallback_twiml: String::new(),
+            auth_token: None,
+            auth_token_source: None,
         };
         tune(&mut settings);
         Upstream::new(&settings, 1)

@@ -329,8 +329,11 @@ fn relay(client: TcpStream, target: SocketAddr, record: &Mutex<Vec<u8>>) {
 // ---------------------------------------------------------------------------
 
 struct Secrets {
+    /// The Twilio auth token.
     token: String,
     key_hex: String,
+    /// The app's own token (`upstream.auth_token`), if it has one.
+    app_token: Option<String>,
 }
 
 impl Secrets {
@@ -339,7 +342,28 @@ impl Secrets {
         Secrets {
             token: hex::encode(rng.gen::<[u8; 16]>()),
             key_hex: hex::encode(rng.gen::<[u8; 32]>()),
+            app_token: None,
         }
+    }
+
+    /// With a token of the app's own, made by `ivrguard keygen` as the
+    /// README says.
+    fn with_app_token() -> Secrets {
+        let output = clean_command(IVRGUARD)
+            .arg("keygen")
+            .output()
+            .expect("run ivrguard keygen");
+        assert!(output.status.success(), "ivrguard keygen: {output:?}");
+        let token = String::from_utf8(output.stdout).expect("UTF-8");
+        Secrets {
+            app_token: Some(token.trim_end().to_owned()),
+            ..Secrets::generate()
+        }
+    }
+
+    /// The token the app validates with.
+    fn app_facing(&self) -> &str {
+        self.app_token.as_deref().unwrap_or(&self.token)
     }
 }
 
@@ -484,9 +508,13 @@ impl Ivrguard {
             OriginFrom::PublicUrl => (format!("public_url = \"{PUBLIC_URL}\"\n"), false),
             OriginFrom::Request { trust_forwarded } => (String::new(), trust_forwarded),
         };
+        let app_token = match secrets.app_token {
+            Some(_) => "auth_token_env = \"APP_AUTH_TOKEN\"\n",
+            None => "",
+        };
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ntrust_forwarded_headers = {trust}\n\
-             [upstream]\nurl = \"http://{upstream}\"\non_error = \"status\"\n\
+             [upstream]\nurl = \"http://{upstream}\"\non_error = \"status\"\n{app_token}\
              [twilio]\nauth_token_env = \"TWILIO_AUTH_TOKEN\"\n{public_url}\
              [encryption]\nkey_env = \"IVRGUARD_KEY\"\n\
              [log]\nformat = \"json\"\n"
@@ -499,6 +527,9 @@ impl Ivrguard {
             .arg(&path)
             .env("TWILIO_AUTH_TOKEN", &secrets.token)
             .env("IVRGUARD_KEY", &secrets.key_hex);
+        if let Some(token) = &secrets.app_token {
+            cmd.env("APP_AUTH_TOKEN", token);
+        }
         let mut proc = Proc::spawn("ivrguard", cmd);
         let addr = proc.wait_for("'ivrguard listening' line", |line| {
             let v: Value = serde_json::from_str(line).ok()?;
@@ -758,11 +789,18 @@ fn assert_no_plaintext(surface: &str, text: &str, typed: &[&str]) {
 // 1. Complete calls through ivrguard to each legacy app.
 // ---------------------------------------------------------------------------
 
-fn complete_calls(kind: AppKind) {
+/// Complete calls through ivrguard to the app. With `own_token`, the app
+/// validates with a token of its own (`upstream.auth_token`) and never
+/// holds the Twilio auth token; without, with the Twilio token (the
+/// default).
+fn complete_calls(kind: AppKind, own_token: bool) {
     let dir = TempDir::new().expect("temp dir");
-    let secrets = Secrets::generate();
+    let secrets = match own_token {
+        true => Secrets::with_app_token(),
+        false => Secrets::generate(),
+    };
     let bank = Bank::start(dir.path(), &secrets);
-    let app = LegacyApp::start(kind, &secrets.token, bank.addr);
+    let app = LegacyApp::start(kind, secrets.app_facing(), bank.addr);
     let tap = Wiretap::start(app.addr);
     let mut guard = Ivrguard::start(dir.path(), tap.addr, OriginFrom::PublicUrl, &secrets);
 
@@ -873,16 +911,42 @@ fn complete_calls(kind: AppKind) {
         expected,
         "what the bank decrypted, call by call"
     );
+
+    if let Some(app_token) = &secrets.app_token {
+        // The app's token opens nothing: a webhook signed with it is
+        // refused by ivrguard, and the app is sent nothing more.
+        let forged = simulate(
+            guard.addr,
+            None,
+            app_token,
+            &[call("app-token", VOICE_URL, &[Some(CARD), Some(PIN)])],
+        );
+        let forged = &forged["app-token"];
+        assert_eq!(steps(forged).len(), 1, "{forged:#}");
+        assert_eq!(steps(forged)[0]["status"], 403, "{forged:#}");
+        let access = guard.wait_access_lines(webhooks + 1);
+        assert_eq!(
+            access[webhooks]["signature"], "mismatch",
+            "{:#}",
+            access[webhooks]
+        );
+        assert_eq!(tap.requests(), webhooks, "requests the app was sent");
+    }
+}
+
+#[test]
+fn express_app_with_its_own_token_completes_calls_and_never_sees_digits() {
+    complete_calls(AppKind::Express, true);
 }
 
 #[test]
 fn express_app_with_twilio_webhook_completes_calls_and_never_sees_digits() {
-    complete_calls(AppKind::Express);
+    complete_calls(AppKind::Express, false);
 }
 
 #[test]
 fn flask_app_with_request_validator_completes_calls_and_never_sees_digits() {
-    complete_calls(AppKind::Flask);
+    complete_calls(AppKind::Flask, false);
 }
 
 // ---------------------------------------------------------------------------

@@ -86,8 +86,9 @@ fn assert_rewritten(sent: &str, received: &str, key: &[u8; 32]) {
     }
 }
 
-/// The app got a signature it can verify: the primary token over the public
-/// URL of the rewritten target and the rewritten form parameters.
+/// The app got a signature it can verify: `token` (the primary, or the
+/// app's own) over the public URL of the rewritten target and the rewritten
+/// form parameters.
 fn assert_resigned(request: &Captured, token: &str) {
     let params = if request
         .header("content-type")
@@ -101,7 +102,7 @@ fn assert_resigned(request: &Captured, token: &str) {
     assert_eq!(
         request.header("x-twilio-signature"),
         Some(expected.as_str()),
-        "re-signed with the primary token"
+        "re-signed with the token the app validates with"
     );
 }
 
@@ -483,6 +484,41 @@ async fn accepts_secondary_token_and_resigns_with_primary() {
     let line = h.proxy.only_access().await;
     assert_eq!(line["signature"], "valid_secondary");
     assert_eq!(line["status"], 200);
+}
+
+/// With `upstream.auth_token`, the app is given a token of its own and
+/// never the Twilio auth token: what it gets is signed with its token, and
+/// its token opens nothing at ivrguard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_app_token_the_forwarded_request_is_signed_with_it() {
+    let app_token = random_sid("app");
+    let token_file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(token_file.path(), format!("{app_token}\n")).expect("write token");
+    let path = token_file.path().display().to_string();
+    let h = harness(Behaviour::Twiml, |c| {
+        c.upstream_extra.push(format!("auth_token_file = {path:?}"));
+    })
+    .await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+
+    let response = client::send(
+        h.proxy.addr,
+        &signed_post(&h.proxy.secrets.token, "/ivr/gather", &body),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let r = &h.backend.wait_for_requests(1).await[0];
+    assert_resigned(r, &app_token);
+
+    let forged = client::send(h.proxy.addr, &signed_post(&app_token, "/ivr/gather", &body)).await;
+    assert_eq!(forged.status, 403, "the app's token is not Twilio's");
+    let lines = h.proxy.wait_access(2).await;
+    assert_eq!(lines[1]["signature"], "mismatch", "{}", lines[1]);
+    assert_eq!(
+        h.backend.requests().len(),
+        1,
+        "nothing more reached the app"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
