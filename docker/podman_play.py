@@ -11,7 +11,8 @@ context, the ConfigMap and its mount, resources) is played as written:
    there (hostPath), at the same path with the same names.
 2. `secretKeyRef` environment variables: podman 4.3 expects a different
    secret format for those than for volumes. Only the app uses one (its
-   Twilio token); the test's stand-in app needs none, so it is dropped.
+   own token, `app-auth-token`); the test's stand-in app needs none, so it
+   is dropped, and the keys it named are reported (APP_SECRET_KEYS).
 3. replicas: podman runs each replica as a separate pod publishing the same
    host ports; one is played.
 4. Host ports: podman publishes every containerPort on the host. They get
@@ -57,6 +58,11 @@ def main() -> None:
             volume.pop("secret")
             volume["hostPath"] = {"path": secret_dir, "type": "Directory"}
     # 2. secretKeyRef environment variables.
+    app_secret_keys = sorted(
+        e["valueFrom"]["secretKeyRef"]["key"]
+        for e in app.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    )
     for container in pod["containers"]:
         container["env"] = [
             e for e in container.get("env", []) if "secretKeyRef" not in e.get("valueFrom", {})
@@ -90,6 +96,7 @@ def main() -> None:
         "APP_IMAGE": app["image"],
         "PUBLIC_URL": public_url,
         "SECRET_KEYS": " ".join(sorted(secret["stringData"])),
+        "APP_SECRET_KEYS": " ".join(app_secret_keys),
         "POD": pod_name,
         "IVRGUARD_CTR": f"{pod_name}-ivrguard",
         "APP_CTR": f"{pod_name}-app",

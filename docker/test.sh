@@ -162,13 +162,18 @@ for name, s in services.items():
             problems.append(f"{name}: {var} must come from docker/.env, not the file")
 if "IVRGUARD_KEY" in (services["legacy-app"].get("environment") or {}):
     problems.append("legacy-app must not get the encryption key")
+app_values = [str(v) for v in (services["legacy-app"].get("environment") or {}).values()]
+if any("TWILIO_AUTH_TOKEN" in v for v in app_values):
+    problems.append("legacy-app must not get the Twilio auth token (give it APP_AUTH_TOKEN)")
+if not any(v.startswith("${APP_AUTH_TOKEN") for v in app_values):
+    problems.append("legacy-app must validate with its own token, ${APP_AUTH_TOKEN}")
 if "./config:/etc/ivrguard:ro" not in services["ivrguard"]["volumes"]:
     problems.append("ivrguard's config directory must be mounted read-only (a directory: a file mount hides edits)")
 for p in problems:
     print("  compose.yaml:", p, file=sys.stderr)
 sys.exit(1 if problems else 0)
 PY
-ok "compose.yaml: only ivrguard published, app and bank on an internal network, secrets from .env, config read-only"
+ok "compose.yaml: only ivrguard published, app and bank on an internal network, secrets from .env (the app's own token, not Twilio's), config read-only"
 
 # ---------------------------------------------------------------------------
 phase "static binaries"
@@ -232,13 +237,18 @@ ok "user 65532:65532, ENTRYPOINT /ivrguard, CMD run, HEALTHCHECK ivrguard health
 
 # ---------------------------------------------------------------------------
 phase "Kubernetes manifests under podman kube play"
-[[ "$SECRET_KEYS" == "ivrguard-key twilio-auth-token" ]] \
+[[ "$SECRET_KEYS" == "app-auth-token ivrguard-key twilio-auth-token" ]] \
   || die "secret.yaml's keys changed ($SECRET_KEYS): update docker/test.sh"
+[[ "$APP_SECRET_KEYS" == "app-auth-token" ]] \
+  || die "the app container is given the Secret's keys '$APP_SECRET_KEYS'; it must get its own token only"
+ok "the app container gets its own token (app-auth-token) from the Secret, never the Twilio token or the key"
 TOKEN="test-token-$RANDOM$RANDOM"
+APP_TOKEN="$("$BIN" keygen)"
 KEY="$("$BIN" keygen)"
 # The Secret's files, as the kubelet would mount them (0440, group 65532).
 mkdir -p "$WORK/secrets"
 printf '%s' "$TOKEN" >"$WORK/secrets/twilio-auth-token"
+printf '%s' "$APP_TOKEN" >"$WORK/secrets/app-auth-token"
 printf '%s' "$KEY" >"$WORK/secrets/ivrguard-key"
 chmod 0750 "$WORK/secrets" && chmod 0440 "$WORK/secrets"/*
 chgrp -R 65532 "$WORK/secrets" 2>/dev/null || chmod 0755 "$WORK/secrets" "$WORK/secrets"/*
@@ -277,7 +287,7 @@ STATUS="$(curl -sS -o "$WORK/answer" -w '%{http_code}' --max-time 10 "http://127
   || die_with_logs "signed webhook: HTTP $STATUS, $(cat "$WORK/answer")" "$IVRGUARD_CTR" "$APP_CTR"
 podman logs "$APP_CTR" >"$WORK/app.log" 2>&1
 podman logs "$IVRGUARD_CTR" >"$WORK/ivrguard.log" 2>&1
-grep -q "request POST /voice?step=getPin signature=present body=CallSid=$CALL_SID&Digits=" "$WORK/app.log" \
+grep -q "request POST /voice?step=getPin signature=[A-Za-z0-9+/=]* body=CallSid=$CALL_SID&Digits=" "$WORK/app.log" \
   || die_with_logs "the app did not log the forwarded request" "$APP_CTR"
 if grep -q "$CANARY" "$WORK/app.log" "$WORK/ivrguard.log"; then
   die "plaintext Digits reached the app's or ivrguard's log"
@@ -286,6 +296,12 @@ CIPHERTEXT="$(sed -n 's/.*&Digits=\([0-9a-f]*\).*/\1/p' "$WORK/app.log" | tail -
 export IVRGUARD_TEST_KEY="$KEY"
 [[ "$(printf '%s\n' "$CIPHERTEXT" | "$BIN" decrypt --key-env IVRGUARD_TEST_KEY)" == "$CANARY" ]] \
   || die "the app's Digits ($CIPHERTEXT) does not decrypt to what the caller typed"
+# What the app got is signed with its own token (upstream.auth_token_file).
+FORWARDED_SIG="$(sed -n 's/^request POST [^ ]* signature=\([^ ]*\) .*/\1/p' "$WORK/app.log" | tail -n 1)"
+[[ "$FORWARDED_SIG" == "$(APP_TOKEN="$APP_TOKEN" "$BIN" sign --token-env APP_TOKEN \
+  --url "$PUBLIC_URL/voice?step=getPin" --param CallSid="$CALL_SID" --param Digits="$CIPHERTEXT")" ]] \
+  || die "the app got signature $FORWARDED_SIG, not the one its own token makes over what it got"
+ok "what the app got is signed with its own token (app-auth-token)"
 grep -q '"signature":"valid"' "$WORK/ivrguard.log" && grep -q '"encrypted_fields":"Digits"' "$WORK/ivrguard.log" \
   || die_with_logs "ivrguard's access log lacks the valid, encrypted request" "$IVRGUARD_CTR"
 ok "signed webhook: 200 with the app's TwiML; the app got Digits as ${#CIPHERTEXT} hex characters that decrypt to the caller's input; no plaintext in either log"
@@ -346,7 +362,8 @@ podman run -d --name "$NAME-legacy-app" --network "$NAME-backend" --network-alia
 podman run -d --name "$NAME-ivrguard" --network "$NAME-edge" --network "$NAME-backend" \
   -p "127.0.0.1:$COMPOSE_PORT:8080" --read-only --cap-drop ALL --security-opt no-new-privileges \
   -v "$WORK/compose-config:/etc/ivrguard:ro" \
-  -e TWILIO_AUTH_TOKEN="$TOKEN" -e TWILIO_AUTH_TOKEN_SECONDARY="$TOKEN2" -e IVRGUARD_KEY="$KEY" \
+  -e TWILIO_AUTH_TOKEN="$TOKEN" -e TWILIO_AUTH_TOKEN_SECONDARY="$TOKEN2" -e APP_AUTH_TOKEN="$APP_TOKEN" \
+  -e IVRGUARD_KEY="$KEY" \
   -e IVRGUARD__TWILIO__PUBLIC_URL="http://127.0.0.1:$COMPOSE_PORT" "$IVRGUARD_IMAGE" >/dev/null 2>>"$WORK/podman.err"
 PID="$(podman inspect --format '{{.State.Pid}}' "$NAME-ivrguard")"
 if grep -qw legacy-app "/proc/$PID/root/etc/hosts"; then

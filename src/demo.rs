@@ -66,6 +66,7 @@ const VOICE_WEBHOOK_PATH: &str = "/ivr";
 /// map handed to [`Settings::load`], never in the process environment.
 const TOKEN_VAR: &str = "IVRGUARD_DEMO_AUTH_TOKEN";
 const KEY_VAR: &str = "IVRGUARD_DEMO_KEY";
+const APP_TOKEN_VAR: &str = "IVRGUARD_DEMO_APP_TOKEN";
 
 /// The whole tour; far more than it needs (well under a second).
 const TOUR_TIMEOUT: Duration = Duration::from_secs(20);
@@ -112,7 +113,12 @@ pub fn run() -> Result<(), String> {
 
 /// The throw-away secrets of one run. Not `Debug`: nothing prints them.
 struct Secrets {
+    /// Twilio's auth token: the simulated Twilio signs with it, and only
+    /// ivrguard verifies with it.
     token: Secret,
+    /// The app's own token (`upstream.auth_token`), which ivrguard signs
+    /// what it forwards with.
+    app_token: Secret,
     key: FieldKey,
 }
 
@@ -120,6 +126,7 @@ impl Secrets {
     fn generate() -> Self {
         Secrets {
             token: random_token(),
+            app_token: random_token(),
             key: FieldKey::generate(),
         }
     }
@@ -128,11 +135,17 @@ impl Secrets {
         Verifier::new(&self.token, None, &[])
     }
 
+    fn app_verifier(&self) -> Verifier {
+        Verifier::new(&self.app_token, None, &[])
+    }
+
     /// The environment [`Settings::load`] reads the secrets from.
     fn env(&self) -> HashMap<String, String> {
         let token = String::from_utf8_lossy(self.token.expose()).into_owned();
+        let app_token = String::from_utf8_lossy(self.app_token.expose()).into_owned();
         HashMap::from([
             (TOKEN_VAR.to_owned(), token),
+            (APP_TOKEN_VAR.to_owned(), app_token),
             (KEY_VAR.to_owned(), self.key.to_hex().to_string()),
         ])
     }
@@ -149,7 +162,7 @@ async fn tour() -> Result<(), String> {
     let secrets = Secrets::generate();
 
     // 1. The sample IVR backend, then ivrguard in front of it.
-    let backend = Backend::new(secrets.verifier(), Bank::new(&secrets.key));
+    let backend = Backend::new(secrets.app_verifier(), Bank::new(&secrets.key));
     let backend_listener = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| format!("demo: cannot listen on 127.0.0.1: {e}"))?;
@@ -206,6 +219,8 @@ drain_timeout_ms = 2000
 
 [upstream]
 url = "http://{backend}"
+# The app's own token: ivrguard signs what it forwards with it.
+auth_token_env = "{APP_TOKEN_VAR}"
 
 [twilio]
 auth_token_env = "{TOKEN_VAR}"
@@ -337,7 +352,7 @@ fn print_backend_side(backend: &Backend, step: usize) -> Result<(), String> {
         None => say!("                      (no caller input in this request)"),
     }
     let check = match got.signature {
-        Ok(()) => "valid (ivrguard re-signed the rewritten request)".to_owned(),
+        Ok(()) => "valid, with its own token (ivrguard re-signed the rewritten request)".to_owned(),
         Err(reason) => format!("FAILED ({reason})"),
     };
     say!("                      its own X-Twilio-Signature check: {check}");
@@ -474,7 +489,7 @@ fn print_intro(backend: SocketAddr, ivrguard: SocketAddr, toml: &str) -> Result<
     say!("  sample IVR backend  http://{backend}   the two-step IVR of the Twilio encrypted-<Gather> guide");
     say!("  ivrguard            http://{ivrguard}   verifies, encrypts Digits, re-signs, forwards to the backend");
     say!("  simulated Twilio    signs each webhook like Twilio and follows the TwiML it gets back");
-    say!("  secrets             a random auth token and AES-256 key, generated for this run, never printed");
+    say!("  secrets             a random Twilio auth token, the app's own token and an AES-256 key, generated for this run, never printed");
     say!();
     say!("ivrguard's configuration for this run:");
     for line in toml.lines() {
@@ -729,8 +744,9 @@ impl Received {
     }
 }
 
-/// The app behind ivrguard. Knows the auth token (to validate signatures)
-/// but not the key: only [`Bank`] has that.
+/// The app behind ivrguard. Knows its own token (to validate what ivrguard
+/// signs), but neither Twilio's auth token nor the key: only [`Bank`] has
+/// that.
 #[derive(Clone)]
 struct Backend {
     verifier: Arc<Verifier>,

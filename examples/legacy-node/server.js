@@ -11,7 +11,9 @@
 // Twilio's webhook URL points at ivrguard instead of at the app.
 //
 // Environment:
-//   TWILIO_AUTH_TOKEN  the account's auth token (read by twilio.webhook())
+//   TWILIO_AUTH_TOKEN  the token ivrguard signs with (read by twilio.webhook()):
+//                      upstream.auth_token (its own), or without it the
+//                      account's auth token
 //   PORT               where to listen (default 3000; 0 = any free port)
 //   HOST               interface to listen on (default: all)
 //   BANK_URL           the bank service (default http://127.0.0.1:4000)

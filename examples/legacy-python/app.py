@@ -12,7 +12,8 @@ Nothing in this file changes for that: Twilio's webhook URL points at
 ivrguard instead of at the app.
 
 Environment:
-  TWILIO_AUTH_TOKEN  the account's auth token
+  TWILIO_AUTH_TOKEN  the token ivrguard signs with: upstream.auth_token (its own),
+                     or without it the account's auth token
   PORT               where to listen (default 5000; 0 = any free port)
   HOST               interface to listen on (default 0.0.0.0)
   BANK_URL           the bank service (default http://127.0.0.1:4000)

@@ -2,7 +2,7 @@
 //!
 //! It listens on `$HOST:$PORT` (default `0.0.0.0:3000`, like
 //! `examples/legacy-node`), prints one line per request to stdout — method,
-//! target, whether an `X-Twilio-Signature` came with it, and the raw body —
+//! target, the `X-Twilio-Signature` it got (or `absent`), and the raw body —
 //! and answers a little TwiML. Printing the body is the point: it is what a
 //! legacy app's logs hold, and the container test reads those logs to check
 //! that only ciphertext arrived.
@@ -46,7 +46,7 @@ fn serve(stream: TcpStream) -> io::Result<()> {
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     let mut content_length = 0usize;
-    let mut signed = false;
+    let mut signature: Option<String> = None;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
@@ -57,7 +57,7 @@ fn serve(stream: TcpStream) -> io::Result<()> {
         };
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => content_length = value.trim().parse().unwrap_or(0),
-            "x-twilio-signature" => signed = true,
+            "x-twilio-signature" => signature = Some(value.trim().to_string()),
             _ => {}
         }
     }
@@ -69,7 +69,7 @@ fn serve(stream: TcpStream) -> io::Result<()> {
     let target = parts.next().unwrap_or("-");
     println!(
         "request {method} {target} signature={} body={}",
-        if signed { "present" } else { "absent" },
+        signature.as_deref().unwrap_or("absent"),
         String::from_utf8_lossy(&body)
     );
     io::stdout().flush()?;
