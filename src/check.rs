@@ -9,13 +9,20 @@ use std::time::Duration;
 
 use subtle::ConstantTimeEq;
 
-use crate::config::Settings;
+use std::path::PathBuf;
+
+use crate::config::{SecretSource, Settings};
 
 /// How long `check` waits for the app to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The host names of the shipped examples and the README.
 const PLACEHOLDER_HOSTS: [&str; 2] = ["example.com", "example.org"];
+
+/// Encryption keys anyone can read: the one the seed article (Twilio's
+/// "Protect Twilio Voice Input with Encryption and Redaction") publishes.
+const PUBLISHED_KEYS: [&str; 1] =
+    ["a154eb4c759711bc2538a7cc021e9e9f17dd8aa63151c62ca28a82a4a404203d"];
 
 /// Every warning for `settings`, without touching the network.
 pub fn warnings(settings: &Settings) -> Vec<String> {
@@ -73,6 +80,18 @@ pub fn warnings(settings: &Settings) -> Vec<String> {
             );
         }
     }
+    if let Some(why) = weak_key(settings) {
+        out.push(format!(
+            "encryption.key: {why}: whoever knows it decrypts every value the app receives; \
+             make one with `ivrguard keygen`"
+        ));
+    }
+    out.extend(open_secret_files(settings).into_iter().map(|key| {
+        format!(
+            "{key}: the file is readable by every user of the machine; make it readable by \
+             ivrguard's user alone (chmod 0400, or a Secret volume's defaultMode 0400/0440)"
+        )
+    }));
     if !settings.upstream.fallback_twiml.contains("<Response") {
         out.push(
             "upstream.fallback_twiml: not TwiML (no <Response>): when the app fails, Twilio \
@@ -81,6 +100,76 @@ pub fn warnings(settings: &Settings) -> Vec<String> {
         );
     }
     out
+}
+
+/// Why the encryption key is one an attacker may know, if it is.
+fn weak_key(settings: &Settings) -> Option<&'static str> {
+    let hex = settings.encryption.key.to_hex();
+    let hex = hex.as_bytes();
+    if PUBLISHED_KEYS
+        .iter()
+        .any(|key| key.as_bytes().eq_ignore_ascii_case(hex))
+    {
+        return Some("the seed article's published test key");
+    }
+    if hex.chunks(2).all(|byte| byte == &hex[..2]) {
+        return Some("one byte repeated 32 times");
+    }
+    let twilio = &settings.twilio;
+    let secrets = [
+        Some(&twilio.auth_token),
+        twilio.secondary_auth_token.as_ref(),
+        settings.upstream.auth_token.as_ref(),
+    ];
+    let mut secrets = secrets
+        .into_iter()
+        .flatten()
+        .chain(twilio.shared_keys.iter().map(|(_, secret)| secret));
+    secrets
+        .any(|secret| secret.expose().eq_ignore_ascii_case(hex))
+        .then_some("the same text as a signing token")
+}
+
+/// The config keys of secret files that every user may read (mode `o+r`).
+fn open_secret_files(settings: &Settings) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let twilio = &settings.twilio;
+    let named = [
+        ("twilio.auth_token", Some(&twilio.auth_token_source)),
+        (
+            "twilio.secondary_auth_token",
+            twilio.secondary_auth_token_source.as_ref(),
+        ),
+        (
+            "upstream.auth_token",
+            settings.upstream.auth_token_source.as_ref(),
+        ),
+        ("encryption.key", Some(&settings.encryption.key_source)),
+    ];
+    let shared = twilio
+        .shared_key_sources
+        .iter()
+        .enumerate()
+        .map(|(i, (_, source))| (format!("twilio.shared_keys[{i}].secret"), Some(source)));
+    let mut files: Vec<(String, PathBuf)> = named
+        .into_iter()
+        .map(|(base, source)| (base.to_string(), source))
+        .chain(shared)
+        .filter_map(|(base, source)| match source? {
+            SecretSource::File(path) => Some((format!("{base}_file"), path.clone())),
+            SecretSource::Env(_) => None,
+        })
+        .collect();
+    if let Some(tls) = &settings.server.tls {
+        files.push(("server.tls_key_file".to_string(), tls.key_file.clone()));
+    }
+    files
+        .into_iter()
+        .filter(|(_, path)| {
+            std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+        })
+        .map(|(key, _)| key)
+        .collect()
 }
 
 /// Whether the app accepts a TCP connection now; a warning if not.
@@ -114,7 +203,8 @@ mod tests {
     use std::collections::HashMap;
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef";
-    const KEY: &str = "a154eb4c759711bc2538a7cc021e9e9f17dd8aa63151c62ca28a82a4a404203d";
+    /// A key no one has published.
+    const KEY: &str = "5d0c3b2a91e8f7c6b5a4d3e2f1c0b9a8f7e6d5c4b3a29180706f5e4d3c2b1a09";
 
     fn settings(twilio: &str, upstream: &str, token: &str) -> Settings {
         settings_with(twilio, upstream, token, &[])
@@ -180,6 +270,58 @@ mod tests {
             "{w:?}"
         );
         assert!(!w[0].contains(TOKEN), "never the value");
+    }
+
+    #[test]
+    fn a_published_or_degenerate_key_or_one_equal_to_a_token_is_warned_of() {
+        let public = "public_url = \"https://ivr.bank.test\"";
+        let up = "url = \"http://127.0.0.1:3000\"\nauth_token_env = \"A\"";
+        let seed = PUBLISHED_KEYS[0].to_uppercase();
+        let zeros = "00".repeat(32);
+        for (key, why) in [
+            (seed.as_str(), "the seed article's published test key"),
+            (zeros.as_str(), "one byte repeated 32 times"),
+            (KEY, "the same text as a signing token"),
+        ] {
+            let s = settings_with(public, up, TOKEN, &[("K", key), ("A", KEY)]);
+            let w = warnings(&s);
+            let expected = format!("encryption.key: {why}: ");
+            assert!(w.iter().any(|w| w.starts_with(&expected)), "{why}: {w:?}");
+            assert!(w
+                .iter()
+                .all(|w| !w.to_lowercase().contains(&key.to_lowercase())));
+        }
+    }
+
+    #[test]
+    fn secret_files_every_user_can_read_are_warned_of() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, KEY).unwrap();
+        let twilio = format!(
+            "public_url = \"https://ivr.bank.test\"\n[encryption]\nkey_file = {:?}",
+            key_file.display().to_string()
+        );
+        let load = |mode: u32| {
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let path = dir.path().join("ivrguard.toml");
+            let toml = format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n\
+                 [twilio]\nauth_token_env = \"T\"\n{twilio}\n"
+            );
+            std::fs::write(&path, toml).unwrap();
+            let env = HashMap::from([("T".to_string(), TOKEN.to_string())]);
+            warnings(&Settings::load(&path, &env).unwrap())
+        };
+        let w = load(0o644);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("encryption.key_file: the file is readable by every user"),
+            "{w:?}"
+        );
+        assert_eq!(load(0o440), Vec::<String>::new());
+        assert_eq!(load(0o400), Vec::<String>::new());
     }
 
     #[test]
