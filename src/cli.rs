@@ -36,9 +36,11 @@ pub enum Command {
     },
     /// Decrypt each stdin line (hex ciphertext) with the key in $VAR
     Decrypt {
-        /// Name of the environment variable holding the 64-hex-character key
-        #[arg(long, value_name = "VAR")]
-        key_env: String,
+        /// Name of the environment variable holding the 64-hex-character key.
+        /// Repeat it during a key rotation: each line is decrypted with the
+        /// first key whose tag matches (a wrong key never yields garbage)
+        #[arg(long, value_name = "VAR", required = true)]
+        key_env: Vec<String>,
     },
     /// Print the X-Twilio-Signature Twilio would send for a request
     Sign {

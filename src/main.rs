@@ -30,11 +30,9 @@ fn main() -> ExitCode {
         Command::Encrypt { key_env } => {
             cipher_from_env(key_env).and_then(|c| lines(|l| Ok(c.encrypt_hex(l.as_bytes()))))
         }
-        Command::Decrypt { key_env } => cipher_from_env(key_env).and_then(|c| {
+        Command::Decrypt { key_env } => ciphers_from_env(key_env).and_then(|ciphers| {
             lines(|l| {
-                let plain = c
-                    .decrypt_hex(l.as_bytes())
-                    .map_err(|e| format!("decrypt: {e}"))?;
+                let plain = decrypt_with_any(&ciphers, l.as_bytes())?;
                 let text = String::from_utf8(plain.to_vec())
                     .map_err(|_| "decrypt: plaintext is not UTF-8".to_string())?;
                 // One line out per line in: a value with a line break (the
@@ -97,6 +95,32 @@ fn cipher_from_env(var: &str) -> Result<FieldCipher, String> {
     )
     .map_err(|e| e.to_string())?;
     Ok(FieldCipher::new(&key))
+}
+
+/// One cipher per `--key-env`, in the order given.
+fn ciphers_from_env(vars: &[String]) -> Result<Vec<FieldCipher>, String> {
+    vars.iter().map(|var| cipher_from_env(var)).collect()
+}
+
+/// The plaintext under the first key whose tag matches; the first key's
+/// error (a malformed line fails the same way under every key) if none does.
+fn decrypt_with_any(
+    ciphers: &[FieldCipher],
+    line: &[u8],
+) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let mut first_error = None;
+    for cipher in ciphers {
+        match cipher.decrypt_hex(line) {
+            Ok(plain) => return Ok(plain),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(match first_error {
+        Some(e) => format!("decrypt: {e}"),
+        None => "decrypt: no key".to_string(),
+    })
 }
 
 /// Applies `f` to each stdin line, one output line each.

@@ -535,6 +535,53 @@ fn ivrguard_decrypt_reads_what_the_seed_node_encrypt_writes() {
     assert_eq!(plaintexts, values);
 }
 
+/// During a key rotation (README): ciphertexts the seed's Node code made
+/// under the old key and under the new one, mixed, are all decrypted by one
+/// `ivrguard decrypt` given both keys; a third key's fails.
+#[test]
+fn ivrguard_decrypt_with_two_keys_reads_either_during_a_rotation() {
+    let (old, new, other) = (random_hex(32), random_hex(32), random_hex(32));
+    let values = sample_values();
+    let made = |key: &str, values: &[String]| -> Vec<String> {
+        node_aes("encrypt", key, values)
+            .into_iter()
+            .map(|r| r.expect("the seed's encrypt works"))
+            .collect()
+    };
+    let (under_old, under_new) = (made(&old, &values), made(&new, &values));
+    let mixed: Vec<String> = under_old
+        .iter()
+        .zip(&under_new)
+        .enumerate()
+        .map(|(i, (o, n))| if i % 2 == 0 { o.clone() } else { n.clone() })
+        .collect();
+    let mut cmd = ivrguard();
+    cmd.args(["decrypt", "--key-env", "NEW_KEY", "--key-env", "OLD_KEY"])
+        .env("NEW_KEY", &new)
+        .env("OLD_KEY", &old);
+    let mut input = mixed.join("\n");
+    input.push('\n');
+    let out = run(cmd, input.as_bytes(), "ivrguard decrypt with two keys");
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), values);
+
+    let mut cmd = ivrguard();
+    cmd.args(["decrypt", "--key-env", "NEW_KEY", "--key-env", "OTHER_KEY"])
+        .env("NEW_KEY", &new)
+        .env("OTHER_KEY", &other);
+    let line = format!("{}\n", under_old[0]);
+    let out = run(cmd, line.as_bytes(), "ivrguard decrypt, neither key");
+    assert!(
+        !out.status.success(),
+        "a ciphertext under neither key decrypted"
+    );
+    assert!(
+        out.stderr.contains("failed authentication"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn ivrguard_decrypt_refuses_a_forged_node_ciphertext() {
     let key = random_hex(32);
