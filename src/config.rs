@@ -71,7 +71,7 @@ use std::time::Duration;
 use config::{Value, ValueKind};
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::cipher::FieldKey;
 use crate::config_file;
@@ -362,10 +362,40 @@ fn one_line(text: &str) -> String {
 /// The process environment as a map for [`Settings::load`]. Variables whose
 /// name or value is not UTF-8 are left out (no config value or secret can
 /// use them).
-pub fn process_env() -> HashMap<String, String> {
-    std::env::vars_os()
-        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
-        .collect()
+pub fn process_env() -> ProcessEnv {
+    ProcessEnv(
+        std::env::vars_os()
+            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+            .collect(),
+    )
+}
+
+/// A copy of the environment, which holds the secrets' variables: their
+/// values are wiped when it is dropped. A reload poll makes one at every
+/// tick; unwiped, each left the tokens and the key in freed memory (found
+/// in review).
+pub struct ProcessEnv(HashMap<String, String>);
+
+impl std::ops::Deref for ProcessEnv {
+    type Target = HashMap<String, String>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for ProcessEnv {
+    fn drop(&mut self) {
+        for value in self.0.values_mut() {
+            value.zeroize();
+        }
+    }
+}
+
+impl std::fmt::Debug for ProcessEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
 }
 
 impl Settings {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use ivrguard::cipher::{FieldCipher, FieldKey};
+use ivrguard::config::{self, Settings};
 use ivrguard::form::{self, FieldSet};
 use ivrguard::json_body;
 
@@ -138,4 +139,27 @@ fn a_dropped_cipher_leaves_no_key() {
     let key = hex::decode(KEY_HEX).unwrap();
     let cipher = Arc::new(cipher());
     assert!(!left_in_freed_memory(&key, || drop(cipher)));
+}
+
+#[test]
+fn loading_the_config_leaves_no_secret_from_the_environment() {
+    // What every reload poll does: copy the environment, load, drop both.
+    let token = "freed-memory-canary-auth-token-4f1e";
+    std::env::set_var("FREED_MEMORY_TEST_TOKEN", token);
+    std::env::set_var("FREED_MEMORY_TEST_KEY", KEY_HEX);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ivrguard.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://127.0.0.1:9\"\n\
+         [twilio]\nauth_token_env = \"FREED_MEMORY_TEST_TOKEN\"\n\
+         [encryption]\nkey_env = \"FREED_MEMORY_TEST_KEY\"\n",
+    )
+    .expect("write config");
+    assert!(!left_in_freed_memory(token.as_bytes(), || {
+        let env = config::process_env();
+        let settings = Settings::load(&path, &env).expect("loads");
+        assert_eq!(settings.twilio.auth_token.expose(), token.as_bytes());
+        drop((settings, env));
+    }));
 }
