@@ -42,6 +42,16 @@ const ORIGIN: &str = "https://ivr.example.com";
 const PATH_AND_QUERY: &str = "/ivr/gather?step=card";
 
 fn settings() -> Settings {
+    settings_with("")
+}
+
+/// The app's own token (`upstream.auth_token`, the shipped examples'
+/// setup): re-signing cannot resume from the verification's state.
+fn settings_with_app_token() -> Settings {
+    settings_with("auth_token_env = \"BENCH_APP_TOKEN\"")
+}
+
+fn settings_with(upstream_extra: &str) -> Settings {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("ivrguard.toml");
     let toml = format!(
@@ -50,6 +60,7 @@ fn settings() -> Settings {
 listen = "127.0.0.1:0"
 [upstream]
 url = "http://127.0.0.1:9"
+{upstream_extra}
 [twilio]
 auth_token_env = "BENCH_TOKEN"
 public_url = "{ORIGIN}"
@@ -61,6 +72,10 @@ key_env = "BENCH_KEY"
     let env = HashMap::from([
         ("BENCH_TOKEN".to_string(), TOKEN.to_string()),
         ("BENCH_KEY".to_string(), KEY_HEX.to_string()),
+        (
+            "BENCH_APP_TOKEN".to_string(),
+            "bench-app-token-not-a-secret-0002".to_string(),
+        ),
     ]);
     Settings::load(&path, &env).expect("bench config is valid")
 }
@@ -234,20 +249,26 @@ fn pipeline(c: &mut Criterion) {
     // before the next one, so their memory is reused. Only the copies of
     // the head (Twilio's request as hyper hands it over) are made untimed.
     group.bench_function("prepare", |b| {
-        b.iter_custom(|iters| {
-            let mut total = std::time::Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let chunk = left.min(HEADS_PER_CHUNK);
-                let mut heads: Vec<Parts> = (0..chunk).map(|_| head.clone()).collect();
-                let started = std::time::Instant::now();
-                for parts in heads.drain(..) {
-                    drop(black_box(prepare_one(parts, body.clone())));
-                }
-                total += started.elapsed();
-                left -= chunk;
-            }
-            total
+        in_chunks(b, &head, |parts| {
+            drop(black_box(prepare_one(parts, body.clone())))
+        })
+    });
+    // The same with the app's own token (`upstream.auth_token`, as the
+    // shipped examples run): the forwarded request is signed from the
+    // start with another key.
+    let with_app_token = settings_with_app_token();
+    let app_token_proxy = Proxy::new(
+        &with_app_token,
+        Arc::new(FieldCipher::new(&with_app_token.encryption.key)),
+        Arc::new(Metrics::new()),
+    );
+    group.bench_function("prepare_app_token", |b| {
+        in_chunks(b, &head, |parts| {
+            let mut log = AccessRecord::start(&parts, peer(), &fields, handed_over);
+            let request = app_token_proxy
+                .prepare(parts, body.clone(), peer(), &mut log)
+                .expect("the bench request is valid");
+            drop(black_box((request, log)))
         })
     });
     // The same, with the caches as a busy server leaves them. In the load
@@ -287,6 +308,26 @@ fn pipeline(c: &mut Criterion) {
         )
     });
     group.finish();
+}
+
+/// Times `run` on copies of `head` made untimed, `HEADS_PER_CHUNK` at a
+/// time: what a server does per request, the head as hyper hands it over.
+fn in_chunks(b: &mut criterion::Bencher<'_>, head: &Parts, mut run: impl FnMut(Parts)) {
+    b.iter_custom(|iters| {
+        let mut total = std::time::Duration::ZERO;
+        let mut left = iters;
+        while left > 0 {
+            let chunk = left.min(HEADS_PER_CHUNK);
+            let mut heads: Vec<Parts> = (0..chunk).map(|_| head.clone()).collect();
+            let started = std::time::Instant::now();
+            for parts in heads.drain(..) {
+                run(parts);
+            }
+            total += started.elapsed();
+            left -= chunk;
+        }
+        total
+    })
 }
 
 /// The same job done plainly, as baselines measured in the same run.
