@@ -365,6 +365,14 @@ fn changed_keys(old: &Settings, new: &Settings) -> Vec<String> {
             ));
         }
     }
+    let (o, n) = (&old.upstream, &new.upstream);
+    if let (Some(os), Some(ns), Some(source)) = (&o.auth_token, &n.auth_token, &n.auth_token_source)
+    {
+        values.push((
+            secret("upstream", "auth_token", source),
+            o.auth_token_source == n.auth_token_source && !os.same_as(ns),
+        ));
+    }
     values.push((
         secret("encryption", "key", &new.encryption.key_source),
         old.encryption.key_source == new.encryption.key_source

@@ -2682,6 +2682,50 @@ async fn polled_with_token_file() -> TokenFile {
     }
 }
 
+/// The app's own token (`upstream.auth_token_file`) rotated in its file:
+/// the reload names it, and what the app gets is signed with the new one
+/// from then on (found in review: a new value in the same file was
+/// applied but logged as `"changed":"nothing"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_app_token_in_its_file_is_reloaded_and_named() {
+    let backend = Backend::start(Behaviour::Twiml).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app_path = dir.path().join("app_token");
+    let (first, second) = (random_sid("app"), random_sid("app"));
+    write_token(&app_path, &first);
+    let mut config = ProxyConfig::new(backend.url());
+    config
+        .server_extra
+        .push("reload_poll_interval_ms = 50".into());
+    config.upstream_extra.push(format!(
+        "auth_token_file = {:?}",
+        app_path.display().to_string()
+    ));
+    let proxy = Proxy::start(&config).await;
+    let signed_with = |captured: &support::backend::Captured, token: &str| {
+        let params = form_decode(captured.body_str());
+        captured.header("x-twilio-signature")
+            == Some(signature(token, &Proxy::public(&captured.target), &params).as_str())
+    };
+
+    assert_eq!(status_with(&proxy, &proxy.secrets.token).await, 200);
+    assert!(signed_with(&backend.wait_for_requests(1).await[0], &first));
+    write_token(&app_path, &second);
+    let reloaded = proxy.wait_log("configuration reloaded", 1).await;
+    assert_eq!(
+        reloaded[0]["changed"], "upstream.auth_token_file",
+        "{reloaded:#?}"
+    );
+    assert_eq!(status_with(&proxy, &proxy.secrets.token).await, 200);
+    assert!(signed_with(&backend.wait_for_requests(2).await[1], &second));
+    for token in [&first, &second] {
+        assert!(
+            !proxy.stdout_text().contains(token.as_str()),
+            "a token was logged"
+        );
+    }
+}
+
 /// Found in review: the poll fingerprints the files the *running* config
 /// names. A new config naming a secret file that is not there yet (the
 /// ConfigMap adds `secondary_auth_token_file` before the kubelet writes the
