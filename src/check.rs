@@ -11,7 +11,8 @@ use subtle::ConstantTimeEq;
 
 use std::path::PathBuf;
 
-use crate::config::{SecretSource, Settings};
+use crate::config::{SecretSource, Settings, TwilioSettings};
+use crate::secret::Secret;
 
 /// How long `check` waits for the app to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -62,17 +63,7 @@ pub fn warnings(settings: &Settings) -> Vec<String> {
         );
     }
     if let Some(app) = &settings.upstream.auth_token {
-        let signing = [
-            Some(&twilio.auth_token),
-            twilio.secondary_auth_token.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .chain(twilio.shared_keys.iter().map(|(_, secret)| secret));
-        if signing
-            .into_iter()
-            .any(|secret| bool::from(secret.expose().ct_eq(app.expose())))
-        {
+        if twilio_secrets(twilio).any(|secret| bool::from(secret.expose().ct_eq(app.expose()))) {
             out.push(
                 "upstream.auth_token: the same as a Twilio signing secret, so the app holds \
                  it after all; give the app a token of its own (ivrguard keygen)"
@@ -115,19 +106,21 @@ fn weak_key(settings: &Settings) -> Option<&'static str> {
     if hex.chunks(2).all(|byte| byte == &hex[..2]) {
         return Some("one byte repeated 32 times");
     }
-    let twilio = &settings.twilio;
-    let secrets = [
-        Some(&twilio.auth_token),
-        twilio.secondary_auth_token.as_ref(),
-        settings.upstream.auth_token.as_ref(),
-    ];
-    let mut secrets = secrets
-        .into_iter()
-        .flatten()
-        .chain(twilio.shared_keys.iter().map(|(_, secret)| secret));
-    secrets
+    // (The app's token is refused at load if it is the key.)
+    twilio_secrets(&settings.twilio)
         .any(|secret| secret.expose().eq_ignore_ascii_case(hex))
         .then_some("the same text as a signing token")
+}
+
+/// The secrets Twilio's webhooks are verified with.
+fn twilio_secrets(twilio: &TwilioSettings) -> impl Iterator<Item = &Secret> {
+    [
+        Some(&twilio.auth_token),
+        twilio.secondary_auth_token.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(twilio.shared_keys.iter().map(|(_, secret)| secret))
 }
 
 /// The config keys of secret files that every user may read (mode `o+r`).
@@ -278,12 +271,16 @@ mod tests {
         let up = "url = \"http://127.0.0.1:3000\"\nauth_token_env = \"A\"";
         let seed = PUBLISHED_KEYS[0].to_uppercase();
         let zeros = "00".repeat(32);
-        for (key, why) in [
-            (seed.as_str(), "the seed article's published test key"),
-            (zeros.as_str(), "one byte repeated 32 times"),
-            (KEY, "the same text as a signing token"),
+        for (key, token, why) in [
+            (
+                seed.as_str(),
+                TOKEN,
+                "the seed article's published test key",
+            ),
+            (zeros.as_str(), TOKEN, "one byte repeated 32 times"),
+            (KEY, KEY, "the same text as a signing token"),
         ] {
-            let s = settings_with(public, up, TOKEN, &[("K", key), ("A", KEY)]);
+            let s = settings_with(public, up, token, &[("K", key), ("A", "the-app-token")]);
             let w = warnings(&s);
             let expected = format!("encryption.key: {why}: ");
             assert!(w.iter().any(|w| w.starts_with(&expected)), "{why}: {w:?}");

@@ -413,11 +413,27 @@ impl Settings {
                 "must be less than server.request_timeout_ms, to leave time for the fallback answer",
             ));
         }
+        let twilio = twilio_settings(raw.twilio, env)?;
+        let encryption = encryption_settings(raw.encryption, env)?;
+        if let (Some(token), Some(source)) = (&upstream.auth_token, &upstream.auth_token_source) {
+            // Both are 64 hex characters from `ivrguard keygen`, easily
+            // swapped (found in review): the app would hold the key.
+            if token
+                .expose()
+                .eq_ignore_ascii_case(encryption.key.to_hex().as_bytes())
+            {
+                return Err(ConfigError::new(
+                    source.key("upstream.auth_token"),
+                    "holds the encryption key (encryption.key): the app would get the key; \
+                     give it a token of its own (ivrguard keygen)",
+                ));
+            }
+        }
         Ok(Settings {
             server,
             upstream,
-            twilio: twilio_settings(raw.twilio, env)?,
-            encryption: encryption_settings(raw.encryption, env)?,
+            twilio,
+            encryption,
             log: log_settings(raw.log)?,
         })
     }
@@ -3057,6 +3073,24 @@ scrub_card_numbers = false
             text.contains("key_env = \"IVRGUARD_KEY\"  # set, *REDACTED*"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_app_token_that_is_the_encryption_key_is_refused() {
+        let toml = with(&[("upstream", r#"auth_token_env = "APP_TOKEN""#)]);
+        for same in [KEY_HEX.to_string(), KEY_HEX.to_uppercase()] {
+            let err = error(&toml, &env(&[("APP_TOKEN", &same)]));
+            assert_eq!(err.key(), "upstream.auth_token_env");
+            assert!(
+                err.to_string().contains("holds the encryption key"),
+                "{err}"
+            );
+            assert!(
+                !err.to_string().to_lowercase().contains(KEY_HEX),
+                "never the value"
+            );
+        }
+        assert!(load(&toml, &env(&[("APP_TOKEN", "a-token-of-its-own")])).is_ok());
     }
 
     #[test]
