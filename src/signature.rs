@@ -752,7 +752,9 @@ impl Verifier {
     /// anything else. Debug builds check the result against a signature
     /// computed from the start.
     pub fn sign_after<P: Param>(&self, verified: &Verified<'_>, url: &str, pairs: &[P]) -> String {
-        let mac = match verified.resume.as_ref().filter(|resume| resume.url == url) {
+        // The resumed state is keyed with the primary: never with an app token.
+        let resumable = verified.resume.as_ref().filter(|_| self.app.is_none());
+        let mac = match resumable.filter(|resume| resume.url == url) {
             Some(resume) => feed(resume.state.clone(), pairs, resume.at),
             None => mac_over(self.app_key().sha1.clone(), &[url, "", ""], pairs),
         };
@@ -1938,6 +1940,13 @@ mod tests {
             Err(SignatureError::Mismatch),
             "a request signed with the app's token is refused"
         );
+        // A state another verifier kept with the primary is not resumed.
+        let plain = Verifier::new(&primary, None, &[]);
+        let kept = plain
+            .verify_resumable(URL, &pairs, &signed(&by_primary), |_| true)
+            .expect("verifies");
+        assert!(kept.resume.is_some());
+        assert_eq!(v.sign_after(&kept, URL, &pairs), SIG);
         // `ivrguard sign` signs as Twilio does, with the primary.
         assert_eq!(v.sign(URL, &PARAMS), by_primary);
         let shown = format!("{v:?}");
@@ -1985,7 +1994,8 @@ mod tests {
             .unwrap();
         assert_eq!(by_secondary.key, KeyUsed::Secondary);
         assert!(by_secondary.resume.is_none());
-        // Re-signing always uses the primary token, resumable or not.
+        // Without an app token, re-signing uses the primary token, resumable
+        // or not.
         for verified in [&by_primary, &by_port_variant, &by_secondary] {
             assert_eq!(
                 v.sign_after(verified, URL, &sorted_pairs(&PARAMS)),
