@@ -366,7 +366,8 @@ podman run -d --name "$NAME-ivrguard" --network "$NAME-edge" --network "$NAME-ba
   -e IVRGUARD_KEY="$KEY" \
   -e IVRGUARD__TWILIO__PUBLIC_URL="http://127.0.0.1:$COMPOSE_PORT" "$IVRGUARD_IMAGE" >/dev/null 2>>"$WORK/podman.err"
 PID="$(podman inspect --format '{{.State.Pid}}' "$NAME-ivrguard")"
-if grep -qw legacy-app "/proc/$PID/root/etc/hosts"; then
+HOSTS_FILE="$(cat "/proc/$PID/root/etc/hosts")" || die "cannot read the container's /etc/hosts (/proc/$PID/root)"
+if grep -qw legacy-app <<<"$HOSTS_FILE"; then
   die "legacy-app is in the container's /etc/hosts: this check must go through DNS"
 fi
 for _ in $(seq 50); do
