@@ -98,12 +98,15 @@ fn route(state: &AdminState, request: &Request<Incoming>) -> Response<ProxyBody>
             let proxy = state.proxy.load();
             let accept = request.headers().get(header::ACCEPT);
             let format = Format::accepted(accept.map(header::HeaderValue::as_bytes));
+            let (open_fds, max_fds) = Sampled::fds();
             let sampled = Sampled {
                 encryptions: proxy.cipher().encryptions(),
                 dropped_log_lines: (state.dropped_log_lines)(),
                 upstream_connections_open: proxy.upstream_connections_open() as u64,
                 connections_open: state.connection_slots.open() as u64,
                 connections_max: state.connection_slots.max() as u64,
+                open_fds,
+                max_fds,
             };
             let rendered = proxy.metrics().render_as(sampled, format);
             text(StatusCode::OK, format.content_type(), rendered.into())

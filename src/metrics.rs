@@ -103,6 +103,8 @@ pub struct Metrics {
     upstream_connections_open: Gauge,
     connections_open: Gauge,
     connections_max: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
     connections_refused: Counter,
     signatures_not_primary: Family<Labels, Counter>,
     config_reloads: Family<Labels, Counter>,
@@ -186,6 +188,17 @@ impl Metrics {
             "connections_max",
             "server.max_connections: callers' connections served at once",
         );
+        let open_fds: Gauge = registered(
+            &mut registry,
+            "open_fds",
+            "File descriptors the process has open (connections, the app's, files); other \
+             users cannot list /proc/<pid>/fd: ivrguard is non-dumpable",
+        );
+        let max_fds: Gauge = registered(
+            &mut registry,
+            "max_fds",
+            "The process's limit on open file descriptors (RLIMIT_NOFILE, soft)",
+        );
         let connections_refused: Counter = registered(
             &mut registry,
             "connections_refused",
@@ -247,6 +260,8 @@ impl Metrics {
             upstream_connections_open,
             connections_open,
             connections_max,
+            open_fds,
+            max_fds,
             connections_refused,
             signatures_not_primary,
             config_reloads,
@@ -345,6 +360,8 @@ impl Metrics {
             .set(gauge(now.upstream_connections_open));
         self.connections_open.set(gauge(now.connections_open));
         self.connections_max.set(gauge(now.connections_max));
+        self.open_fds.set(gauge(now.open_fds));
+        self.max_fds.set(gauge(now.max_fds));
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         match format {
@@ -419,6 +436,21 @@ pub struct Sampled {
     /// Callers' connections open, and the most that may be.
     pub connections_open: u64,
     pub connections_max: u64,
+    /// This process's open file descriptors and their limit
+    /// ([`Sampled::fds`]).
+    pub open_fds: u64,
+    pub max_fds: u64,
+}
+
+impl Sampled {
+    /// This process's open file descriptors (`/proc/self/fd`, without the
+    /// one listing it; 0 where there is none) and its soft limit on them.
+    pub fn fds() -> (u64, u64) {
+        let open =
+            std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count().saturating_sub(1));
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        (open as u64, limit.current.unwrap_or(u64::MAX))
+    }
 }
 
 /// Shards per sharded metric: workers beyond this share shards (still
@@ -563,8 +595,12 @@ mod tests {
             upstream_connections_open: 3,
             connections_open: 5,
             connections_max: 4096,
+            open_fds: 17,
+            max_fds: 1024,
             ..Sampled::default()
         });
+        assert!(text.contains("ivrguard_open_fds 17\n"), "{text}");
+        assert!(text.contains("ivrguard_max_fds 1024\n"), "{text}");
         assert!(
             text.contains(r#"ivrguard_requests_total{outcome="forwarded"} 1"#),
             "{text}"

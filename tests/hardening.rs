@@ -167,11 +167,30 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc status")
 }
 
-/// Open file descriptors of `pid`.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("read /proc fd")
-        .count()
+/// The proxy's open file descriptors, from its own `/metrics`: other
+/// users cannot list its `/proc/<pid>/fd` (it is non-dumpable), and the
+/// tests need not run as root. Each reading holds one admin connection.
+async fn open_fds(proxy: &Proxy) -> usize {
+    let admin = proxy.admin_addr.expect("admin listener");
+    let text = client::get(admin, "/metrics").await.text();
+    metric(&text, "ivrguard_open_fds") as usize
+}
+
+/// Waits (5 s at most) until the proxy holds at most one descriptor more
+/// than `baseline`.
+async fn fds_back_to(proxy: &Proxy, baseline: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = open_fds(proxy).await;
+        if now <= baseline + 1 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{now} fds 5 s on, {baseline} at the baseline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The value of an unlabelled metric in Prometheus text.
@@ -3569,6 +3588,37 @@ fn most_at_once(arrivals: &[Instant], delay: Duration) -> usize {
 
 // ============================================ F12 connection limit, fds
 
+/// `ivrguard_open_fds`, which the fd tests read, counts what is open: 20
+/// callers' connections held raise it by 20 (the control that makes the
+/// tests below able to fail), and closing them brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_fds_metric_counts_the_connections_held() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let before = open_fds(&h.proxy).await;
+    assert!(
+        before > 5,
+        "listeners, the admin connection, stdio: {before}"
+    );
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(TcpStream::connect(h.proxy.addr).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = open_fds(&h.proxy).await;
+        if now >= before + 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{now} fds with 20 held, {before} before"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    fds_back_to(&h.proxy, before).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit_queues_excess_connections_and_fds_return_to_baseline() {
     const N: usize = 50;
@@ -3579,7 +3629,6 @@ async fn connection_limit_queues_excess_connections_and_fds_return_to_baseline()
         c.upstream_extra.push("pool_idle_timeout_ms = 500".into());
     })
     .await;
-    let pid = h.proxy.pid();
     // Warm up (lazy runtime threads, the first pooled connection), then
     // let the pool's idle connection expire.
     let body = gather_body("1234", "yes");
@@ -3590,7 +3639,7 @@ async fn connection_limit_queues_excess_connections_and_fds_return_to_baseline()
     .await;
     assert_eq!(warm.status, 200);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let baseline = fd_count(pid);
+    let baseline = open_fds(&h.proxy).await;
 
     all_served_by_the_app(&h, N, &body).await;
 
@@ -3613,18 +3662,7 @@ async fn connection_limit_queues_excess_connections_and_fds_return_to_baseline()
         "only {most} at once: no concurrency at all?"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = fd_count(pid);
-        if now <= baseline + 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{now} fds 5 s after the load, baseline {baseline}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    fds_back_to(&h.proxy, baseline).await;
 }
 
 /// L-series: a burst of callers does not become a burst of connections to
@@ -3783,7 +3821,7 @@ async fn descriptor_exhaustion_is_survived_and_service_recovers() {
         200
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let idle = fd_count(pid);
+    let idle = open_fds(&h.proxy).await;
     let limit = idle + 6;
     let status = std::process::Command::new("prlimit")
         .arg(format!("--pid={pid}"))
@@ -3819,15 +3857,7 @@ async fn descriptor_exhaustion_is_survived_and_service_recovers() {
     assert!(!h.proxy.stderr_text().contains("panicked"));
 
     // The load is gone: descriptors come back and so does the app.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while fd_count(pid) > idle + 1 {
-        assert!(
-            Instant::now() < deadline,
-            "{} fds, {idle} idle",
-            fd_count(pid)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    fds_back_to(&h.proxy, idle).await;
     let response = send(h.proxy.addr, token.clone(), body.clone()).await;
     assert_eq!(response.text(), BACKEND_TWIML, "the app is reached again");
 }
@@ -3843,7 +3873,7 @@ async fn the_admin_listener_backs_off_when_descriptors_run_out() {
     .await;
     let admin = h.proxy.admin_addr.expect("admin listener");
     let pid = h.proxy.pid();
-    let limit = fd_count(pid) + 2;
+    let limit = open_fds(&h.proxy).await + 2;
     let status = std::process::Command::new("prlimit")
         .arg(format!("--pid={pid}"))
         .arg(format!("--nofile={limit}:")) // the soft limit only: it goes back up below
