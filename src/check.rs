@@ -5,11 +5,10 @@
 //! a warning names the key and never quotes a secret.
 
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use subtle::ConstantTimeEq;
-
-use std::path::PathBuf;
 
 use crate::config::{SecretSource, Settings, TwilioSettings};
 use crate::secret::Secret;
