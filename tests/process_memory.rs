@@ -199,6 +199,15 @@ fn a_process_of_the_same_user_cannot_read_its_secrets_or_memory() {
         !opened && output.contains("Permission denied"),
         "a process of the proxy's own user opened its memory: {output}"
     );
+    // What stays readable by other users (README, Operations): RSS, CPU
+    // and limits can still be watched from outside.
+    let (watched, output) = as_proxy_user(&format!(
+        "cat /proc/{pid}/status /proc/{pid}/stat /proc/{pid}/limits >/dev/null"
+    ));
+    assert!(
+        watched,
+        "status, stat and limits must stay readable: {output}"
+    );
     // No core file, whatever the signal: the limit is 0 and stays 0.
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
     let core = limits
