@@ -22,10 +22,16 @@
 #          CPU each target used per request (from /proc/<pid>/stat);
 #       b. fixed rate, open loop (bench/openloop.rs, no coordinated
 #          omission): RATES req/s, FIXED_ROUNDS x FIXED_SECONDS s per target;
-#  4. ivrguard's memory: idle RSS, RSS while 1,000 keep-alive connections
-#     are held open, and peak RSS after 1,000 connections under load;
-#     start-up to ready (/readyz answers 200), median of 5;
+#  4. ivrguard's memory: idle RSS at start-up and again IDLE_WAIT s after
+#     the saturation rounds, RSS while 1,000 keep-alive connections are
+#     held open, peak RSS after 1,000 connections under load and the idle
+#     RSS IDLE_WAIT s after that burst; start-up to ready (/readyz answers
+#     200), median of 5;
 #  5. prints per-target min/median/max and the per-round ratios.
+#
+# nginx and HAProxy log nothing by default (ivrguard writes its JSON access
+# log to a file, so the comparison is against it); ANCHOR_LOGS=1 gives both
+# an access log to a file too.
 #
 # Nothing is pinned by default: all four targets share both cores with the
 # generator, as a sidecar shares its pod. PIN=1 runs the generator on CPU 0
@@ -34,6 +40,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+ANCHOR_LOGS=${ANCHOR_LOGS:-0} # 1: nginx and HAProxy write an access log to a file, as ivrguard does
 
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10}
@@ -44,6 +51,8 @@ FIXED_SECONDS=${FIXED_SECONDS:-10}
 PIN=${PIN:-0}
 BASE_PORT=${BASE_PORT:-27100}
 KEEP=${KEEP:-0}
+# Seconds of quiet before an "idle after traffic" RSS reading.
+IDLE_WAIT=${IDLE_WAIT:-6}
 
 P_BACKEND=$((BASE_PORT + 1))
 P_NGINX=$((BASE_PORT + 2))
@@ -182,6 +191,7 @@ nginx_conf nginx "$WORKERS" "
     }
     server {
         listen 127.0.0.1:$P_NGINX;
+        $([ "$ANCHOR_LOGS" = 1 ] && echo "access_log $WORK/nginx/logs/access.log;")
         location / {
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -196,8 +206,10 @@ cat >"$WORK/haproxy.cfg" <<EOF
 global
     nbthread $HAPROXY_THREADS
     maxconn 4096
+$([ "$ANCHOR_LOGS" = 1 ] && printf '    log stdout format raw local0')
 defaults
     mode http
+$([ "$ANCHOR_LOGS" = 1 ] && printf '    log global\n    option httplog')
     timeout connect 5s
     timeout client 30s
     timeout server 30s
@@ -237,7 +249,7 @@ wait_port "$P_BACKEND"
 "${SERVE[@]}" nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
 PID_NGINX=$!
 PIDS+=("$PID_NGINX")
-"${SERVE[@]}" haproxy -db -f "$WORK/haproxy.cfg" &
+"${SERVE[@]}" haproxy -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" &
 PID_HAPROXY=$!
 PIDS+=("$PID_HAPROXY")
 IVRGUARD_LOG=$WORK/ivrguard.stdout
@@ -327,7 +339,7 @@ for round in $(seq "$ROUNDS"); do
             "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')
         after=$(cpu_us "${PID[$t]}")
         requests=$(field requests "$out")
-        cpu=$(((after - before) / (requests > 0 ? requests : 1)))
+        cpu=$(awk -v d=$((after - before)) -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.2f", d / r; else print "nan" }')
         lines=-
         if [ "$t" = ivrguard ]; then
             sleep 0.3
@@ -339,6 +351,8 @@ for round in $(seq "$ROUNDS"); do
 done
 LOAD_END=$(loadavg)
 SATURATION_RSS_PEAK=$(rss_kib "$PID_IVRGUARD" VmHWM)
+sleep "$IDLE_WAIT" # the wrk connections closed: idle again, after traffic
+IDLE_AFTER_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
 
 # ---------------------------------------------------- 3b. fixed rate (open)
 FIXED=$WORK/fixed.txt
@@ -374,6 +388,10 @@ wait "$HOLD_PID" || true
 "${LOAD[@]}" wrk -t1 -c1000 -d5s -s "$WORK/webhook.lua" "http://127.0.0.1:$P_IVRGUARD" |
     grep '^RESULT' >"$WORK/c1000.txt" || true
 PEAK_RSS=$(rss_kib "$PID_IVRGUARD" VmHWM)
+# The 1,000 connections closed: what ivrguard keeps once the burst is over
+# (it hands freed memory back to the system when idle; see README).
+sleep "$IDLE_WAIT"
+IDLE_AFTER_BURST_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
 declare -A PROXY_RSS
 for t in nginx haproxy ivrguard; do
     total=0
@@ -416,6 +434,7 @@ ratio_rounds() { # key expression [file prefix rounds]
 echo "machine: $(nproc) CPUs, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), Linux $(uname -r)"
 echo "load average: before saturation $LOAD_START, after $LOAD_END, now $(loadavg)"
 echo "pinning: $([ "$PIN" = 1 ] && echo 'generator CPU 0, servers CPU 1' || echo none)"
+echo "access logs: ivrguard JSON to a file; nginx and HAProxy $([ "$ANCHOR_LOGS" = 1 ] && echo 'to a file' || echo off)"
 echo
 echo "saturation (wrk -t1 -c$CONNS, ${DURATION}s x $ROUNDS): min / median / max across rounds"
 printf '%-9s %26s %22s %22s %14s\n' target req/s p50_ms p99_ms cpu_us/req
@@ -430,7 +449,7 @@ for t in "${TARGETS[@]}"; do
         $(minmax <<<"$p99" | cut -d' ' -f1) "$(median <<<"$p99")" $(minmax <<<"$p99" | cut -d' ' -f2) \
         "$(median <<<"$cpu")"
 done
-bad=$(grep -Ev 'non2xx=0 sockerr=0' "$RESULTS" || true)
+bad=$(grep -Ev 'non2xx=0 sockerr=0' "$RESULTS" "$WORK/c1000.txt" || true)
 [ -n "$bad" ] && echo "INVALID: non-2xx or socket errors in: $bad"
 echo
 echo "ratios, per round (same minutes), min / median / max:"
@@ -451,20 +470,27 @@ echo "  access-log lines = requests (ivrguard): $(grep 'target=ivrguard' "$RESUL
     sort | uniq -c | tr '\n' ' ')"
 echo
 echo "fixed rate, open loop (bench/openloop.rs, $CONNS connections, latency from the intended send time when the connection was busy):"
-printf '%-7s %-9s %10s %9s %9s %9s %9s %12s\n' rate target achieved p50_ms p99_ms p999_ms errors client_us/req
+# p99_intended: timed from the intended send time always (wrk2's model),
+# the generator's own lateness included; lag_p99: how late the generator
+# itself started its sends (a sleep overshoots; more so when the target
+# keeps the cores busy), which p99_ms leaves out unless the connection
+# was still busy.
+printf '%-7s %-9s %10s %9s %9s %9s %12s %9s %9s %12s\n' rate target achieved p50_ms p99_ms p999_ms p99_intended lag_p99 errors client_us/req
 for rate in $RATES; do
     for t in "${TARGETS[@]}"; do
         sel="^rate=$rate .*target=$t "
-        printf '%-7s %-9s %10s %9s %9s %9s %9s %12s\n' "$rate" "$t" \
+        printf '%-7s %-9s %10s %9s %9s %9s %12s %9s %9s %12s\n' "$rate" "$t" \
             "$(col "$FIXED" "$sel" achieved_rps | median)" \
             "$(col "$FIXED" "$sel" p50_ms | median)" \
             "$(col "$FIXED" "$sel" p99_ms | median)" \
             "$(col "$FIXED" "$sel" p999_ms | median)" \
+            "$(col "$FIXED" "$sel" wrk2_p99_ms | median)" \
+            "$(col "$FIXED" "$sel" send_lag_p99_ms | median)" \
             "$(col "$FIXED" "$sel" errors | awk '{ s += $1 } END { print s + 0 }')" \
             "$(col "$FIXED" "$sel" client_cpu_us_per_req | median)"
     done
 done
-echo "  (median across $FIXED_ROUNDS rounds; every round: $(awk '{print $3}' "$FIXED" | sort | uniq -c | tr '\n' ' '))"
+echo "  (median across $FIXED_ROUNDS rounds; lines per target, all rates: $(awk '{print $3}' "$FIXED" | sort | uniq -c | tr '\n' ' '))"
 echo "  ratios, per round, min / median / max:"
 for rate in $RATES; do
     show_ratio "p50 at $rate/s ivrguard / better of the two" p50_ms "i / (n < h ? n : h)" "$FIXED" "rate=$rate " "$FIXED_ROUNDS"
@@ -473,8 +499,10 @@ done
 echo
 echo "memory and start-up (ivrguard):"
 echo "  idle RSS after start-up:                     $((IDLE_RSS / 1024)) MiB ($IDLE_RSS KiB)"
+echo "  idle RSS after the saturation rounds:        $((IDLE_AFTER_RSS / 1024)) MiB ($IDLE_AFTER_RSS KiB)"
 echo "  peak RSS after the saturation rounds:        $((SATURATION_RSS_PEAK / 1024)) MiB ($SATURATION_RSS_PEAK KiB)"
 echo "  RSS with 1,000 keep-alive connections held:  $((HELD_RSS / 1024)) MiB ($HELD_RSS KiB) [$HELD]"
 echo "  peak RSS (VmHWM) after 1,000 conns under load: $((PEAK_RSS / 1024)) MiB ($PEAK_RSS KiB) [$(cat "$WORK/c1000.txt")]"
+echo "  idle RSS ${IDLE_WAIT} s after that burst:          $((IDLE_AFTER_BURST_RSS / 1024)) MiB ($IDLE_AFTER_BURST_RSS KiB)"
 echo "  peak RSS of the whole run, for comparison:   nginx $((PROXY_RSS[nginx] / 1024)) MiB (master+workers, never 1k conns), HAProxy $((PROXY_RSS[haproxy] / 1024)) MiB, ivrguard $((PROXY_RSS[ivrguard] / 1024)) MiB"
 echo "  start-up to ready (ms, 5 runs):              ${STARTUPS[*]} (median $(printf '%s\n' "${STARTUPS[@]}" | median))"
