@@ -1,6 +1,8 @@
 //! Thin entry point: parse the command line, dispatch, map errors to exit
 //! codes (0 success, 1 failure with one line on stderr, 2 usage).
 
+#![deny(unsafe_code)]
+
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::config::{ServerSettings, Settings};
+use crate::heap_release;
 use crate::metrics::Metrics;
 use crate::reload::{self, Reloader, SharedProxy};
 use crate::server::{self, Readiness};
@@ -35,6 +36,7 @@ pub struct Started {
     stop: Option<oneshot::Sender<()>>,
     served: JoinHandle<bool>,
     admin: Option<JoinHandle<()>>,
+    heap_release: JoinHandle<()>,
 }
 
 impl Started {
@@ -52,6 +54,7 @@ impl Started {
         if let Some(admin) = self.admin.take() {
             admin.abort();
         }
+        self.heap_release.abort();
         drained
     }
 }
@@ -121,6 +124,9 @@ pub async fn start(
         workers.push(worker.spawn()?);
     }
 
+    // Memory a burst of connections took goes back once they have closed.
+    let heap_release = tokio::spawn(heap_release::after_bursts(slots.clone(), proxy.clone()));
+
     let (stop, stopped) = oneshot::channel::<()>();
     let server_settings = settings.server.clone();
     let ready = readiness.clone();
@@ -154,6 +160,7 @@ pub async fn start(
         stop: Some(stop),
         served,
         admin,
+        heap_release,
     })
 }
 

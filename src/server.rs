@@ -119,6 +119,8 @@ pub struct Slots {
     max: usize,
     /// Slots held by workers waiting to accept, not by connections.
     accepting: AtomicUsize,
+    /// The most connections open at once since [`Slots::take_peak`].
+    peak: AtomicUsize,
     per_client: Option<usize>,
     clients: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -168,6 +170,7 @@ impl Slots {
             permits: Arc::new(Semaphore::new(max)),
             max,
             accepting: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             per_client,
             clients: Default::default(),
         }
@@ -204,6 +207,18 @@ impl Slots {
 
     pub fn max(&self) -> usize {
         self.max
+    }
+
+    /// The most connections open at once since the last call, and those
+    /// open now (heap_release.rs).
+    pub fn take_peak(&self) -> (usize, usize) {
+        let open = self.open();
+        (self.peak.swap(open, Ordering::Relaxed).max(open), open)
+    }
+
+    /// Notes the connections open now towards [`Slots::take_peak`].
+    fn note_peak(&self) {
+        self.peak.fetch_max(self.open(), Ordering::Relaxed);
     }
 
     /// Counts the caller's slot as a worker's until the guard is dropped.
@@ -264,6 +279,7 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        slots.note_peak();
         // The connection's slot and its count against its peer: both freed
         // as the connection ends.
         let permit = (permit, client);
