@@ -26,7 +26,7 @@ use crate::server::Slots;
 pub const TICK: Duration = Duration::from_secs(2);
 
 /// Connections that must have ended since the last look for a release.
-pub const CLOSED: usize = 32;
+const CLOSED: usize = 32;
 
 /// Looks at the connection counts every [`TICK`] and releases the heap's
 /// free pages when [`due`]; runs until the task is aborted.
@@ -56,7 +56,7 @@ pub async fn after_bursts(slots: Arc<Slots>, proxy: SharedProxy) {
 /// Whether enough connections ended since the last look: the most callers'
 /// connections open since then against those open now, and the app's
 /// connections then and now.
-pub fn due(callers_peak: usize, callers: usize, upstream_before: usize, upstream: usize) -> bool {
+fn due(callers_peak: usize, callers: usize, upstream_before: usize, upstream: usize) -> bool {
     let closed = callers_peak.saturating_sub(callers) + upstream_before.saturating_sub(upstream);
     closed >= CLOSED || (closed > 0 && callers == 0 && upstream == 0)
 }
