@@ -163,10 +163,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// (about 0.08-0.1 ms at the median on the 2-vCPU bench machine, more when
 /// the server under test keeps the cores busy): that lateness is not in the
 /// latencies, so it is reported (`send_lag_*`, `late_over_100us`), with the
-/// p99 timed from the intended time always (`wrk2_p99_ms`). (The first version used tokio, whose timer fires in whole
-/// milliseconds: at 10,000/s it sent ten requests at once every
-/// millisecond, and what it measured was mostly how fast a burst of ten
-/// drains.)
+/// p99 timed from the intended time always (`wrk2_p99_ms`). (The first
+/// version used tokio, whose timer fires in whole milliseconds: at
+/// 10,000/s it sent ten requests at once every millisecond, and what it
+/// measured was mostly how fast a burst of ten drains.)
 fn rate(args: &[String]) -> Result<(), String> {
     let target = Target::parse(&args[0], &args[1], &args[5..])?;
     let rate: f64 = args[2].parse().map_err(|_| "RATE must be a number")?;
@@ -248,22 +248,10 @@ fn rate(args: &[String]) -> Result<(), String> {
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = cpu_time() - cpu_before;
     latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((p / 100.0) * (latencies.len() - 1) as f64).round() as usize;
-        latencies[i] as f64 / 1e6
-    };
-    let total = latencies.len() as u64 + errors;
     from_intended.sort_unstable();
     lags.sort_unstable();
-    let pct_of = |v: &Vec<u64>, p: f64| -> f64 {
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v[((p / 100.0) * (v.len() - 1) as f64).round() as usize] as f64 / 1e6
-    };
+    let pct = |p: f64| percentile_ms(&latencies, p);
+    let total = latencies.len() as u64 + errors;
     println!(
         "RESULT requests={} errors={} achieved_rps={:.0} p50_ms={:.3} p90_ms={:.3} \
          p99_ms={:.3} p999_ms={:.3} max_ms={:.3} client_cpu_us_per_req={:.1} \
@@ -277,12 +265,22 @@ fn rate(args: &[String]) -> Result<(), String> {
         pct(99.9),
         latencies.last().map_or(f64::NAN, |&n| n as f64 / 1e6),
         cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
-        pct_of(&lags, 50.0),
-        pct_of(&lags, 99.0),
+        percentile_ms(&lags, 50.0),
+        percentile_ms(&lags, 99.0),
         lags.iter().filter(|&&l| l > 100_000).count(),
-        pct_of(&from_intended, 99.0),
+        percentile_ms(&from_intended, 99.0),
     );
     Ok(())
+}
+
+/// The `p`th percentile of `sorted` nanoseconds, in milliseconds (nearest
+/// rank); NaN if there is none.
+fn percentile_ms(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i] as f64 / 1e6
 }
 
 fn connect_blocking(addr: SocketAddr) -> Result<std::net::TcpStream, String> {

@@ -389,7 +389,7 @@ wait "$HOLD_PID" || true
     grep '^RESULT' >"$WORK/c1000.txt" || true
 PEAK_RSS=$(rss_kib "$PID_IVRGUARD" VmHWM)
 # The 1,000 connections closed: what ivrguard keeps once the burst is over
-# (it hands freed memory back to the system when idle; see README).
+# (it hands freed memory back once connections close; README, Operations).
 sleep "$IDLE_WAIT"
 IDLE_AFTER_BURST_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
 declare -A PROXY_RSS
@@ -503,6 +503,7 @@ echo "  idle RSS after the saturation rounds:        $((IDLE_AFTER_RSS / 1024)) 
 echo "  peak RSS after the saturation rounds:        $((SATURATION_RSS_PEAK / 1024)) MiB ($SATURATION_RSS_PEAK KiB)"
 echo "  RSS with 1,000 keep-alive connections held:  $((HELD_RSS / 1024)) MiB ($HELD_RSS KiB) [$HELD]"
 echo "  peak RSS (VmHWM) after 1,000 conns under load: $((PEAK_RSS / 1024)) MiB ($PEAK_RSS KiB) [$(cat "$WORK/c1000.txt")]"
-echo "  idle RSS ${IDLE_WAIT} s after that burst:          $((IDLE_AFTER_BURST_RSS / 1024)) MiB ($IDLE_AFTER_BURST_RSS KiB)"
+printf '  %-45s%s\n' "idle RSS $IDLE_WAIT s after that burst:" \
+    "$((IDLE_AFTER_BURST_RSS / 1024)) MiB ($IDLE_AFTER_BURST_RSS KiB)"
 echo "  peak RSS of the whole run, for comparison:   nginx $((PROXY_RSS[nginx] / 1024)) MiB (master+workers, never 1k conns), HAProxy $((PROXY_RSS[haproxy] / 1024)) MiB, ivrguard $((PROXY_RSS[ivrguard] / 1024)) MiB"
 echo "  start-up to ready (ms, 5 runs):              ${STARTUPS[*]} (median $(printf '%s\n' "${STARTUPS[@]}" | median))"
