@@ -2672,10 +2672,13 @@ async fn stalled_response_body_is_cut_at_the_request_deadline() {
 
 // =================================================================== F9 reload
 
-fn write_token(path: &std::path::Path, token: &str) {
-    // Write then rename, as a Kubernetes Secret update does.
+/// Replaces the file at `path` whole: written beside it, then renamed over
+/// it, as a Kubernetes Secret or ConfigMap update does. A plain write can be
+/// read half done by the proxy's next poll, which then refuses that and
+/// reloads once more (a refusal counted twice made a test flaky).
+fn replace_file(path: &std::path::Path, contents: impl AsRef<[u8]>) {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, token).unwrap();
+    std::fs::write(&tmp, contents).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
 
@@ -2694,8 +2697,8 @@ async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
     let key_path = dir.path().join("key");
     let old = Secrets::generate();
     let new = Secrets::generate();
-    write_token(&token_path, &old.token);
-    write_token(&key_path, &old.key_hex);
+    replace_file(&token_path, &old.token);
+    replace_file(&key_path, &old.key_hex);
     let mut config = ProxyConfig::new(backend.url());
     config.auth_token_file = Some(token_path.clone());
     config.key_file = Some(key_path.clone());
@@ -2713,8 +2716,8 @@ async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
     assert_eq!(decrypt_field(&old.key(), &digits_of(r)), b"1234");
 
     // Key first, token last: once the new token is accepted, both are in.
-    write_token(&key_path, &new.key_hex);
-    write_token(&token_path, &new.token);
+    replace_file(&key_path, &new.key_hex);
+    replace_file(&token_path, &new.token);
     let deadline = Instant::now() + Duration::from_secs(5);
     while status_with(&proxy, &new.token).await != 200 {
         assert!(
@@ -2736,7 +2739,7 @@ async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
         "old token after reload"
     );
 
-    std::fs::write(proxy.config_path(), "[server\nthis is not toml").unwrap();
+    replace_file(proxy.config_path(), "[server\nthis is not toml");
     wait_log(
         &proxy,
         "configuration reload refused; the running configuration stays",
@@ -2775,7 +2778,7 @@ async fn polled_with_token_file() -> TokenFile {
     let dir = tempfile::tempdir().unwrap();
     let token_path = dir.path().join("auth_token");
     let secrets = Secrets::generate();
-    write_token(&token_path, &secrets.token);
+    replace_file(&token_path, &secrets.token);
     let mut config = ProxyConfig::new(backend.url());
     config.auth_token_file = Some(token_path.clone());
     config
@@ -2802,7 +2805,7 @@ async fn a_new_app_token_in_its_file_is_reloaded_and_named() {
     let dir = tempfile::tempdir().unwrap();
     let app_path = dir.path().join("app_token");
     let (first, second) = (random_sid("app"), random_sid("app"));
-    write_token(&app_path, &first);
+    replace_file(&app_path, &first);
     let mut config = ProxyConfig::new(backend.url());
     config
         .server_extra
@@ -2820,7 +2823,7 @@ async fn a_new_app_token_in_its_file_is_reloaded_and_named() {
 
     assert_eq!(status_with(&proxy, &proxy.secrets.token).await, 200);
     assert!(signed_with(&backend.wait_for_requests(1).await[0], &first));
-    write_token(&app_path, &second);
+    replace_file(&app_path, &second);
     let reloaded = proxy.wait_log("configuration reloaded", 1).await;
     assert_eq!(
         reloaded[0]["changed"], "upstream.auth_token_file",
@@ -2875,7 +2878,7 @@ async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
         ),
     );
     assert_ne!(with_secondary, config.toml());
-    std::fs::write(proxy.config_path(), &with_secondary).unwrap();
+    replace_file(proxy.config_path(), &with_secondary);
     let refused = "configuration reload refused; the running configuration stays";
     let lines = proxy.wait_log(refused, 1).await;
     assert!(
@@ -2901,7 +2904,7 @@ async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
         1.0
     );
 
-    write_token(&secondary_path, &secrets.secondary);
+    replace_file(&secondary_path, &secrets.secondary);
     let reloaded = proxy.wait_log("configuration reloaded", 1).await;
     assert_eq!(
         reloaded[0]["changed"], "twilio.secondary_auth_token_file",
@@ -2937,7 +2940,7 @@ async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
     // A new token in the same file is named by its key, never shown; a
     // SIGHUP with nothing new says so.
     let new_primary = Secrets::generate().token;
-    write_token(&token_path, &new_primary);
+    replace_file(&token_path, &new_primary);
     let reloaded = proxy.wait_log("configuration reloaded", 2).await;
     assert_eq!(reloaded[1]["changed"], "twilio.auth_token_file");
     proxy.signal("HUP");
@@ -2966,10 +2969,10 @@ async fn each_change_refused_behind_a_standing_refusal_is_logged() {
 
     let mut more_workers = config.clone();
     more_workers.workers += 1;
-    std::fs::write(proxy.config_path(), more_workers.toml()).unwrap();
+    replace_file(proxy.config_path(), more_workers.toml());
     let refused = "configuration reload refused; the running configuration stays";
     proxy.wait_log(refused, 1).await;
-    write_token(&token_path, &Secrets::generate().token);
+    replace_file(&token_path, &Secrets::generate().token);
     let lines = proxy.wait_log(refused, 2).await;
     assert!(
         lines
@@ -2996,7 +2999,7 @@ async fn health_reads_only_the_admin_address_not_the_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("key");
     let secrets = Secrets::generate();
-    write_token(&key_path, &secrets.key_hex);
+    replace_file(&key_path, &secrets.key_hex);
     let mut config = ProxyConfig::new(backend.url());
     config.key_file = Some(key_path.clone());
     let proxy = Proxy::start_with(&config, secrets.clone()).await;
@@ -3068,7 +3071,7 @@ async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config
     let token_path = dir.path().join("auth_token");
     let old = Secrets::generate().token;
     let new = Secrets::generate().token;
-    write_token(&token_path, &old);
+    replace_file(&token_path, &old);
     let mut config = ProxyConfig::new(backend.url());
     config.auth_token_file = Some(token_path.clone());
     let proxy = Proxy::start(&config).await;
@@ -3078,7 +3081,7 @@ async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config
     let addr = proxy.addr;
     let in_flight = tokio::spawn(async move { client::send(addr, &request).await });
     backend.wait_for_requests(1).await;
-    write_token(&token_path, &new);
+    replace_file(&token_path, &new);
     proxy.signal("HUP");
     wait_log(&proxy, "configuration reloaded", 1).await;
     let response = in_flight.await.unwrap();
@@ -3087,7 +3090,7 @@ async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config
     assert_eq!(status_with(&proxy, &old).await, 403);
     assert_eq!(status_with(&proxy, &new).await, 200);
 
-    std::fs::write(proxy.config_path(), "[upstream]\nurl = 12\n").unwrap();
+    replace_file(proxy.config_path(), "[upstream]\nurl = 12\n");
     proxy.signal("HUP");
     wait_log(
         &proxy,
@@ -3103,7 +3106,7 @@ async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config
     // The worker threads cannot change while running: refused too.
     let mut more_workers = config.clone();
     more_workers.workers += 1;
-    std::fs::write(proxy.config_path(), more_workers.toml()).unwrap();
+    replace_file(proxy.config_path(), more_workers.toml());
     proxy.signal("HUP");
     wait_log(
         &proxy,
@@ -3141,7 +3144,7 @@ async fn sighup_reload_lets_an_in_flight_request_finish_and_keeps_the_old_config
             "" => changed.drain_timeout_ms += 1,
             line => changed.server_extra.push(line.to_owned()),
         }
-        std::fs::write(proxy.config_path(), changed.toml()).unwrap();
+        replace_file(proxy.config_path(), changed.toml());
         proxy.signal("HUP");
         let refused = proxy
             .wait_log(
@@ -3213,7 +3216,7 @@ async fn a_reload_keeps_the_pools_unless_upstream_changed_then_closes_the_old_on
     config
         .upstream_extra
         .push("pool_max_idle_per_host = 7".into());
-    std::fs::write(proxy.config_path(), config.toml()).unwrap();
+    replace_file(proxy.config_path(), config.toml());
     proxy.signal("HUP");
     wait_log(&proxy, "configuration reloaded", 2).await;
     tokio::time::timeout(Duration::from_secs(5), closed.recv())
@@ -3279,7 +3282,7 @@ async fn sighup_reload_applies_the_log_scrub_patterns_and_level() {
     assert!(before[0]["query"].as_str().unwrap().contains(ACCOUNT));
 
     let scrubbed = format!("{}scrub_patterns = [\"acct[0-9]{{7}}\"]\n", config.toml());
-    std::fs::write(proxy.config_path(), &scrubbed).unwrap();
+    replace_file(proxy.config_path(), &scrubbed);
     proxy.signal("HUP");
     wait_log(&proxy, "configuration reloaded", 1).await;
     unsigned_get().await;
@@ -3298,7 +3301,7 @@ async fn sighup_reload_applies_the_log_scrub_patterns_and_level() {
         "format = \"json\"\nlevel = \"warn\"\n",
     );
     assert_ne!(quieter, scrubbed);
-    std::fs::write(proxy.config_path(), &quieter).unwrap();
+    replace_file(proxy.config_path(), &quieter);
     proxy.signal("HUP");
     let reloads = proxy.wait_log("configuration reloaded", 2).await;
     assert_eq!(reloads[0]["changed"], "log.scrub_patterns", "{reloads:#?}");
@@ -3336,7 +3339,7 @@ async fn sighup_reload_applies_the_log_scrub_patterns_and_level() {
     assert_eq!(proxy.stdout_text().matches(ACCOUNT).count(), 1);
 
     // Back to info: the line saying so is written once the level shows it.
-    std::fs::write(proxy.config_path(), &scrubbed).unwrap();
+    replace_file(proxy.config_path(), &scrubbed);
     proxy.signal("HUP");
     let reloads = proxy.wait_log("configuration reloaded", 3).await;
     assert_eq!(reloads[2]["changed"], "log.level", "{reloads:#?}");
