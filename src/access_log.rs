@@ -166,8 +166,8 @@ impl Drop for AccessRecord {
         }
         let latency = self.started.elapsed();
         match std::thread::panicking() {
-            true => self.write(Some(500), latency, Some("panic")),
-            false => self.write(None, latency, Some("unanswered")),
+            true => self.write(Some(500), latency, Some(crate::metrics::PANIC)),
+            false => self.write(None, latency, Some(crate::metrics::UNANSWERED)),
         }
     }
 }

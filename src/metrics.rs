@@ -41,6 +41,11 @@ pub const APP_REFUSED: &str = "app_refused";
 /// Outcomes of a request head hyper refused itself (400 or 431, 414).
 pub const HEAD_TOO_LARGE: &str = "head_too_large";
 pub const MALFORMED_HEAD: &str = "malformed_head";
+/// Outcomes of a request the pipeline never answered (its access line
+/// says the same): an HTTP/2 client reset its stream or the drain timeout
+/// cut it, or its handler panicked (the server answered 500).
+pub const UNANSWERED: &str = "unanswered";
+pub const PANIC: &str = "panic";
 /// The `kind` of an app that did not answer within the request deadline.
 pub const DEADLINE: &str = "deadline";
 /// The `kind` of an app's response that broke off after its head.
@@ -99,7 +104,7 @@ pub struct Metrics {
     tls_handshake_failures: Family<Labels, Counter>,
     latency: LatencyHistogram,
     encryptions_this_key: Gauge,
-    log_lines_dropped: Gauge,
+    log_lines_dropped: Counter,
     upstream_connections_open: Gauge,
     connections_open: Gauge,
     connections_max: Gauge,
@@ -167,7 +172,10 @@ impl Metrics {
             "encryptions_current_key",
             "Values encrypted with the current key since start-up (NIST SP 800-38D bound: 2^32 per key)",
         );
-        let log_lines_dropped: Gauge = registered(
+        // A counter: the number only grows, and `rate()` and `increase()`
+        // treat a counter's restart from zero as a reset (a gauge's drop
+        // would read as a negative rate).
+        let log_lines_dropped: Counter = registered(
             &mut registry,
             "log_lines_dropped",
             "Log lines dropped because stdout could not keep up",
@@ -229,7 +237,8 @@ impl Metrics {
         // Every label value, at zero (see the module's documentation).
         let outcomes = crate::rejection::Rejection::all()
             .map(|r| r.reason())
-            .chain([FORWARDED, APP_REFUSED, HEAD_TOO_LARGE, MALFORMED_HEAD]);
+            .chain([FORWARDED, APP_REFUSED, HEAD_TOO_LARGE, MALFORMED_HEAD])
+            .chain([UNANSWERED, PANIC]);
         create_each(&requests, "outcome", outcomes);
         let reasons = crate::signature::SignatureError::ALL.map(|e| e.reason());
         create_each(&signature_failures, "reason", reasons);
@@ -322,6 +331,16 @@ impl Metrics {
             .inc_by(1);
     }
 
+    /// A request the pipeline never answered: [`PANIC`] if it ended in a
+    /// panic, else [`UNANSWERED`]. With no latency: there was no answer
+    /// to time.
+    pub fn unanswered(&self, panicked: bool) {
+        let outcome = if panicked { PANIC } else { UNANSWERED };
+        self.requests
+            .get_or_create(&[("outcome", outcome)])
+            .inc_by(1);
+    }
+
     pub fn signature_failure(&self, reason: &'static str) {
         self.signature_failures
             .get_or_create(&[("reason", reason)])
@@ -355,7 +374,11 @@ impl Metrics {
     pub fn render_as(&self, now: Sampled, format: Format) -> String {
         let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         self.encryptions_this_key.set(gauge(now.encryptions));
-        self.log_lines_dropped.set(gauge(now.dropped_log_lines));
+        // The queue's own count, never lower than the last one read (two
+        // scrapes at once may read it in either order).
+        self.log_lines_dropped
+            .inner()
+            .fetch_max(now.dropped_log_lines, Ordering::Relaxed);
         self.upstream_connections_open
             .set(gauge(now.upstream_connections_open));
         self.connections_open.set(gauge(now.connections_open));
@@ -616,6 +639,53 @@ mod tests {
         assert!(text.contains("ivrguard_request_duration_seconds_bucket"));
     }
 
+    /// Dropped log lines are a counter (`rate()` works on it) that shows the
+    /// queue's count and never goes back, whatever order scrapes read it in.
+    #[test]
+    fn dropped_log_lines_are_a_counter_that_never_goes_back() {
+        let m = Metrics::new();
+        let render = |dropped_log_lines, format| {
+            let now = Sampled {
+                dropped_log_lines,
+                ..Sampled::default()
+            };
+            m.render_as(now, format)
+        };
+        // (The count, the format, the lines it must have.) The last scrape
+        // read the count before the one above rendered it.
+        for (count, format, lines) in [
+            (
+                0,
+                Format::Text,
+                [
+                    "# TYPE ivrguard_log_lines_dropped_total counter",
+                    "ivrguard_log_lines_dropped_total 0",
+                ],
+            ),
+            (
+                42,
+                Format::OpenMetrics,
+                [
+                    "# TYPE ivrguard_log_lines_dropped counter",
+                    "ivrguard_log_lines_dropped_total 42",
+                ],
+            ),
+            (
+                40,
+                Format::Text,
+                [
+                    "# TYPE ivrguard_log_lines_dropped_total counter",
+                    "ivrguard_log_lines_dropped_total 42",
+                ],
+            ),
+        ] {
+            let text = render(count, format);
+            for line in lines {
+                assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+            }
+        }
+    }
+
     /// Every label value is a series from the start, at zero, so the first
     /// increment is an increase Prometheus sees.
     #[test]
@@ -627,6 +697,8 @@ mod tests {
             r#"ivrguard_requests_total{outcome="mismatch"} 0"#,
             r#"ivrguard_requests_total{outcome="app_refused"} 0"#,
             r#"ivrguard_requests_total{outcome="malformed_head"} 0"#,
+            r#"ivrguard_requests_total{outcome="unanswered"} 0"#,
+            r#"ivrguard_requests_total{outcome="panic"} 0"#,
             r#"ivrguard_signature_failures_total{reason="body_hash_mismatch"} 0"#,
             r#"ivrguard_upstream_errors_total{kind="deadline"} 0"#,
             r#"ivrguard_tls_handshake_failures_total{reason="peer_alert"} 0"#,
@@ -640,7 +712,7 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("ivrguard_requests_total{"))
             .count();
-        assert_eq!(outcomes, crate::rejection::Rejection::all().count() + 4);
+        assert_eq!(outcomes, crate::rejection::Rejection::all().count() + 6);
     }
 
     #[test]

@@ -186,6 +186,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let deadline = Instant::now() + self.request_timeout;
         let mut log = AccessRecord::start(&parts, peer, &self.fields, std::time::Instant::now());
+        let unanswered = Unanswered(Some(self.metrics()));
 
         let result = tokio::time::timeout_at(
             deadline,
@@ -209,6 +210,7 @@ impl Proxy {
             (None, false) => crate::metrics::FORWARDED,
         };
         self.metrics.request(outcome, latency.as_secs_f64());
+        unanswered.answered();
         log.emit(status.as_u16(), latency);
         match answer {
             Err(response) => response,
@@ -618,6 +620,24 @@ impl Proxy {
 /// label): counted, and logged at WARN at most once per 10 s. Each request
 /// has its access line at INFO; with `log.level = "warn"` an outage left no
 /// line at all (found in review).
+/// Counts a request in `requests_total` if it is dropped before it is
+/// answered, as its access line does (`unanswered`, or `panic`).
+struct Unanswered<'m>(Option<&'m Metrics>);
+
+impl Unanswered<'_> {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.0 {
+            metrics.unanswered(std::thread::panicking());
+        }
+    }
+}
+
 fn app_failed(metrics: &Metrics, kind: &'static str) {
     metrics.upstream_error(kind);
     static FAILED: LogLimit = LogLimit::new(mismatch::EVERY);
@@ -933,6 +953,27 @@ fn find<'p>(pairs: &'p [FormPair<'_>], name: &str) -> Option<&'p str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request dropped unanswered counts once, under `panic` if a panic
+    /// dropped it; an answered one is counted where it was answered.
+    #[test]
+    fn a_request_dropped_unanswered_is_counted_by_why() {
+        let metrics = Metrics::new();
+        drop(Unanswered(Some(&metrics)));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _request = Unanswered(Some(&metrics));
+            panic!("a handler's bug");
+        }));
+        assert!(panicked.is_err());
+        Unanswered(Some(&metrics)).answered();
+        let text = metrics.render(crate::metrics::Sampled::default());
+        for series in [
+            r#"ivrguard_requests_total{outcome="unanswered"} 1"#,
+            r#"ivrguard_requests_total{outcome="panic"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == series), "no {series} in\n{text}");
+        }
+    }
 
     fn sorted(input: &[u8]) -> Vec<FormPair<'_>> {
         let mut pairs = form::parse(input).expect("valid form");

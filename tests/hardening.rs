@@ -1234,6 +1234,50 @@ async fn an_idle_http2_connection_is_closed_but_a_slow_request_finishes() {
     assert_eq!(h.backend.count(), 1);
 }
 
+/// An HTTP/2 caller that resets its stream while the app is still working
+/// gets no answer: the request has its access line (`unanswered`) and is
+/// counted in `requests_total{outcome="unanswered"}`, not as forwarded
+/// (it was in no series before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_http2_caller_gave_up_on_is_logged_and_counted_unanswered() {
+    let h = harness(Behaviour::Delay(Duration::from_secs(5)), |c| {
+        c.server_extra.push("http2 = true".into());
+    })
+    .await;
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    let (mut sender, conn) = h2_connect(h.proxy.addr).await;
+    let conn = tokio::spawn(conn);
+    let request = sender.send_request(h2_gather(&h.proxy.secrets.token));
+    let waiting = tokio::spawn(request);
+    h.backend.wait_for_requests(1).await;
+    // Dropping the response future resets the stream (RST_STREAM CANCEL).
+    waiting.abort();
+    let _ = waiting.await;
+
+    let unanswered = r#"ivrguard_requests_total{outcome="unanswered"}"#;
+    let started = Instant::now();
+    let metrics = loop {
+        let metrics = client::get(admin, "/metrics").await.text();
+        if metric(&metrics, unanswered) > 0.0 {
+            break metrics;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not counted unanswered:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(metric(&metrics, unanswered), 1.0);
+    let forwarded = r#"ivrguard_requests_total{outcome="forwarded"}"#;
+    assert_eq!(metric(&metrics, forwarded), 0.0);
+    h.proxy.wait_access(1).await;
+    let access = h.proxy.access_lines();
+    assert_eq!(access.len(), 1, "{access:#?}");
+    assert_eq!(access[0]["reason"], "unanswered", "{}", access[0]);
+    drop(sender);
+    conn.abort();
+}
+
 /// Found in review: an app whose body broke off after its head (it closed
 /// the connection, or stalled past the deadline) left a caller with cut
 /// TwiML, but was logged and counted as a success. The access line, written
@@ -3523,7 +3567,7 @@ async fn blocked_stdout_does_not_stall_requests() {
     // They wait in the queue, which holds 128,000 lines before it drops
     // any (see the ignored test below), so nothing is dropped yet.
     let metrics = client::get(admin, "/metrics").await.text();
-    assert_eq!(metric(&metrics, "ivrguard_log_lines_dropped"), 0.0);
+    assert_eq!(metric(&metrics, "ivrguard_log_lines_dropped_total"), 0.0);
 
     // Once the reader comes back, the queue drains: every access line, as
     // whole lines of JSON.
@@ -3566,7 +3610,7 @@ async fn blocked_stdout_drops_and_counts_lines_once_the_queue_is_full() {
     let mut sent = 0;
     let dropped = loop {
         let metrics = client::get(admin, "/metrics").await.text();
-        let dropped = metric(&metrics, "ivrguard_log_lines_dropped");
+        let dropped = metric(&metrics, "ivrguard_log_lines_dropped_total");
         if dropped > 0.0 {
             break dropped;
         }
