@@ -616,10 +616,6 @@ impl Proxy {
     }
 }
 
-/// The app could not be reached or did not answer (`kind`, the metric's
-/// label): counted, and logged at WARN at most once per 10 s. Each request
-/// has its access line at INFO; with `log.level = "warn"` an outage left no
-/// line at all (found in review).
 /// Counts a request in `requests_total` if it is dropped before it is
 /// answered, as its access line does (`unanswered`, or `panic`).
 struct Unanswered<'m>(Option<&'m Metrics>);
@@ -638,6 +634,10 @@ impl Drop for Unanswered<'_> {
     }
 }
 
+/// The app could not be reached or did not answer (`kind`, the metric's
+/// label): counted, and logged at WARN at most once per 10 s. Each request
+/// has its access line at INFO; with `log.level = "warn"` an outage left no
+/// line at all (found in review).
 fn app_failed(metrics: &Metrics, kind: &'static str) {
     metrics.upstream_error(kind);
     static FAILED: LogLimit = LogLimit::new(mismatch::EVERY);
