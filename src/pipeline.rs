@@ -186,6 +186,8 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let deadline = Instant::now() + self.request_timeout;
         let mut log = AccessRecord::start(&parts, peer, &self.fields, std::time::Instant::now());
+        // Declared after `log`, so dropped before it: an unanswered request
+        // is counted before its access line is written.
         let unanswered = Unanswered(Some(self.metrics()));
 
         let result = tokio::time::timeout_at(
