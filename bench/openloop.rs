@@ -1,5 +1,13 @@
 //! A small load tool for `bench/run.sh`, for what `wrk` cannot do here.
 //!
+//! Every command but `startup` sends the raw HTTP/1.1 requests of a file
+//! that holds them one after another (`bench/bodies.py` writes it: 1,000
+//! distinct signed webhooks), cycling through them.
+//!
+//! - `check`: sends each request once on one keep-alive connection and
+//!   fails unless every answer is a 2xx whose body contains EXPECT, so a
+//!   target that refuses a body, or answers with something else (ivrguard's
+//!   fallback TwiML is a 200 too), stops the run before it is timed.
 //! - `rate`: open-loop load at a fixed rate, latency without coordinated
 //!   omission. Each connection follows its own schedule (wrk2's model): a
 //!   request that could not start on time because the connection was still
@@ -9,39 +17,46 @@
 //!   lateness is the tool's, not the server's. One thread per connection,
 //!   blocking sockets, keep-alive (so the sends stay spread as scheduled;
 //!   see [`rate`]); its CPU per request is printed (oha costs ~100 µs per
-//!   request on this machine, perf notes §A4).
+//!   request on this machine, perf notes §A4). With HISTOGRAM_FILE, every
+//!   latency is also written there (whole µs, `us count` lines), so that
+//!   `pool` can take percentiles over all rounds' samples.
+//! - `pool`: percentiles over the samples of several histogram files.
 //! - `hold`: opens N keep-alive connections, sends one request on each, and
 //!   keeps them open, so the script can read the proxy's memory meanwhile.
 //! - `startup`: runs a command and reports the time until a URL answers 200.
 //!
 //! ```text
-//! openloop rate    URL BODY_FILE RATE CONNECTIONS SECONDS [HEADER: VALUE]...
-//! openloop hold    URL BODY_FILE CONNECTIONS SECONDS [HEADER: VALUE]...
+//! openloop check   IP:PORT REQUESTS_FILE EXPECT
+//! openloop rate    IP:PORT REQUESTS_FILE RATE CONNECTIONS SECONDS [HISTOGRAM_FILE]
+//! openloop pool    HISTOGRAM_FILE...
+//! openloop hold    IP:PORT REQUESTS_FILE CONNECTIONS SECONDS
 //! openloop startup URL TIMEOUT_MS COMMAND [ARG]...
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::client::conn::http1::{self, SendRequest};
+use http::{Request, StatusCode, Uri};
+use http_body_util::Empty;
+use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-type Sender = SendRequest<Full<Bytes>>;
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let result = match args.first().map(String::as_str) {
-        Some("rate") if args.len() >= 6 => rate(&args[1..]),
-        Some("hold") if args.len() >= 5 => runtime.block_on(hold(&args[1..])),
-        Some("startup") if args.len() >= 4 => runtime.block_on(startup(&args[1..])),
+        Some("check") if args.len() == 4 => check(&args[1..]),
+        Some("rate") if args.len() == 6 || args.len() == 7 => rate(&args[1..]),
+        Some("pool") if args.len() >= 2 => pool(&args[1..]),
+        Some("hold") if args.len() == 5 => hold(&args[1..]),
+        Some("startup") if args.len() >= 4 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))
+            .and_then(|runtime| runtime.block_on(startup(&args[1..]))),
         _ => Err("usage: see the header of bench/openloop.rs".to_string()),
     };
     if let Err(e) = result {
@@ -50,101 +65,82 @@ fn main() {
     }
 }
 
-/// Target address, path and extra headers of the request to send.
-struct Target {
-    addr: SocketAddr,
-    uri: Uri,
-    body: Bytes,
-    headers: Vec<(HeaderName, HeaderValue)>,
+/// One raw HTTP/1.1 request, head and body, as it goes on the wire.
+type Raw = Arc<[u8]>;
+
+/// The target's address and the requests to send it.
+fn target(addr: &str, requests_file: &str) -> Result<(SocketAddr, Vec<Raw>), String> {
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr}: {e} (use IP:port)"))?;
+    let file = std::fs::read(requests_file).map_err(|e| format!("{requests_file}: {e}"))?;
+    let requests = split_requests(&file).map_err(|e| format!("{requests_file}: {e}"))?;
+    Ok((addr, requests))
 }
 
-impl Target {
-    fn parse(url: &str, body_file: &str, headers: &[String]) -> Result<Self, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        let authority = uri.authority().ok_or("URL needs host:port")?;
-        let addr: SocketAddr = authority
-            .as_str()
-            .parse()
-            .map_err(|e| format!("{authority}: {e} (use IP:port)"))?;
-        let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let body = std::fs::read(body_file).map_err(|e| format!("{body_file}: {e}"))?;
-        let headers = headers
-            .iter()
-            .map(|h| {
-                let (name, value) = h.split_once(':').ok_or(format!("header {h:?}"))?;
-                Ok((
-                    HeaderName::try_from(name.trim()).map_err(|e| e.to_string())?,
-                    HeaderValue::try_from(value.trim()).map_err(|e| e.to_string())?,
-                ))
-            })
-            .collect::<Result<_, String>>()?;
-        Ok(Target {
-            addr,
-            uri: path.parse().map_err(|e| format!("{path}: {e}"))?,
-            body: Bytes::from(body),
-            headers,
-        })
-    }
-
-    fn request(&self) -> Request<Full<Bytes>> {
-        let mut request = Request::new(Full::new(self.body.clone()));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.uri.clone();
-        let headers = request.headers_mut();
-        for (name, value) in &self.headers {
-            headers.insert(name.clone(), value.clone());
+/// Cuts requests written one after another into one each: a head, then
+/// as many body bytes as its `Content-Length` says.
+fn split_requests(mut data: &[u8]) -> Result<Vec<Raw>, String> {
+    let mut requests = Vec::new();
+    while !data.is_empty() {
+        let which = requests.len() + 1;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        let head = match request.parse(data) {
+            Ok(httparse::Status::Complete(head)) => head,
+            Ok(httparse::Status::Partial) => return Err(format!("request {which} is cut short")),
+            Err(e) => return Err(format!("request {which}: {e}")),
+        };
+        let length = content_length(request.headers)
+            .ok_or(format!("request {which} has no Content-Length"))?;
+        let end = head + length;
+        if end > data.len() {
+            return Err(format!("request {which}'s body is cut short"));
         }
-        request
+        requests.push(data[..end].into());
+        data = &data[end..];
     }
-
-    /// The request as bytes on the wire, for [`rate`]'s blocking sockets.
-    fn raw_request(&self) -> Vec<u8> {
-        let mut wire = format!("POST {} HTTP/1.1\r\n", self.uri).into_bytes();
-        if !self
-            .headers
-            .iter()
-            .any(|(name, _)| name == http::header::HOST)
-        {
-            wire.extend_from_slice(format!("Host: {}\r\n", self.addr).as_bytes());
-        }
-        for (name, value) in &self.headers {
-            for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
-                wire.extend_from_slice(part);
-            }
-        }
-        wire.extend_from_slice(format!("Content-Length: {}\r\n\r\n", self.body.len()).as_bytes());
-        wire.extend_from_slice(&self.body);
-        wire
-    }
-
-    async fn connect(&self) -> Result<Sender, String> {
-        let stream = TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| format!("connect {}: {e}", self.addr))?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        Ok(sender)
+    match requests.is_empty() {
+        true => Err("no requests".to_string()),
+        false => Ok(requests),
     }
 }
 
-/// Sends one request; true for a 2xx with its whole body read.
-async fn exchange(sender: &mut Sender, request: Request<Full<Bytes>>) -> bool {
-    if sender.ready().await.is_err() {
-        return false;
-    }
-    match sender.send_request(request).await {
-        Ok(response) => {
-            let ok = response.status().is_success();
-            response.into_body().collect().await.is_ok() && ok
+/// A message's `Content-Length`, if it has one that is a number.
+fn content_length(headers: &[httparse::Header]) -> Option<usize> {
+    let header = headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))?;
+    std::str::from_utf8(header.value).ok()?.trim().parse().ok()
+}
+
+fn check(args: &[String]) -> Result<(), String> {
+    let (addr, requests) = target(&args[0], &args[1])?;
+    let expect = args[2].as_bytes();
+    let mut stream = connect_blocking(addr)?;
+    let (mut buf, mut body) = (vec![0u8; 16 * 1024], Vec::new());
+    let mut good = 0;
+    for request in &requests {
+        body.clear();
+        match exchange_blocking(&mut stream, request, &mut buf, Some(&mut body)) {
+            Ok(true) if body.windows(expect.len()).any(|w| w == expect) => good += 1,
+            Ok(_) => {}
+            // The connection is unusable after an I/O error.
+            Err(_) => stream = connect_blocking(addr)?,
         }
-        Err(_) => false,
+    }
+    println!("CHECK requests={} good={good}", requests.len());
+    match good == requests.len() {
+        true => Ok(()),
+        false => Err(format!(
+            "{addr}: {} of {} requests did not get a 2xx containing {:?}",
+            requests.len() - good,
+            requests.len(),
+            args[2]
+        )),
     }
 }
 
-/// Per connection: latencies (ns) and failures.
 struct Samples {
     latencies: Vec<u64>,
     /// From the intended send time always (wrk2's model), for comparison.
@@ -168,17 +164,17 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// 10,000/s it sent ten requests at once every millisecond, and what it
 /// measured was mostly how fast a burst of ten drains.)
 fn rate(args: &[String]) -> Result<(), String> {
-    let target = Target::parse(&args[0], &args[1], &args[5..])?;
+    let (addr, requests) = target(&args[0], &args[1])?;
     let rate: f64 = args[2].parse().map_err(|_| "RATE must be a number")?;
     let connections: usize = args[3].parse().map_err(|_| "CONNECTIONS")?;
     let seconds: f64 = args[4].parse().map_err(|_| "SECONDS")?;
     let period = Duration::from_secs_f64(connections as f64 / rate);
     let per_connection = (seconds * rate / connections as f64).floor() as u64;
-    let request: std::sync::Arc<[u8]> = target.raw_request().into();
+    let requests: Arc<[Raw]> = requests.into();
 
     let mut streams = Vec::with_capacity(connections);
     for _ in 0..connections {
-        streams.push(connect_blocking(target.addr)?);
+        streams.push(connect_blocking(addr)?);
     }
     let cpu_before = cpu_time();
     let start = Instant::now() + Duration::from_millis(20);
@@ -186,7 +182,7 @@ fn rate(args: &[String]) -> Result<(), String> {
         .into_iter()
         .enumerate()
         .map(|(i, mut stream)| {
-            let (request, addr) = (request.clone(), target.addr);
+            let requests = requests.clone();
             // Stagger the connections evenly over one period.
             let first = start + period.mul_f64(i as f64 / connections as f64);
             std::thread::spawn(move || {
@@ -199,6 +195,9 @@ fn rate(args: &[String]) -> Result<(), String> {
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut previous_done = Instant::now();
                 for k in 0..per_connection {
+                    // Together the connections go through the requests in
+                    // turn: connection i sends i, i + C, i + 2C, ...
+                    let request = &requests[(i + k as usize * connections) % requests.len()];
                     let intended = first + period.mul_f64(k as f64);
                     let busy_past_due = previous_done > intended;
                     let now = Instant::now();
@@ -209,7 +208,7 @@ fn rate(args: &[String]) -> Result<(), String> {
                     samples
                         .lags
                         .push(sent.saturating_duration_since(intended).as_nanos() as u64);
-                    let ok = exchange_blocking(&mut stream, &request, &mut buf);
+                    let ok = exchange_blocking(&mut stream, request, &mut buf, None);
                     let done = Instant::now();
                     previous_done = done;
                     if !matches!(ok, Ok(true)) {
@@ -250,6 +249,13 @@ fn rate(args: &[String]) -> Result<(), String> {
     latencies.sort_unstable();
     from_intended.sort_unstable();
     lags.sort_unstable();
+    if let Some(file) = args.get(5) {
+        let lines: String = histogram(&latencies)
+            .iter()
+            .map(|(us, count)| format!("{us} {count}\n"))
+            .collect();
+        std::fs::write(file, lines).map_err(|e| format!("{file}: {e}"))?;
+    }
     let pct = |p: f64| percentile_ms(&latencies, p);
     let total = latencies.len() as u64 + errors;
     println!(
@@ -279,8 +285,71 @@ fn percentile_ms(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i] as f64 / 1e6
+    sorted[rank(p, sorted.len() as u64) as usize] as f64 / 1e6
+}
+
+/// The index of the `p`th percentile among `n` sorted samples.
+fn rank(p: f64, n: u64) -> u64 {
+    ((p / 100.0) * n.saturating_sub(1) as f64).round() as u64
+}
+
+/// Sorted nanoseconds counted by whole microsecond: (µs, count), ascending.
+fn histogram(sorted: &[u64]) -> Vec<(u64, u64)> {
+    let mut buckets: Vec<(u64, u64)> = Vec::new();
+    for &ns in sorted {
+        match buckets.last_mut() {
+            Some((us, count)) if *us == ns / 1000 => *count += 1,
+            _ => buckets.push((ns / 1000, 1)),
+        }
+    }
+    buckets
+}
+
+/// Percentiles over every sample of the histogram files `rate` wrote (a
+/// target's rounds, pooled as the perf notes' protocol asks), at the
+/// histograms' whole-µs resolution.
+fn pool(files: &[String]) -> Result<(), String> {
+    let buckets = read_histograms(files)?;
+    let pct = |p| pooled_percentile_ms(&buckets, p);
+    println!(
+        "POOLED samples={} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} p999_ms={:.3}",
+        buckets.values().sum::<u64>(),
+        pct(50.0),
+        pct(90.0),
+        pct(99.0),
+        pct(99.9)
+    );
+    Ok(())
+}
+
+/// The files' `us count` lines, added up by µs.
+fn read_histograms(files: &[String]) -> Result<BTreeMap<u64, u64>, String> {
+    let mut buckets = BTreeMap::<u64, u64>::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+        for line in text.lines() {
+            let parsed = line
+                .split_once(' ')
+                .and_then(|(us, n)| Some((us.parse::<u64>().ok()?, n.parse::<u64>().ok()?)));
+            let (us, count) = parsed.ok_or(format!("{file}: not `us count`: {line:?}"))?;
+            *buckets.entry(us).or_default() += count;
+        }
+    }
+    Ok(buckets)
+}
+
+/// The `p`th percentile, in milliseconds, of the samples counted by µs in
+/// `buckets` (nearest rank, as [`percentile_ms`]); NaN if there is none.
+fn pooled_percentile_ms(buckets: &BTreeMap<u64, u64>, p: f64) -> f64 {
+    let rank = rank(p, buckets.values().sum());
+    let mut seen = 0;
+    buckets
+        .iter()
+        .find(|(_, &count)| {
+            seen += count;
+            seen > rank
+        })
+        .map_or(f64::NAN, |(&us, _)| us as f64 / 1e3)
 }
 
 fn connect_blocking(addr: SocketAddr) -> Result<std::net::TcpStream, String> {
@@ -295,13 +364,14 @@ fn connect_blocking(addr: SocketAddr) -> Result<std::net::TcpStream, String> {
 }
 
 /// Sends `request` and reads one response (its length from
-/// `Content-Length`; the servers measured all send one): `Ok(true)` for a
-/// 2xx, `Ok(false)` for any other status, `Err` when the connection is no
-/// longer usable.
+/// `Content-Length`; the servers measured all send one), appending its body
+/// to `body` if given: `Ok(true)` for a 2xx, `Ok(false)` for any other
+/// status, `Err` when the connection is no longer usable.
 fn exchange_blocking(
     stream: &mut std::net::TcpStream,
     request: &[u8],
     buf: &mut [u8],
+    mut body: Option<&mut Vec<u8>>,
 ) -> std::io::Result<bool> {
     use std::io::{Error, ErrorKind, Read, Write};
     stream.write_all(request)?;
@@ -319,17 +389,7 @@ fn exchange_blocking(
         match response.parse(&buf[..filled]).map_err(Error::other)? {
             httparse::Status::Partial => continue,
             httparse::Status::Complete(head) => {
-                let length = response
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| {
-                        std::str::from_utf8(h.value)
-                            .ok()?
-                            .trim()
-                            .parse::<usize>()
-                            .ok()
-                    })
+                let length = content_length(response.headers)
                     .ok_or_else(|| Error::other("response without Content-Length"))?;
                 let ok = response.code.is_some_and(|code| (200..300).contains(&code));
                 break (head, length, ok);
@@ -341,32 +401,42 @@ fn exchange_blocking(
         Some(remaining) => remaining,
         None => return Err(Error::other("bytes after the response")),
     };
+    if let Some(body) = body.as_deref_mut() {
+        body.extend_from_slice(&buf[head..filled]);
+    }
     while remaining > 0 {
         let chunk = remaining.min(buf.len());
-        match stream.read(&mut buf[..chunk])? {
+        let read = match stream.read(&mut buf[..chunk])? {
             0 => return Err(ErrorKind::UnexpectedEof.into()),
-            n => remaining -= n,
+            n => n,
+        };
+        remaining -= read;
+        if let Some(body) = body.as_deref_mut() {
+            body.extend_from_slice(&buf[..read]);
         }
     }
     Ok(ok)
 }
 
-async fn hold(args: &[String]) -> Result<(), String> {
-    let target = Target::parse(&args[0], &args[1], &args[4..])?;
+fn hold(args: &[String]) -> Result<(), String> {
+    let (addr, requests) = target(&args[0], &args[1])?;
     let connections: usize = args[2].parse().map_err(|_| "CONNECTIONS")?;
     let seconds: f64 = args[3].parse().map_err(|_| "SECONDS")?;
-    let mut senders = Vec::with_capacity(connections);
+    let mut streams = Vec::with_capacity(connections);
+    let mut buf = vec![0u8; 16 * 1024];
     let mut ok = 0;
-    for _ in 0..connections {
-        let mut sender = target.connect().await?;
-        if exchange(&mut sender, target.request()).await {
+    for i in 0..connections {
+        let mut stream = connect_blocking(addr)?;
+        if let Ok(true) =
+            exchange_blocking(&mut stream, &requests[i % requests.len()], &mut buf, None)
+        {
             ok += 1;
         }
-        senders.push(sender);
+        streams.push(stream);
     }
     println!("HELD connections={connections} ok={ok}");
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    drop(senders);
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    drop(streams);
     Ok(())
 }
 
@@ -441,8 +511,9 @@ mod tests {
     use std::net::TcpListener;
 
     /// `exchange_blocking` against a server that answers each request with
-    /// `answer`, written in two parts so the head arrives split.
-    fn answered(answer: &'static [u8]) -> std::io::Result<bool> {
+    /// `answer`, written in two parts so the head arrives split: whether it
+    /// was a 2xx, and the body read.
+    fn answered(answer: &'static [u8]) -> std::io::Result<(bool, Vec<u8>)> {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
@@ -457,39 +528,93 @@ mod tests {
         });
         let mut stream = connect_blocking(addr).unwrap();
         let mut buf = vec![0u8; 64];
-        let result = exchange_blocking(&mut stream, b"GET / HTTP/1.1\r\n\r\n", &mut buf);
+        let mut body = Vec::new();
+        let result = exchange_blocking(
+            &mut stream,
+            b"GET / HTTP/1.1\r\n\r\n",
+            &mut buf,
+            Some(&mut body),
+        );
         server.join().unwrap();
-        result
+        result.map(|ok| (ok, body))
     }
 
     #[test]
-    fn the_raw_request_carries_the_headers_a_host_and_the_body_length() {
-        let body = std::env::temp_dir().join(format!("openloop-test-{}", std::process::id()));
-        std::fs::write(&body, b"a=1&b=2").unwrap();
-        let headers = ["X-Twilio-Signature: abc=".to_string()];
-        let target = Target::parse(
-            "http://127.0.0.1:9/ivr?x=1",
-            body.to_str().unwrap(),
-            &headers,
-        );
-        std::fs::remove_file(&body).unwrap();
-        assert_eq!(
-            String::from_utf8(target.unwrap().raw_request()).unwrap(),
-            "POST /ivr?x=1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nx-twilio-signature: abc=\r\n\
-             Content-Length: 7\r\n\r\na=1&b=2"
-        );
+    fn splits_requests_written_one_after_another_by_their_content_length() {
+        let first = "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\na=1&b=2";
+        // A body that looks like the start of a request is still body.
+        let second = "POST /b HTTP/1.1\r\ncontent-length: 16\r\n\r\nPOST /c HTTP/1.1";
+        let requests = split_requests([first, second].concat().as_bytes()).unwrap();
+        assert_eq!(requests.len(), 2);
+        assert_eq!(&*requests[0], first.as_bytes());
+        assert_eq!(&*requests[1], second.as_bytes());
+    }
+
+    #[test]
+    fn refuses_a_requests_file_it_cannot_cut_exactly() {
+        for (file, why) in [
+            ("", "no requests"),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nshort",
+                "body is cut short",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\n\r\n",
+                "has no Content-Length",
+            ),
+            ("POST / HTTP/1.1\r\nContent-Length: 0\r\n", "cut short"),
+        ] {
+            let error = split_requests(file.as_bytes()).unwrap_err();
+            assert!(error.contains(why), "{file:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn pooled_percentiles_are_those_of_all_samples_together() {
+        // Two rounds with different spreads: pooling is not the mean of
+        // their percentiles.
+        let round = |from: u64, step: u64, n: u64| -> Vec<u64> {
+            (0..n).map(|i| (from + i * step) * 1000 + 999).collect()
+        };
+        let (a, b) = (round(100, 1, 900), round(150, 7, 300));
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for (name, samples) in [("a", &a), ("b", &b)] {
+            let path = dir.path().join(name);
+            let lines: String = histogram(samples)
+                .iter()
+                .map(|(us, n)| format!("{us} {n}\n"))
+                .collect();
+            std::fs::write(&path, lines).unwrap();
+            files.push(path.to_str().unwrap().to_string());
+        }
+        let mut all: Vec<u64> = a.iter().chain(&b).map(|ns| ns / 1000 * 1000).collect();
+        all.sort_unstable();
+        let buckets = read_histograms(&files).unwrap();
+        assert_eq!(buckets.values().sum::<u64>(), 1200);
+        for p in [50.0, 90.0, 99.0, 99.9] {
+            let (pooled, expected) = (pooled_percentile_ms(&buckets, p), percentile_ms(&all, p));
+            assert!(
+                (pooled - expected).abs() < 1e-9,
+                "p{p}: {pooled} != {expected}"
+            );
+        }
+        assert!(pool(&files).is_ok());
     }
 
     #[test]
     fn reads_a_whole_response_split_across_reads_and_larger_than_the_buffer() {
         let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n\
             0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789";
-        assert!(answered(answer).unwrap());
+        let (ok, body) = answered(answer).unwrap();
+        assert!(ok);
+        assert_eq!(body, answer[answer.len() - 100..]);
     }
 
     #[test]
     fn a_status_outside_2xx_is_a_failed_request_on_a_usable_connection() {
-        assert!(!answered(b"HTTP/1.1 503 Unavailable\r\ncontent-length: 2\r\n\r\nno").unwrap());
+        let answer = answered(b"HTTP/1.1 503 Unavailable\r\ncontent-length: 2\r\n\r\nno");
+        assert_eq!(answer.unwrap(), (false, b"no".to_vec()));
     }
 
     #[test]

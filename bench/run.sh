@@ -16,13 +16,20 @@
 #     keep-alive), HAProxy (nbthread 2, http-reuse always) and ivrguard
 #     (verify + encrypt Digits + re-sign + JSON access log; stdout appended
 #     to a file in the work directory, counted and truncated after each run);
-#  3. sends the same signed 1 KB <Gather> webhook (bench/webhook.form, signed
-#     once with `ivrguard sign`) through each:
+#  3. sends BODIES (1,000) distinct signed webhooks through each, in turn
+#     (bench/bodies.py writes them from bench/webhook.form: each its own
+#     CallSid, Digits and I-Twilio-Idempotency-Token, signed with Python's
+#     hmac; wrk's Lua request() and bench/openloop.rs cycle through them),
+#     after checking that every target answers every one with the TwiML:
 #       a. saturation, closed loop: wrk -t1 -c32, ROUNDS x DURATION s per
-#          target, the order rotated every round; req/s, p50, p99, and the
-#          CPU each target used per request (from /proc/<pid>/stat);
-#       b. fixed rate, open loop (bench/openloop.rs, no coordinated
-#          omission): RATES req/s, FIXED_ROUNDS x FIXED_SECONDS s per target;
+#          target, the order rotated every round, the 1 KB <Gather> webhooks;
+#          req/s, p50, p99, the CPU each target used per request (from
+#          /proc/<pid>/stat) and wrk's own;
+#       b. the same, SPEECH_ROUNDS rounds, with 2 KB webhooks carrying a
+#          SpeechResult (perf notes, section A5) instead of Digits;
+#       c. fixed rate, open loop (bench/openloop.rs, no coordinated
+#          omission): RATES req/s, FIXED_ROUNDS x FIXED_SECONDS s per target,
+#          percentiles over all rounds' samples pooled;
 #  4. ivrguard's memory: idle RSS at start-up and again IDLE_WAIT s after
 #     the saturation rounds, RSS while 1,000 keep-alive connections are
 #     held open, peak RSS after 1,000 connections under load and the idle
@@ -45,6 +52,9 @@ ANCHOR_LOGS=${ANCHOR_LOGS:-0} # 1: nginx and HAProxy write an access log to a fi
 
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10}
+SPEECH_ROUNDS=${SPEECH_ROUNDS:-3}
+BODIES=${BODIES:-1000}
+WARMUP=${WARMUP:-5}
 CONNS=${CONNS:-32}
 RATES=${RATES:-"2000 10000"}
 FIXED_ROUNDS=${FIXED_ROUNDS:-3}
@@ -64,7 +74,6 @@ P_STARTUP=$((BASE_PORT + 6))
 P_STARTUP_ADMIN=$((BASE_PORT + 7))
 PUBLIC_ORIGIN=https://ivr.example.com
 PATH_AND_QUERY='/ivr/gather?step=card'
-BODY_FILE=$ROOT/bench/webhook.form
 
 say() { printf '\n== %s\n' "$*"; }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -74,6 +83,7 @@ missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
     apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
@@ -146,17 +156,10 @@ TOKEN=bench-auth-token-not-a-secret-0001
 export BENCH_TWILIO_TOKEN=$TOKEN
 export BENCH_IVRGUARD_KEY=a154eb4c759711bc2538a7cc021e9e9f17dd8aa63151c62ca28a82a4a404203d
 
-# `ivrguard sign` takes decoded values: undo the form encoding of the body.
-sign_args=()
-IFS="&" read -r -a pairs <"$BODY_FILE" || true # no newline at the end
-for pair in "${pairs[@]}"; do
-    value=${pair#*=}
-    value=${value//+/ }
-    printf -v value '%b' "${value//%/\\x}"
-    sign_args+=(--param "${pair%%=*}=$value")
+declare -A REQUESTS=([gather]=$WORK/gather.http [speech]=$WORK/speech.http)
+for set in gather speech; do
+    python3 bench/bodies.py "$set" "$BODIES" "$TOKEN" "$PUBLIC_ORIGIN$PATH_AND_QUERY" "${REQUESTS[$set]}"
 done
-SIGNATURE=$("$IVRGUARD" sign --token-env BENCH_TWILIO_TOKEN \
-    --url "$PUBLIC_ORIGIN$PATH_AND_QUERY" "${sign_args[@]}")
 
 TWIML='<?xml version="1.0" encoding="UTF-8"?><Response><Gather input="dtmf" numDigits="4" action="/ivr/gather?step=pin"><Say>Thank you. Now enter your four digit PIN.</Say></Gather></Response>'
 
@@ -274,93 +277,110 @@ declare -A PORT=([backend]=$P_BACKEND [nginx]=$P_NGINX [haproxy]=$P_HAPROXY [ivr
 declare -A PID=([backend]=$PID_BACKEND [nginx]=$PID_NGINX [haproxy]=$PID_HAPROXY [ivrguard]=$PID_IVRGUARD)
 TARGETS=(backend nginx haproxy ivrguard)
 
-HEADERS=(
-    "Content-Type: application/x-www-form-urlencoded"
-    "X-Twilio-Signature: $SIGNATURE"
-    "Host: ivr.example.com"
-    "User-Agent: TwilioProxy/1.1"
-    "I-Twilio-Idempotency-Token: 5f2c1a9e-3b7d-4c21-9a0e-8d6f4b2c1e07"
-)
-
-# Correctness first: each target answers 200 with the TwiML, and ivrguard
-# forwarded it (valid signature, Digits encrypted).
-for t in "${TARGETS[@]}"; do
-    curl_args=(-sS -o "$WORK/answer" -w '%{http_code}' --data-binary "@$BODY_FILE")
-    for h in "${HEADERS[@]}"; do curl_args+=(-H "$h"); done
-    code=$(curl "${curl_args[@]}" "http://127.0.0.1:${PORT[$t]}$PATH_AND_QUERY")
-    if [ "$code" != 200 ] || ! grep -q '<Gather' "$WORK/answer"; then
-        echo "$t answered $code, not the TwiML; see $WORK" >&2
+# Correctness first: every target answers every request with the TwiML,
+# and ivrguard forwarded each (valid signature, the field encrypted).
+say "checking that every target answers all $BODIES webhooks of each set"
+for set in gather speech; do
+    for t in "${TARGETS[@]}"; do
+        "$OPENLOOP" check "127.0.0.1:${PORT[$t]}" "${REQUESTS[$set]}" '<Gather' >/dev/null ||
+            { KEEP=1; echo "$t did not answer every $set webhook with the TwiML; see $WORK" >&2; exit 1; }
+    done
+done
+sleep 0.3
+for check in gather:Digits speech:SpeechResult; do
+    forwarded=$(grep '"signature":"valid"' "$IVRGUARD_LOG" | grep -c "\"encrypted_fields\":\"${check#*:}\"" || true)
+    if [ "$forwarded" != "$BODIES" ]; then
+        echo "ivrguard verified and encrypted ${check#*:} in $forwarded of the $BODIES ${check%:*} webhooks; see $IVRGUARD_LOG" >&2
         KEEP=1
         exit 1
     fi
 done
-sleep 0.2
-if ! grep -q '"signature":"valid".*"encrypted_fields":"Digits"\|"encrypted_fields":"Digits".*"signature":"valid"' "$IVRGUARD_LOG"; then
-    echo "ivrguard did not verify and encrypt the bench request; see $IVRGUARD_LOG" >&2
-    KEEP=1
-    exit 1
-fi
 : >"$IVRGUARD_LOG"
 
-cat >"$WORK/webhook.lua" <<EOF
-local f = assert(io.open("$BODY_FILE", "rb"))
-wrk.body = f:read("*a")
-f:close()
-wrk.method = "POST"
-wrk.path = "$PATH_AND_QUERY"
+# wrk sends the requests of a set in turn (a Lua request() over a table
+# built once, wrk2's advice), and reports its own CPU per request too.
+for set in gather speech; do
+    cat >"$WORK/$set.lua" <<EOF
+local file = assert(io.open("${REQUESTS[$set]}", "rb"))
+local data = file:read("*a")
+file:close()
+local requests, at = {}, 1
+while at <= #data do
+    local blank = assert(data:find("\r\n\r\n", at, true), "a request without its blank line")
+    local length = tonumber(data:sub(at, blank):lower():match("\r\ncontent%-length: *(%d+)"))
+    requests[#requests + 1] = data:sub(at, blank + 3 + length)
+    at = blank + 4 + length
+end
+local turn = 0
+function request()
+    turn = turn % #requests + 1
+    return requests[turn]
+end
 EOF
-for h in "${HEADERS[@]}"; do
-    printf 'wrk.headers["%s"] = "%s"\n' "${h%%: *}" "${h#*: }" >>"$WORK/webhook.lua"
-done
-cat >>"$WORK/webhook.lua" <<'EOF'
+    cat >>"$WORK/$set.lua" <<'EOF'
 function done(summary, latency, requests)
     local e = summary.errors
     io.write(string.format(
-        "RESULT requests=%d rps=%.0f p50_us=%d p99_us=%d non2xx=%d sockerr=%d\n",
+        "RESULT requests=%d rps=%.0f p50_us=%d p99_us=%d non2xx=%d sockerr=%d wrk_cpu_us_per_req=%.2f\n",
         summary.requests, summary.requests / (summary.duration / 1e6),
         latency:percentile(50), latency:percentile(99), e.status,
-        e.connect + e.read + e.write + e.timeout))
+        e.connect + e.read + e.write + e.timeout, os.clock() * 1e6 / summary.requests))
 end
 EOF
+done
 
 field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p" <<<"$2"; }
 
 # ------------------------------------------------- 3a. saturation (closed)
-RESULTS=$WORK/saturation.txt
-: >"$RESULTS"
-say "warm-up: 3 s per target"
-for t in "${TARGETS[@]}"; do
-    "${LOAD[@]}" wrk -t1 -c"$CONNS" -d3s -s "$WORK/webhook.lua" "http://127.0.0.1:${PORT[$t]}" >/dev/null
+WARMUP_RESULTS=$WORK/warmup.txt
+say "warm-up: ${WARMUP} s per target and set"
+for set in gather speech; do
+    for t in "${TARGETS[@]}"; do
+        echo "set=$set target=$t $("${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${WARMUP}s" -s "$WORK/$set.lua" \
+            "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')" >>"$WARMUP_RESULTS"
+    done
 done
 # The log writer batches: let the warm-up's last lines land before the
 # count starts (as after each round below).
 sleep 0.3
 : >"$IVRGUARD_LOG"
-say "saturation: wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds, load average $(loadavg)"
-LOAD_START=$(loadavg)
-for round in $(seq "$ROUNDS"); do
-    order=()
-    for i in 0 1 2 3; do order+=("${TARGETS[$(((i + round - 1) % 4))]}"); done
-    for t in "${order[@]}"; do
-        before=$(cpu_us "${PID[$t]}")
-        out=$("${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$WORK/webhook.lua" \
-            "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')
-        after=$(cpu_us "${PID[$t]}")
-        requests=$(field requests "$out")
-        cpu=$(awk -v d=$((after - before)) -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.2f", d / r; else print "nan" }')
-        lines=-
-        if [ "$t" = ivrguard ]; then
-            sleep 0.3
-            lines=$(wc -l <"$IVRGUARD_LOG")
-            : >"$IVRGUARD_LOG"
-        fi
-        echo "round=$round target=$t ${out#RESULT } cpu_us_per_req=$cpu log_lines=$lines" | tee -a "$RESULTS"
+
+# wrk -t1 -cCONNS on each target in turn, ROUNDS times, the order rotated
+# every round: one line per round and target in FILE.
+saturate() { # set rounds file
+    local set=$1 rounds=$2 file=$3 round t order out before after requests cpu lines
+    : >"$file"
+    for round in $(seq "$rounds"); do
+        order=()
+        for i in 0 1 2 3; do order+=("${TARGETS[$(((i + round - 1) % 4))]}"); done
+        for t in "${order[@]}"; do
+            before=$(cpu_us "${PID[$t]}")
+            out=$("${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$WORK/$set.lua" \
+                "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')
+            after=$(cpu_us "${PID[$t]}")
+            requests=$(field requests "$out")
+            cpu=$(awk -v d=$((after - before)) -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.2f", d / r; else print "nan" }')
+            lines=-
+            if [ "$t" = ivrguard ]; then
+                sleep 0.3
+                lines=$(wc -l <"$IVRGUARD_LOG")
+                : >"$IVRGUARD_LOG"
+            fi
+            echo "round=$round target=$t ${out#RESULT } cpu_us_per_req=$cpu log_lines=$lines" | tee -a "$file"
+        done
     done
-done
+}
+RESULTS=$WORK/saturation.txt
+say "saturation, 1 KB <Gather> webhooks: wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds, load average $(loadavg)"
+LOAD_START=$(loadavg)
+saturate gather "$ROUNDS" "$RESULTS"
 LOAD_END=$(loadavg)
 SATURATION_RSS_PEAK=$(rss_kib "$PID_IVRGUARD" VmHWM)
 sleep "$IDLE_WAIT" # the wrk connections closed: idle again, after traffic
 IDLE_AFTER_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
+SPEECH_RESULTS=$WORK/speech.txt
+say "saturation, 2 KB SpeechResult webhooks: $SPEECH_ROUNDS rounds, load average $(loadavg)"
+saturate speech "$SPEECH_ROUNDS" "$SPEECH_RESULTS"
 
 # ---------------------------------------------------- 3b. fixed rate (open)
 FIXED=$WORK/fixed.txt
@@ -371,18 +391,26 @@ for rate in $RATES; do
         order=()
         for i in 0 1 2 3; do order+=("${TARGETS[$(((i + round - 1) % 4))]}"); done
         for t in "${order[@]}"; do
-            out=$("${LOAD[@]}" "$OPENLOOP" rate "http://127.0.0.1:${PORT[$t]}$PATH_AND_QUERY" \
-                "$BODY_FILE" "$rate" "$CONNS" "$FIXED_SECONDS" "${HEADERS[@]}" | grep '^RESULT')
+            out=$("${LOAD[@]}" "$OPENLOOP" rate "127.0.0.1:${PORT[$t]}" "${REQUESTS[gather]}" \
+                "$rate" "$CONNS" "$FIXED_SECONDS" "$WORK/latency-$rate-$t-$round" | grep '^RESULT')
             echo "rate=$rate round=$round target=$t ${out#RESULT }" | tee -a "$FIXED"
         done
+    done
+done
+# Percentiles over every sample of a target's rounds at one rate.
+POOLED=$WORK/pooled.txt
+: >"$POOLED"
+for rate in $RATES; do
+    for t in "${TARGETS[@]}"; do
+        out=$("$OPENLOOP" pool "$WORK/latency-$rate-$t-"* | grep '^POOLED')
+        echo "rate=$rate target=$t ${out#POOLED }" >>"$POOLED"
     done
 done
 : >"$IVRGUARD_LOG"
 
 # ------------------------------------------------------------- 4. memory
 say "memory: 1,000 keep-alive connections held open, then 1,000 under load"
-"${LOAD[@]}" "$OPENLOOP" hold "http://127.0.0.1:$P_IVRGUARD$PATH_AND_QUERY" "$BODY_FILE" 1000 4 \
-    "${HEADERS[@]}" >"$WORK/hold.txt" &
+"${LOAD[@]}" "$OPENLOOP" hold "127.0.0.1:$P_IVRGUARD" "${REQUESTS[gather]}" 1000 4 >"$WORK/hold.txt" &
 HOLD_PID=$!
 PIDS+=("$HOLD_PID")
 for _ in $(seq 100); do
@@ -393,7 +421,7 @@ sleep 1
 HELD_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
 HELD=$(cat "$WORK/hold.txt")
 wait "$HOLD_PID" || true
-"${LOAD[@]}" wrk -t1 -c1000 -d5s -s "$WORK/webhook.lua" "http://127.0.0.1:$P_IVRGUARD" |
+"${LOAD[@]}" wrk -t1 -c1000 -d5s -s "$WORK/gather.lua" "http://127.0.0.1:$P_IVRGUARD" |
     grep '^RESULT' >"$WORK/c1000.txt" || true
 PEAK_RSS=$(rss_kib "$PID_IVRGUARD" VmHWM)
 # The 1,000 connections closed: what ivrguard keeps once the burst is over
@@ -444,61 +472,75 @@ echo "load average: before saturation $LOAD_START, after $LOAD_END, now $(loadav
 echo "pinning: $([ "$PIN" = 1 ] && echo 'generator CPU 0, servers CPU 1' || echo none)"
 echo "access logs: ivrguard JSON to a file; nginx and HAProxy $([ "$ANCHOR_LOGS" = 1 ] && echo 'to a file' || echo off)"
 echo
-echo "saturation (wrk -t1 -c$CONNS, ${DURATION}s x $ROUNDS): min / median / max across rounds"
-printf '%-9s %26s %22s %22s %14s\n' target req/s p50_ms p99_ms cpu_us/req
-for t in "${TARGETS[@]}"; do
-    rps=$(col "$RESULTS" "target=$t " rps)
-    p50=$(col "$RESULTS" "target=$t " p50_us | awk '{ print $1 / 1000 }')
-    p99=$(col "$RESULTS" "target=$t " p99_us | awk '{ print $1 / 1000 }')
-    cpu=$(col "$RESULTS" "target=$t " cpu_us_per_req)
-    printf '%-9s %8s / %6s / %6s %6s / %5s / %5s %6s / %5s / %5s %14s\n' "$t" \
-        $(minmax <<<"$rps" | cut -d' ' -f1) "$(median <<<"$rps")" $(minmax <<<"$rps" | cut -d' ' -f2) \
-        $(minmax <<<"$p50" | cut -d' ' -f1) "$(median <<<"$p50")" $(minmax <<<"$p50" | cut -d' ' -f2) \
-        $(minmax <<<"$p99" | cut -d' ' -f1) "$(median <<<"$p99")" $(minmax <<<"$p99" | cut -d' ' -f2) \
-        "$(median <<<"$cpu")"
-done
-bad=$(grep -Ev 'non2xx=0 sockerr=0' "$RESULTS" "$WORK/c1000.txt" || true)
-[ -n "$bad" ] && echo "INVALID: non-2xx or socket errors in: $bad"
-echo
-echo "ratios, per round (same minutes), min / median / max:"
 show_ratio() { # label key expression [file prefix rounds]
     local r
     r=$(ratio_rounds "${@:2}")
     printf '  %-44s %s / %s / %s\n' "$1" $(minmax <<<"$r" | cut -d' ' -f1) "$(median <<<"$r")" $(minmax <<<"$r" | cut -d' ' -f2)
 }
-show_ratio "throughput ivrguard / nginx" rps "i / n"
-show_ratio "throughput ivrguard / HAProxy" rps "i / h"
-show_ratio "throughput ivrguard / better of the two" rps "i / (n > h ? n : h)"
-show_ratio "throughput ivrguard / backend alone" rps "i / b"
-show_ratio "p99 ivrguard / better (lower) of the two" p99_us "i / (n < h ? n : h)"
-show_ratio "cpu/request ivrguard / nginx" cpu_us_per_req "i / n"
-echo "  access-log lines = requests (ivrguard): $(grep 'target=ivrguard' "$RESULTS" |
-    awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-           d = v["log_lines"] - v["requests"]; print (d >= 0 && d <= '"$CONNS"') ? "ok" : "MISMATCH(" v["log_lines"] "/" v["requests"] ")" }' |
-    sort | uniq -c | tr '\n' ' ')"
-echo
-echo "fixed rate, open loop (bench/openloop.rs, $CONNS connections, latency from the intended send time when the connection was busy):"
-# p99_intended: timed from the intended send time always (wrk2's model),
-# the generator's own lateness included; lag_p99: how late the generator
-# itself started its sends (a sleep overshoots; more so when the target
-# keeps the cores busy), which p99_ms leaves out unless the connection
-# was still busy.
+# The table and the ratios of one saturation phase.
+saturation_report() { # file rounds title
+    local file=$2 rounds=$3 t rps p50 p99 cpu
+    echo "saturation, $1 (wrk -t1 -c$CONNS, ${DURATION}s x $rounds): min / median / max across rounds"
+    printf '%-9s %26s %22s %22s %11s %8s\n' target req/s p50_ms p99_ms cpu_us/req wrk_us
+    for t in "${TARGETS[@]}"; do
+        rps=$(col "$file" "target=$t " rps)
+        p50=$(col "$file" "target=$t " p50_us | awk '{ print $1 / 1000 }')
+        p99=$(col "$file" "target=$t " p99_us | awk '{ print $1 / 1000 }')
+        cpu=$(col "$file" "target=$t " cpu_us_per_req)
+        printf '%-9s %8s / %6s / %6s %6s / %5s / %5s %6s / %5s / %5s %11s %8s\n' "$t" \
+            $(minmax <<<"$rps" | cut -d' ' -f1) "$(median <<<"$rps")" $(minmax <<<"$rps" | cut -d' ' -f2) \
+            $(minmax <<<"$p50" | cut -d' ' -f1) "$(median <<<"$p50")" $(minmax <<<"$p50" | cut -d' ' -f2) \
+            $(minmax <<<"$p99" | cut -d' ' -f1) "$(median <<<"$p99")" $(minmax <<<"$p99" | cut -d' ' -f2) \
+            "$(median <<<"$cpu")" "$(col "$file" "target=$t " wrk_cpu_us_per_req | median)"
+    done
+    echo "ratios, per round (same minutes), min / median / max:"
+    show_ratio "throughput ivrguard / nginx" rps "i / n" "$file" "" "$rounds"
+    show_ratio "throughput ivrguard / HAProxy" rps "i / h" "$file" "" "$rounds"
+    show_ratio "throughput ivrguard / better of the two" rps "i / (n > h ? n : h)" "$file" "" "$rounds"
+    show_ratio "throughput ivrguard / backend alone" rps "i / b" "$file" "" "$rounds"
+    show_ratio "p99 ivrguard / better (lower) of the two" p99_us "i / (n < h ? n : h)" "$file" "" "$rounds"
+    show_ratio "cpu/request ivrguard / nginx" cpu_us_per_req "i / n" "$file" "" "$rounds"
+    echo "  access-log lines = requests (ivrguard): $(grep 'target=ivrguard' "$file" |
+        awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+               d = v["log_lines"] - v["requests"]; print (d >= 0 && d <= '"$CONNS"') ? "ok" : "MISMATCH(" v["log_lines"] "/" v["requests"] ")" }' |
+        sort | uniq -c | tr '\n' ' ')"
+    echo
+}
+saturation_report "1 KB <Gather> webhooks, $BODIES distinct" "$RESULTS" "$ROUNDS"
+saturation_report "2 KB SpeechResult webhooks, $BODIES distinct" "$SPEECH_RESULTS" "$SPEECH_ROUNDS"
+bad=$(grep -Ev 'non2xx=0 sockerr=0' "$WARMUP_RESULTS" "$RESULTS" "$SPEECH_RESULTS" "$WORK/c1000.txt" || true)
+[ -n "$bad" ] && echo "INVALID: non-2xx or socket errors in: $bad" && echo
+
+echo "fixed rate, open loop (bench/openloop.rs, $CONNS connections, the 1 KB webhooks, latency from the intended send time when the connection was busy):"
+# p50/p99/p999: over the samples of all rounds together; p99_intended:
+# timed from the intended send time always (wrk2's model), the generator's
+# own lateness included; lag_p99: how late the generator itself started
+# its sends (a sleep overshoots; more so when the target keeps the cores
+# busy), which p99_ms leaves out unless the connection was still busy.
 printf '%-7s %-9s %10s %9s %9s %9s %12s %9s %9s %12s\n' rate target achieved p50_ms p99_ms p999_ms p99_intended lag_p99 errors client_us/req
 for rate in $RATES; do
     for t in "${TARGETS[@]}"; do
         sel="^rate=$rate .*target=$t "
         printf '%-7s %-9s %10s %9s %9s %9s %12s %9s %9s %12s\n' "$rate" "$t" \
             "$(col "$FIXED" "$sel" achieved_rps | median)" \
-            "$(col "$FIXED" "$sel" p50_ms | median)" \
-            "$(col "$FIXED" "$sel" p99_ms | median)" \
-            "$(col "$FIXED" "$sel" p999_ms | median)" \
+            "$(col "$POOLED" "$sel" p50_ms)" \
+            "$(col "$POOLED" "$sel" p99_ms)" \
+            "$(col "$POOLED" "$sel" p999_ms)" \
             "$(col "$FIXED" "$sel" wrk2_p99_ms | median)" \
             "$(col "$FIXED" "$sel" send_lag_p99_ms | median)" \
             "$(col "$FIXED" "$sel" errors | awk '{ s += $1 } END { print s + 0 }')" \
             "$(col "$FIXED" "$sel" client_cpu_us_per_req | median)"
     done
 done
-echo "  (median across $FIXED_ROUNDS rounds; lines per target, all rates: $(awk '{print $3}' "$FIXED" | sort | uniq -c | tr '\n' ' '))"
+echo "  (p50, p99, p999 pooled over $FIXED_ROUNDS rounds, the rest their median; lines per target, all rates: $(awk '{print $3}' "$FIXED" | sort | uniq -c | tr '\n' ' '))"
+echo "  ratios, pooled:"
+for rate in $RATES; do
+    for key in p50_ms p99_ms; do
+        printf '  %-44s %s\n' "${key%_ms} at $rate/s ivrguard / better of the two" "$(awk -v i="$(col "$POOLED" "^rate=$rate target=ivrguard " $key)" \
+            -v n="$(col "$POOLED" "^rate=$rate target=nginx " $key)" -v h="$(col "$POOLED" "^rate=$rate target=haproxy " $key)" \
+            'BEGIN { printf "%.2f", i / (n < h ? n : h) }')"
+    done
+done
 echo "  ratios, per round, min / median / max:"
 for rate in $RATES; do
     show_ratio "p50 at $rate/s ivrguard / better of the two" p50_ms "i / (n < h ? n : h)" "$FIXED" "rate=$rate " "$FIXED_ROUNDS"
