@@ -212,24 +212,43 @@ pub fn nonce_budget_milestone(count: u64) -> Option<&'static str> {
     }
 }
 
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+/// Every byte's two lowercase hex digits, so a byte costs one lookup.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        pairs[b] = [DIGITS[b >> 4], DIGITS[b & 0x0f]];
+        b += 1;
+    }
+    pairs
+};
 
 fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    for b in bytes {
-        out.push(HEX_DIGITS[usize::from(b >> 4)]);
-        out.push(HEX_DIGITS[usize::from(b & 0x0f)]);
+    for &b in bytes {
+        out.extend_from_slice(&HEX_PAIRS[usize::from(b)]);
     }
 }
 
 /// Spells out in lowercase hex, in place, the bytes in the first half of
-/// `buf` (whose length is even): back to front, so byte `i` is read before
-/// its digits overwrite positions `2i` and `2i + 1`, which hold only bytes
-/// already read.
+/// `buf` (whose length is even): back to front, 8 bytes at a time, so that
+/// bytes `8k..8k + 8` are read before their digits overwrite positions
+/// `16k..16k + 16`, which hold only bytes already read.
 fn hex_in_place(buf: &mut [u8]) {
-    for i in (0..buf.len() / 2).rev() {
-        let b = buf[i];
-        buf[2 * i] = HEX_DIGITS[usize::from(b >> 4)];
-        buf[2 * i + 1] = HEX_DIGITS[usize::from(b & 0x0f)];
+    let len = buf.len() / 2;
+    let whole = len - len % 8;
+    for i in (whole..len).rev() {
+        let pair = HEX_PAIRS[usize::from(buf[i])];
+        buf[2 * i..2 * i + 2].copy_from_slice(&pair);
+    }
+    for at in (0..whole).step_by(8).rev() {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&buf[at..at + 8]);
+        let mut digits = [0u8; 16];
+        for (pair, b) in digits.chunks_exact_mut(2).zip(bytes) {
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
+        }
+        buf[2 * at..2 * at + 16].copy_from_slice(&digits);
     }
 }
 
@@ -271,11 +290,14 @@ mod tests {
 
     #[test]
     fn hex_in_place_spells_every_byte_as_hex_encode_does() {
-        let bytes: Vec<u8> = (0..=255).collect();
-        let mut buf = bytes.clone();
-        buf.resize(2 * bytes.len(), 0);
-        hex_in_place(&mut buf);
-        assert_eq!(buf, hex::encode(&bytes).into_bytes());
+        // Every byte value, at every length around the 8-byte steps.
+        let bytes: Vec<u8> = (0..=255).chain((0..=255).rev()).collect();
+        for len in (0..=33).chain([255, 256, 511, 512]) {
+            let mut buf = bytes[..len].to_vec();
+            buf.resize(2 * len, 0);
+            hex_in_place(&mut buf);
+            assert_eq!(buf, hex::encode(&bytes[..len]).into_bytes(), "len {len}");
+        }
     }
 
     #[test]
