@@ -1091,6 +1091,18 @@ fn webhooks(account: &str, signer: Signer) -> Vec<Webhook> {
     let canary = random_hex(6);
     let speech = format!("Quiero pagar mi factura {canary} número 4 👍 ¿sí?");
     let get_speech = format!("my pin is {} thanks {}", random_digits(6), random_hex(6));
+    // A kilobyte of speech, as the load test's second set: escapes every
+    // few bytes, and plain runs of 16 bytes and more between them, so that
+    // the decoder's 16-byte steps meet both and the value spans many.
+    let long_speech = format!(
+        "{}referencia{}{}CUENTA {} ¿sí? 👍",
+        "mi número de cuenta es el que termina en cuatro dos, envíen la tarjeta \
+         a la nueva dirección en la Calle Mayor de Málaga, "
+            .repeat(6),
+        random_digits(24),
+        random_hex(20),
+        random_digits(16),
+    );
     let (rep_a, rep_b) = (random_digits(8), random_digits(8));
     let valid = json!({});
     let query_digits_path = format!(
@@ -1166,6 +1178,19 @@ fn webhooks(account: &str, signer: Signer) -> Vec<Webhook> {
                 ("Confidence", "0.93".into()),
                 ("Language", "es-MX".into()),
                 ("SpeechResult", speech),
+            ],
+            sign: valid.clone(),
+            forwarded: true,
+        },
+        Webhook {
+            id: "post-kilobyte-speech-result",
+            method: "POST",
+            path: "/ivr/speech?lang=es-ES".into(),
+            params: vec![
+                ("AccountSid", account.to_owned()),
+                ("CallSid", call()),
+                ("Confidence", "0.88".into()),
+                ("SpeechResult", long_speech),
             ],
             sign: valid.clone(),
             forwarded: true,
