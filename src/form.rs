@@ -186,16 +186,20 @@ pub struct FormPair<'a> {
     /// Whether `name` / `value` were decoded (they then borrow the arena).
     name_decoded: bool,
     value_decoded: bool,
+    /// Whether `value` is the ciphertext [`rewrite`] put there (its
+    /// plaintext already wiped).
+    encrypted: bool,
 }
 
-/// A value of its own is a sensitive one Twilio escaped, decoded (or
-/// ciphertext after [`rewrite`], or any escaped value from [`parse`]):
-/// wiped here, so a request refused after parsing (a wrong signature) does
-/// not leave the caller's digits in freed memory (found in review; only
-/// [`rewrite`] wiped them).
+/// A value of its own is a sensitive one Twilio escaped, decoded (or any
+/// escaped value from [`parse`]): wiped here, so a request refused after
+/// parsing (a wrong signature) does not leave the caller's digits in freed
+/// memory (found in review; only [`rewrite`] wiped them). The ciphertext
+/// [`rewrite`] leaves is not: it is what the app receives, and wiping is
+/// byte by byte (a 900-character `SpeechResult` is 1.8 KB of hex).
 impl Drop for FormPair<'_> {
     fn drop(&mut self) {
-        if let Cow::Owned(value) = &mut self.value {
+        if let (Cow::Owned(value), false) = (&mut self.value, self.encrypted) {
             value.zeroize();
         }
     }
@@ -252,6 +256,7 @@ pub fn parse(input: &[u8]) -> Result<Vec<FormPair<'_>>, FormError> {
             has_eq: pair.has_eq,
             name_decoded: pair.name_decoded,
             value_decoded: pair.value_decoded,
+            encrypted: false,
         })
         .collect())
 }
@@ -309,6 +314,7 @@ pub fn parse_in<'a>(
             has_eq: segment.eq.is_some(),
             name_decoded: segment.name_escaped,
             value_decoded: segment.value_escaped,
+            encrypted: false,
         });
     }
     Ok(pairs)
@@ -736,6 +742,7 @@ pub fn rewrite<'a>(
             plain.zeroize();
         }
         pair.value = Cow::Owned(hex);
+        pair.encrypted = true;
         copied = pair.value_span.end;
     }
     out.extend_from_slice(
