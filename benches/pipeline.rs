@@ -1,8 +1,11 @@
 //! Criterion benchmarks of the pure request path: no sockets, no runtime.
 //!
-//! Every stage runs on the same realistic input the load test sends
-//! (`bench/webhook.form`: a 1,024-byte, 30-parameter `<Gather>` callback
-//! with `Digits`, a `CallToken` and a dozen `%`-escapes). The stages add
+//! Every stage runs on the realistic input the load test's webhooks are
+//! made from (`bench/webhook.form`: a 1,024-byte, 30-parameter `<Gather>`
+//! callback with `Digits`, a `CallToken` and a dozen `%`-escapes;
+//! `bench/bodies.py` varies its `CallSid` and `Digits`), and
+//! `pipeline/prepare_speech` on the 2 KB speech webhook of the load
+//! test's second set. The stages add
 //! up only roughly to the `pipeline/prepare` total (3.41 against 3.64 µs in
 //! one run): `stage/re_sign` signs from the start, where `prepare` resumes
 //! the verification's hash state at the first encrypted field, and parsing

@@ -1036,7 +1036,7 @@ mod tests {
 
     proptest::proptest! {
         /// Escapes, good and bad, anywhere in and across the 16-byte
-        /// steps and the byte-wise tail: `decode_into` agrees with the
+        /// steps and the last bytes: `decode_into` agrees with the
         /// byte-wise oracle, errors included.
         #[test]
         fn decode_into_agrees_with_decoding_byte_by_byte(
