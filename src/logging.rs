@@ -757,12 +757,21 @@ static LOG_CONTROL: std::sync::OnceLock<LogControl> = std::sync::OnceLock::new()
 /// review: a reload said "reloaded" and kept the old ones, so a scrub
 /// pattern added after a leak was not applied). A no-op before [`init`].
 pub fn apply(settings: &LogSettings) {
-    let Some(control) = LOG_CONTROL.get() else {
-        return;
-    };
-    control.scrubber.store(Arc::new(Scrubber::new(settings)));
+    apply_scrubbing(settings);
+    apply_level(settings);
+}
+
+/// The scrubbing half of [`apply`].
+pub fn apply_scrubbing(settings: &LogSettings) {
+    if let Some(control) = LOG_CONTROL.get() {
+        control.scrubber.store(Arc::new(Scrubber::new(settings)));
+    }
+}
+
+/// The level half of [`apply`].
+pub fn apply_level(settings: &LogSettings) {
     // The level was checked when the settings were loaded.
-    if let Ok(filter) = EnvFilter::try_new(&settings.level) {
+    if let (Some(control), Ok(filter)) = (LOG_CONTROL.get(), EnvFilter::try_new(&settings.level)) {
         let _ = (control.set_level)(filter);
     }
 }

@@ -238,6 +238,12 @@ impl Reloader {
                 }
                 Ok(reloaded) => {
                     self.shared.load().metrics().config_reload(true);
+                    // The new scrubbing first, so that every line after
+                    // "reloaded", that one included, follows it (found by a
+                    // test under load: the line was logged before it, so a
+                    // request answered right after could still be logged
+                    // with the old patterns).
+                    crate::logging::apply_scrubbing(&self.running.log);
                     // Logged at whichever level shows it: before a level
                     // that hides INFO applies, or after one that shows it
                     // again (found in review: `level = "warn"` hid the line
@@ -247,7 +253,7 @@ impl Reloader {
                     if shown_now {
                         log_reloaded(trigger, &reloaded);
                     }
-                    self.apply_log();
+                    crate::logging::apply_level(&self.running.log);
                     if !shown_now {
                         log_reloaded(trigger, &reloaded);
                     }
