@@ -297,37 +297,10 @@ for check in gather:Digits speech:SpeechResult; do
 done
 : >"$IVRGUARD_LOG"
 
-# wrk sends the requests of a set in turn (a Lua request() over a table
-# built once, wrk2's advice), and reports its own CPU per request too.
-for set in gather speech; do
-    cat >"$WORK/$set.lua" <<EOF
-local file = assert(io.open("${REQUESTS[$set]}", "rb"))
-local data = file:read("*a")
-file:close()
-local requests, at = {}, 1
-while at <= #data do
-    local blank = assert(data:find("\r\n\r\n", at, true), "a request without its blank line")
-    local length = tonumber(data:sub(at, blank):lower():match("\r\ncontent%-length: *(%d+)"))
-    requests[#requests + 1] = data:sub(at, blank + 3 + length)
-    at = blank + 4 + length
-end
-local turn = 0
-function request()
-    turn = turn % #requests + 1
-    return requests[turn]
-end
-EOF
-    cat >>"$WORK/$set.lua" <<'EOF'
-function done(summary, latency, requests)
-    local e = summary.errors
-    io.write(string.format(
-        "RESULT requests=%d rps=%.0f p50_us=%d p99_us=%d non2xx=%d sockerr=%d wrk_cpu_us_per_req=%.2f\n",
-        summary.requests, summary.requests / (summary.duration / 1e6),
-        latency:percentile(50), latency:percentile(99), e.status,
-        e.connect + e.read + e.write + e.timeout, os.clock() * 1e6 / summary.requests))
-end
-EOF
-done
+# wrk sends the requests of a set in turn (bench/requests.lua: a Lua
+# request() over a table built once, wrk2's advice), and reports its own CPU
+# per request too.
+LUA=$ROOT/bench/requests.lua
 
 field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p" <<<"$2"; }
 
@@ -336,8 +309,8 @@ WARMUP_RESULTS=$WORK/warmup.txt
 say "warm-up: ${WARMUP} s per target and set"
 for set in gather speech; do
     for t in "${TARGETS[@]}"; do
-        echo "set=$set target=$t $("${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${WARMUP}s" -s "$WORK/$set.lua" \
-            "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')" >>"$WARMUP_RESULTS"
+        echo "set=$set target=$t $(WRK_REQUESTS=${REQUESTS[$set]} "${LOAD[@]}" wrk -t1 -c"$CONNS" \
+            -d"${WARMUP}s" -s "$LUA" "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')" >>"$WARMUP_RESULTS"
     done
 done
 # The log writer batches: let the warm-up's last lines land before the
@@ -355,8 +328,8 @@ saturate() { # set rounds file
         for i in 0 1 2 3; do order+=("${TARGETS[$(((i + round - 1) % 4))]}"); done
         for t in "${order[@]}"; do
             before=$(cpu_us "${PID[$t]}")
-            out=$("${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$WORK/$set.lua" \
-                "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')
+            out=$(WRK_REQUESTS=${REQUESTS[$set]} "${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" \
+                -s "$LUA" "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')
             after=$(cpu_us "${PID[$t]}")
             requests=$(field requests "$out")
             cpu=$(awk -v d=$((after - before)) -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.2f", d / r; else print "nan" }')
@@ -421,7 +394,7 @@ sleep 1
 HELD_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
 HELD=$(cat "$WORK/hold.txt")
 wait "$HOLD_PID" || true
-"${LOAD[@]}" wrk -t1 -c1000 -d5s -s "$WORK/gather.lua" "http://127.0.0.1:$P_IVRGUARD" |
+WRK_REQUESTS=${REQUESTS[gather]} "${LOAD[@]}" wrk -t1 -c1000 -d5s -s "$LUA" "http://127.0.0.1:$P_IVRGUARD" |
     grep '^RESULT' >"$WORK/c1000.txt" || true
 PEAK_RSS=$(rss_kib "$PID_IVRGUARD" VmHWM)
 # The 1,000 connections closed: what ivrguard keeps once the burst is over

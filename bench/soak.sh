@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # bench/soak.sh — issue 4's load-and-soak run: SOAK_SECONDS (default 300) of
-# sustained signed webhook traffic through ivrguard at a fixed connection
+# sustained signed webhook traffic (1,000 distinct webhooks, in turn:
+# bench/bodies.py, bench/requests.lua) through ivrguard at a fixed connection
 # count (wrk -t1 -cCONNS), against a static-TwiML nginx backend on loopback.
 # Reports requests served, errors (non-2xx + socket errors: must be 0), and
 # ivrguard's RSS after warm-up and at the end (growth must stay under 10 %),
 # sampled every 5 s into $WORK/rss.tsv. Not a test: a measurement for
-# bench/RESULTS.md. Installs wrk and nginx from Debian if missing.
+# bench/RESULTS.md. Installs wrk, nginx and Python from Debian if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOAK_SECONDS=${SOAK_SECONDS:-300}
@@ -15,6 +16,7 @@ WARMUP=10
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || missing+=(nginx)
+command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
@@ -73,41 +75,17 @@ EOF
 PIDS+=("$PROXY_PID")
 wait_port "$P_BACKEND"; wait_port "$P_PROXY"
 
-# The signed 1 KB <Gather> webhook of bench/run.sh.
-BODY_FILE=bench/webhook.form
-PATH_AND_QUERY="/ivr/gather?step=pin"
-sign_args=()
-IFS="&" read -r -a pairs <"$BODY_FILE" || true
-for pair in "${pairs[@]}"; do
-    value=${pair#*=}; value=${value//+/ }; printf -v value '%b' "${value//%/\\x}"
-    sign_args+=(--param "${pair%%=*}=$value")
-done
-SIGNATURE=$(SOAK_TOKEN=$SOAK_TOKEN "$IVRGUARD" sign --token-env SOAK_TOKEN \
-    --url "https://ivr.example.com$PATH_AND_QUERY" "${sign_args[@]}")
-cat >"$WORK/webhook.lua" <<EOF
-local f = assert(io.open("$PWD/$BODY_FILE", "rb"))
-wrk.body = f:read("*a")
-f:close()
-wrk.method = "POST"
-wrk.path = "$PATH_AND_QUERY"
-wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
-wrk.headers["X-Twilio-Signature"] = "$SIGNATURE"
-wrk.headers["Host"] = "ivr.example.com"
-function done(summary, latency, requests)
-    local e = summary.errors
-    io.write(string.format("RESULT requests=%d rps=%.0f p50_us=%d p99_us=%d non2xx=%d sockerr=%d\n",
-        summary.requests, summary.requests / (summary.duration / 1e6),
-        latency:percentile(50), latency:percentile(99), e.status,
-        e.connect + e.read + e.write + e.timeout))
-end
-EOF
+# bench/run.sh's 1,000 distinct signed 1 KB <Gather> webhooks, in turn.
+export WRK_REQUESTS=$WORK/gather.http
+python3 bench/bodies.py gather 1000 "$SOAK_TOKEN" "https://ivr.example.com/ivr/gather?step=pin" "$WRK_REQUESTS"
+LUA=bench/requests.lua
 
 echo "soak: wrk -t1 -c$CONNS for ${SOAK_SECONDS}s (+${WARMUP}s warm-up), load average $(cut -d' ' -f1-3 /proc/loadavg)"
-wrk -t1 -c"$CONNS" -d"${WARMUP}s" -s "$WORK/webhook.lua" "http://127.0.0.1:$P_PROXY" >/dev/null
+wrk -t1 -c"$CONNS" -d"${WARMUP}s" -s "$LUA" "http://127.0.0.1:$P_PROXY" >/dev/null
 RSS_START=$(rss_kib "$PROXY_PID")
 ( while kill -0 "$PROXY_PID" 2>/dev/null; do printf '%s\t%s\n' "$(date +%s)" "$(rss_kib "$PROXY_PID")"; sleep 5; done ) >"$WORK/rss.tsv" &
 PIDS+=($!)
-OUT=$(wrk -t1 -c"$CONNS" -d"${SOAK_SECONDS}s" -s "$WORK/webhook.lua" "http://127.0.0.1:$P_PROXY")
+OUT=$(wrk -t1 -c"$CONNS" -d"${SOAK_SECONDS}s" -s "$LUA" "http://127.0.0.1:$P_PROXY")
 RSS_END=$(rss_kib "$PROXY_PID")
 RESULT=$(grep '^RESULT' <<<"$OUT")
 field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p" <<<"$RESULT"; }
