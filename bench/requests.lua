@@ -28,7 +28,7 @@ function request()
     return requests[turn]
 end
 
-function done(summary, latency, requests)
+function done(summary, latency)
     local e = summary.errors
     io.write(string.format(
         "RESULT requests=%d rps=%.0f p50_us=%d p99_us=%d non2xx=%d sockerr=%d wrk_cpu_us_per_req=%.2f\n",

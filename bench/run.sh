@@ -426,10 +426,9 @@ col() { # file filter-regex key
     grep -E "$2" "$1" | sed -n "s/.* $3=\([^ ]*\).*/\1/p"
 }
 # One ratio per round: an awk expression over i, n, h and b (ivrguard,
-# nginx, HAProxy, backend), from the saturation rounds or, given a file,
-# a line prefix and a round count, from those.
-ratio_rounds() { # key expression [file prefix rounds]
-    local key=$1 file=${3:-$RESULTS} prefix=${4:-} rounds=${5:-$ROUNDS}
+# nginx, HAProxy, backend), from the lines of FILE that start with PREFIX.
+ratio_rounds() { # key expression file prefix rounds
+    local key=$1 file=$3 prefix=$4 rounds=$5
     for round in $(seq "$rounds"); do
         local i n h b
         i=$(col "$file" "^${prefix}round=$round target=ivrguard " "$key")
@@ -445,7 +444,7 @@ echo "load average: before saturation $LOAD_START, after $LOAD_END, now $(loadav
 echo "pinning: $([ "$PIN" = 1 ] && echo 'generator CPU 0, servers CPU 1' || echo none)"
 echo "access logs: ivrguard JSON to a file; nginx and HAProxy $([ "$ANCHOR_LOGS" = 1 ] && echo 'to a file' || echo off)"
 echo
-show_ratio() { # label key expression [file prefix rounds]
+show_ratio() { # label key expression file prefix rounds
     local r
     r=$(ratio_rounds "${@:2}")
     printf '  %-44s %s / %s / %s\n' "$1" $(minmax <<<"$r" | cut -d' ' -f1) "$(median <<<"$r")" $(minmax <<<"$r" | cut -d' ' -f2)
