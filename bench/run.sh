@@ -28,14 +28,21 @@
 #       b. the same, SPEECH_ROUNDS rounds, with 2 KB webhooks carrying a
 #          SpeechResult (perf notes, section A5) instead of Digits;
 #       c. fixed rate, open loop (bench/openloop.rs, no coordinated
-#          omission): RATES req/s, FIXED_ROUNDS x FIXED_SECONDS s per target,
-#          percentiles over all rounds' samples pooled;
+#          omission): RATES req/s (200, 2,000 and 10,000), FIXED_ROUNDS x
+#          FIXED_SECONDS s per target, percentiles over all rounds' samples
+#          pooled;
 #  4. ivrguard's memory: idle RSS at start-up and again IDLE_WAIT s after
 #     the saturation rounds, RSS while 1,000 keep-alive connections are
 #     held open, peak RSS after 1,000 connections under load and the idle
 #     RSS IDLE_WAIT s after that burst; start-up to ready (/readyz answers
 #     200), median of 5;
-#  5. prints per-target min/median/max and the per-round ratios.
+#  5. prints per-target min/median/max and the per-round ratios (flagged
+#     noisy when they spread over more than 10 % of the median), the added
+#     latency over the backend alone at each fixed rate, and the protocol's
+#     validity checks (perf notes, section A5): the backend alone serves at
+#     least twice the best proxy (wrk is not the bottleneck), and wrk's
+#     request count agrees with ivrguard's access-log lines and with the
+#     requests the backend served (its nginx stub_status, on BASE_PORT + 8).
 #
 # nginx and HAProxy log nothing by default (ivrguard writes its JSON access
 # log to a file, so the comparison is against it); ANCHOR_LOGS=1 gives both
@@ -56,7 +63,7 @@ SPEECH_ROUNDS=${SPEECH_ROUNDS:-3}
 BODIES=${BODIES:-1000}
 WARMUP=${WARMUP:-5}
 CONNS=${CONNS:-32}
-RATES=${RATES:-"2000 10000"}
+RATES=${RATES:-"200 2000 10000"}
 FIXED_ROUNDS=${FIXED_ROUNDS:-3}
 FIXED_SECONDS=${FIXED_SECONDS:-10}
 PIN=${PIN:-0}
@@ -72,6 +79,7 @@ P_IVRGUARD=$((BASE_PORT + 4))
 P_ADMIN=$((BASE_PORT + 5))
 P_STARTUP=$((BASE_PORT + 6))
 P_STARTUP_ADMIN=$((BASE_PORT + 7))
+P_STATUS=$((BASE_PORT + 8)) # the backend's request count (nginx stub_status)
 PUBLIC_ORIGIN=https://ivr.example.com
 PATH_AND_QUERY='/ivr/gather?step=card'
 
@@ -102,7 +110,7 @@ ldd "$IVRGUARD" 2>&1 | grep -qE 'statically linked|not a dynamic executable' ||
     { echo "$IVRGUARD is not statically linked" >&2; exit 1; }
 OPENLOOP=$TARGET_DIR/release/examples/openloop
 
-for port in $(seq "$P_BACKEND" "$P_STARTUP_ADMIN"); do
+for port in $(seq "$P_BACKEND" "$P_STATUS"); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         echo "port $port is in use; set BASE_PORT to another range" >&2
         exit 1
@@ -193,6 +201,10 @@ nginx_conf backend 1 "
             default_type text/xml;
             return 200 '$TWIML';
         }
+    }
+    server {
+        listen 127.0.0.1:$P_STATUS;
+        location / { stub_status; }
     }"
 nginx_conf nginx "$WORKERS" "
     upstream app {
@@ -320,17 +332,30 @@ sleep 0.3
 
 # wrk -t1 -cCONNS on each target in turn, ROUNDS times, the order rotated
 # every round: one line per round and target in FILE.
+# Requests the backend has served so far (its stub_status), for the check
+# that every request wrk counted went through to it once.
+backend_served() {
+    local reply
+    exec 3<>"/dev/tcp/127.0.0.1/$P_STATUS"
+    printf 'GET / HTTP/1.0\r\n\r\n' >&3
+    reply=$(cat <&3)
+    exec 3<&-
+    awk 'prev ~ /accepts handled requests/ { print $3; exit } { prev = $0 }' <<<"$reply"
+}
 saturate() { # set rounds file
-    local set=$1 rounds=$2 file=$3 round t order out before after requests cpu lines
+    local set=$1 rounds=$2 file=$3 round t order out before after requests cpu lines served_before served
     : >"$file"
     for round in $(seq "$rounds"); do
         order=()
         for i in 0 1 2 3; do order+=("${TARGETS[$(((i + round - 1) % 4))]}"); done
         for t in "${order[@]}"; do
             before=$(cpu_us "${PID[$t]}")
+            served_before=$(backend_served)
             out=$(WRK_REQUESTS=${REQUESTS[$set]} "${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" \
                 -s "$LUA" "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')
             after=$(cpu_us "${PID[$t]}")
+            # This reading counts itself too.
+            served=$(($(backend_served) - served_before - 1))
             requests=$(field requests "$out")
             cpu=$(awk -v d=$((after - before)) -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.2f", d / r; else print "nan" }')
             lines=-
@@ -339,7 +364,7 @@ saturate() { # set rounds file
                 lines=$(wc -l <"$IVRGUARD_LOG")
                 : >"$IVRGUARD_LOG"
             fi
-            echo "round=$round target=$t ${out#RESULT } cpu_us_per_req=$cpu log_lines=$lines" | tee -a "$file"
+            echo "round=$round target=$t ${out#RESULT } cpu_us_per_req=$cpu log_lines=$lines backend_served=$served" | tee -a "$file"
         done
     done
 }
@@ -444,10 +469,22 @@ echo "load average: before saturation $LOAD_START, after $LOAD_END, now $(loadav
 echo "pinning: $([ "$PIN" = 1 ] && echo 'generator CPU 0, servers CPU 1' || echo none)"
 echo "access logs: ivrguard JSON to a file; nginx and HAProxy $([ "$ANCHOR_LOGS" = 1 ] && echo 'to a file' || echo off)"
 echo
+# min / median / max of the per-round ratios, flagged "noisy" when they
+# spread over more than 10 % of the median (perf notes, section A5).
 show_ratio() { # label key expression file prefix rounds
-    local r
+    local r min med max
     r=$(ratio_rounds "${@:2}")
-    printf '  %-44s %s / %s / %s\n' "$1" $(minmax <<<"$r" | cut -d' ' -f1) "$(median <<<"$r")" $(minmax <<<"$r" | cut -d' ' -f2)
+    read -r min max <<<"$(minmax <<<"$r")"
+    med=$(median <<<"$r")
+    printf '  %-44s %s / %s / %s%s\n' "$1" "$min" "$med" "$max" \
+        "$(awk -v a="$min" -v m="$med" -v b="$max" 'BEGIN { if (m > 0 && (b - a) / m > 0.10) printf "  (noisy: spread %.0f %% of the median)", 100 * (b - a) / m }')"
+}
+# "ok" for each line of stdin whose KEY is wrk's request count or up to
+# CONNS more, else MISMATCH(key/requests); counted.
+counts_agree() { # key
+    awk -v key="$1" -v conns="$CONNS" '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        d = v[key] - v["requests"]; print (d >= 0 && d <= conns) ? "ok" : "MISMATCH(" v["target"] ":" v[key] "/" v["requests"] ")" }' |
+        sort | uniq -c | tr '\n' ' '
 }
 # The table and the ratios of one saturation phase.
 saturation_report() { # file rounds title
@@ -472,10 +509,15 @@ saturation_report() { # file rounds title
     show_ratio "throughput ivrguard / backend alone" rps "i / b" "$file" "" "$rounds"
     show_ratio "p99 ivrguard / better (lower) of the two" p99_us "i / (n < h ? n : h)" "$file" "" "$rounds"
     show_ratio "cpu/request ivrguard / nginx" cpu_us_per_req "i / n" "$file" "" "$rounds"
-    echo "  access-log lines = requests (ivrguard): $(grep 'target=ivrguard' "$file" |
-        awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-               d = v["log_lines"] - v["requests"]; print (d >= 0 && d <= '"$CONNS"') ? "ok" : "MISMATCH(" v["log_lines"] "/" v["requests"] ")" }' |
-        sort | uniq -c | tr '\n' ' ')"
+    # Validity (perf notes, A5): wrk must not be the bottleneck, so the
+    # backend alone must serve at least twice what the best proxy does.
+    local headroom="b / (i > n ? (i > h ? i : h) : (n > h ? n : h))"
+    show_ratio "backend alone / best proxy (must be >= 2)" rps "$headroom" "$file" "" "$rounds"
+    ratio_rounds rps "$headroom" "$file" "" "$rounds" | awk '$1 < 2 { low++ } END { if (low) print "  WARNING: below 2 in " low " round(s): wrk may have limited the proxies there" }'
+    # wrk does not count the requests still in flight when it stops: up to
+    # CONNS more lines and backend requests than wrk's count are right.
+    echo "  access-log lines = requests (ivrguard): $(grep 'target=ivrguard' "$file" | counts_agree log_lines)"
+    echo "  backend requests = requests (every target): $(counts_agree backend_served <"$file")"
     echo
 }
 saturation_report "1 KB <Gather> webhooks, $BODIES distinct" "$RESULTS" "$ROUNDS"
@@ -512,6 +554,17 @@ for rate in $RATES; do
             -v n="$(col "$POOLED" "^rate=$rate target=nginx " $key)" -v h="$(col "$POOLED" "^rate=$rate target=haproxy " $key)" \
             'BEGIN { printf "%.2f", i / (n < h ? n : h) }')"
     done
+done
+echo "  added latency, pooled p50 / p99 minus the backend alone's (ms):"
+for rate in $RATES; do
+    added=()
+    for t in nginx haproxy ivrguard; do
+        added+=("$t $(for key in p50_ms p99_ms; do
+            awk -v x="$(col "$POOLED" "^rate=$rate target=$t " $key)" \
+                -v b="$(col "$POOLED" "^rate=$rate target=backend " $key)" 'BEGIN { printf "%+.3f\n", x - b }'
+        done | paste -sd/ -)")
+    done
+    printf '  %-44s %s; %s; %s\n' "at $rate/s" "${added[@]}"
 done
 echo "  ratios, per round, min / median / max:"
 for rate in $RATES; do
