@@ -33,9 +33,9 @@
 #          pooled;
 #  4. ivrguard's memory: idle RSS at start-up and again IDLE_WAIT s after
 #     the saturation rounds, RSS while 1,000 keep-alive connections are
-#     held open, peak RSS after 1,000 connections under load and the idle
-#     RSS IDLE_WAIT s after that burst; start-up to ready (/readyz answers
-#     200), median of 5;
+#     held open (and nginx's and HAProxy's with the same 1,000), peak RSS
+#     after 1,000 connections under load and the idle RSS IDLE_WAIT s after
+#     that burst; start-up to ready (/readyz answers 200), median of 5;
 #  5. prints per-target min/median/max and the per-round ratios (flagged
 #     noisy when they spread over more than 10 % of the median), the added
 #     latency over the backend alone at each fixed rate, and the protocol's
@@ -408,17 +408,28 @@ done
 
 # ------------------------------------------------------------- 4. memory
 say "memory: 1,000 keep-alive connections held open, then 1,000 under load"
-"${LOAD[@]}" "$OPENLOOP" hold "127.0.0.1:$P_IVRGUARD" "${REQUESTS[gather]}" 1000 4 >"$WORK/hold.txt" &
-HOLD_PID=$!
-PIDS+=("$HOLD_PID")
-for _ in $(seq 100); do
-    grep -q HELD "$WORK/hold.txt" 2>/dev/null && break
-    sleep 0.1
-done
-sleep 1
-HELD_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
-HELD=$(cat "$WORK/hold.txt")
-wait "$HOLD_PID" || true
+# A target's RSS (KiB, its processes summed: nginx's master and workers)
+# with 1,000 keep-alive connections open, each having sent one request.
+declare -A HELD_RSS HELD
+hold_1000() { # target
+    local t=$1 hold_pid total pid
+    "${LOAD[@]}" "$OPENLOOP" hold "127.0.0.1:${PORT[$t]}" "${REQUESTS[gather]}" 1000 4 >"$WORK/hold-$t.txt" &
+    hold_pid=$!
+    PIDS+=("$hold_pid")
+    for _ in $(seq 100); do
+        grep -q HELD "$WORK/hold-$t.txt" 2>/dev/null && break
+        sleep 0.1
+    done
+    sleep 1
+    total=0
+    for pid in ${PID[$t]} $(pgrep -P "${PID[$t]}" || true); do
+        total=$((total + $(rss_kib "$pid" VmRSS)))
+    done
+    HELD_RSS[$t]=$total
+    HELD[$t]=$(cat "$WORK/hold-$t.txt")
+    wait "$hold_pid" || true
+}
+hold_1000 ivrguard
 WRK_REQUESTS=${REQUESTS[gather]} "${LOAD[@]}" wrk -t1 -c1000 -d5s -s "$LUA" "http://127.0.0.1:$P_IVRGUARD" |
     grep '^RESULT' >"$WORK/c1000.txt" || true
 PEAK_RSS=$(rss_kib "$PID_IVRGUARD" VmHWM)
@@ -426,6 +437,9 @@ PEAK_RSS=$(rss_kib "$PID_IVRGUARD" VmHWM)
 # (it hands freed memory back once connections close; README, Operations).
 sleep "$IDLE_WAIT"
 IDLE_AFTER_BURST_RSS=$(rss_kib "$PID_IVRGUARD" VmRSS)
+# The same 1,000 connections held on nginx and HAProxy, for comparison.
+hold_1000 nginx
+hold_1000 haproxy
 declare -A PROXY_RSS
 for t in nginx haproxy ivrguard; do
     total=0
@@ -576,9 +590,10 @@ echo "memory and start-up (ivrguard):"
 echo "  idle RSS after start-up:                     $((IDLE_RSS / 1024)) MiB ($IDLE_RSS KiB)"
 echo "  idle RSS after the saturation rounds:        $((IDLE_AFTER_RSS / 1024)) MiB ($IDLE_AFTER_RSS KiB)"
 echo "  peak RSS after the saturation rounds:        $((SATURATION_RSS_PEAK / 1024)) MiB ($SATURATION_RSS_PEAK KiB)"
-echo "  RSS with 1,000 keep-alive connections held:  $((HELD_RSS / 1024)) MiB ($HELD_RSS KiB) [$HELD]"
+echo "  RSS with 1,000 keep-alive connections held:  $((HELD_RSS[ivrguard] / 1024)) MiB (${HELD_RSS[ivrguard]} KiB) [${HELD[ivrguard]}]"
 echo "  peak RSS (VmHWM) after 1,000 conns under load: $((PEAK_RSS / 1024)) MiB ($PEAK_RSS KiB) [$(cat "$WORK/c1000.txt")]"
 printf '  %-45s%s\n' "idle RSS $IDLE_WAIT s after that burst:" \
     "$((IDLE_AFTER_BURST_RSS / 1024)) MiB ($IDLE_AFTER_BURST_RSS KiB)"
-echo "  peak RSS of the whole run, for comparison:   nginx $((PROXY_RSS[nginx] / 1024)) MiB (master+workers, never 1k conns), HAProxy $((PROXY_RSS[haproxy] / 1024)) MiB, ivrguard $((PROXY_RSS[ivrguard] / 1024)) MiB"
+echo "  for comparison, 1,000 connections held:     nginx $((HELD_RSS[nginx] / 1024)) MiB (${HELD_RSS[nginx]} KiB, master+workers) [${HELD[nginx]}], HAProxy $((HELD_RSS[haproxy] / 1024)) MiB (${HELD_RSS[haproxy]} KiB) [${HELD[haproxy]}]"
+echo "  peak RSS of the whole run, for comparison:   nginx $((PROXY_RSS[nginx] / 1024)) MiB (master+workers, summed), HAProxy $((PROXY_RSS[haproxy] / 1024)) MiB, ivrguard $((PROXY_RSS[ivrguard] / 1024)) MiB"
 echo "  start-up to ready (ms, 5 runs):              ${STARTUPS[*]} (median $(printf '%s\n' "${STARTUPS[@]}" | median))"
