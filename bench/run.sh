@@ -4,7 +4,7 @@
 # on the same (shared, noisy) machine. See bench/RESULTS.md for how to read
 # the output.
 #
-#   bench/run.sh                 # ~8 min after the build, root for apt-get
+#   bench/run.sh                 # ~15 min after the build, root for apt-get
 #   ROUNDS=3 DURATION=5 bench/run.sh
 #
 # What it does:
