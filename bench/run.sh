@@ -330,8 +330,6 @@ done
 sleep 0.3
 : >"$IVRGUARD_LOG"
 
-# wrk -t1 -cCONNS on each target in turn, ROUNDS times, the order rotated
-# every round: one line per round and target in FILE.
 # Requests the backend has served so far (its stub_status), for the check
 # that every request wrk counted went through to it once.
 backend_served() {
@@ -342,6 +340,8 @@ backend_served() {
     exec 3<&-
     awk 'prev ~ /accepts handled requests/ { print $3; exit } { prev = $0 }' <<<"$reply"
 }
+# wrk -t1 -cCONNS on each target in turn, ROUNDS times, the order rotated
+# every round: one line per round and target in FILE.
 saturate() { # set rounds file
     local set=$1 rounds=$2 file=$3 round t order out before after requests cpu lines served_before served
     : >"$file"
