@@ -158,6 +158,14 @@ cpu_us() {
 }
 
 rss_kib() { awk -v f="$2" '$1 == f":" { print $2 }' "/proc/$1/status"; }
+# The same, summed over a target's processes (nginx's master and workers).
+target_rss_kib() { # target field
+    local total=0 pid
+    for pid in ${PID[$1]} $(pgrep -P "${PID[$1]}" || true); do
+        total=$((total + $(rss_kib "$pid" "$2")))
+    done
+    echo "$total"
+}
 
 # ------------------------------------------------------------- 2. servers
 TOKEN=bench-auth-token-not-a-secret-0001
@@ -412,7 +420,7 @@ say "memory: 1,000 keep-alive connections held open, then 1,000 under load"
 # with 1,000 keep-alive connections open, each having sent one request.
 declare -A HELD_RSS HELD
 hold_1000() { # target
-    local t=$1 hold_pid total pid
+    local t=$1 hold_pid
     "${LOAD[@]}" "$OPENLOOP" hold "127.0.0.1:${PORT[$t]}" "${REQUESTS[gather]}" 1000 4 >"$WORK/hold-$t.txt" &
     hold_pid=$!
     PIDS+=("$hold_pid")
@@ -421,11 +429,7 @@ hold_1000() { # target
         sleep 0.1
     done
     sleep 1
-    total=0
-    for pid in ${PID[$t]} $(pgrep -P "${PID[$t]}" || true); do
-        total=$((total + $(rss_kib "$pid" VmRSS)))
-    done
-    HELD_RSS[$t]=$total
+    HELD_RSS[$t]=$(target_rss_kib "$t" VmRSS)
     HELD[$t]=$(cat "$WORK/hold-$t.txt")
     wait "$hold_pid" || true
 }
@@ -442,11 +446,7 @@ hold_1000 nginx
 hold_1000 haproxy
 declare -A PROXY_RSS
 for t in nginx haproxy ivrguard; do
-    total=0
-    for pid in ${PID[$t]} $(pgrep -P "${PID[$t]}" || true); do
-        total=$((total + $(rss_kib "$pid" VmHWM)))
-    done
-    PROXY_RSS[$t]=$total
+    PROXY_RSS[$t]=$(target_rss_kib "$t" VmHWM)
 done
 
 say "start-up to ready (/readyz 200), 5 runs"
