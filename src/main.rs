@@ -22,9 +22,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let cli = Cli::parse();
-    let result = match cli.command.as_ref().unwrap_or(&Command::Run) {
-        Command::Run => load(&cli).and_then(|s| ivrguard::run::run(&cli.config_path(), s)),
-        Command::Check => load(&cli).and_then(|s| {
+    let result = match cli.subcommand() {
+        Command::Run(_) => load(&cli).and_then(|s| ivrguard::run::run(&cli.config_path(), s)),
+        Command::Check(_) => load(&cli).and_then(|s| {
             warn(ivrguard::check::warnings(&s).into_iter().chain(ivrguard::check::upstream_warning(&s)));
             out(&s.describe())
         }),
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
             params,
         } => sign(token_env, url, params),
         Command::Demo => ivrguard::demo::run(),
-        Command::Health { url } => ivrguard::health::run(&cli.config_path(), url.as_deref()),
+        Command::Health { url, .. } => ivrguard::health::run(&cli.config_path(), url.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
