@@ -4,8 +4,9 @@
 //! byte-level components it calls — [`signature`], [`form`], [`cipher`] —
 //! do no I/O and are tested exhaustively on their own.
 //!
-//! No `unsafe` code, but for one call into the C library that has no safe
-//! wrapper ([`heap_release`]); the lint below keeps it that way.
+//! No `unsafe` code, but for two calls into the C library that have no safe
+//! wrapper (`malloc_trim` and `madvise`, in [`heap_release`]); the lint
+//! below keeps it that way.
 
 #![deny(unsafe_code)]
 

@@ -271,6 +271,7 @@ impl Reloader {
                     tracing::error!(trigger, %error, "configuration reload refused; the running configuration stays")
                 }
             }
+            crate::heap_release::after_code_ran_once("reload").await;
         }
     }
 }

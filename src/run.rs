@@ -304,6 +304,9 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
         }
         let reloader = Reloader::new(path, started.proxy.clone(), settings.clone());
         let watcher = tokio::spawn(reloader.watch(settings.server.reload_poll_interval));
+        // Start-up's code has run; the reloader's task is there to take a
+        // SIGHUP before this one waits for anything.
+        tokio::spawn(crate::heap_release::after_code_ran_once("start-up"));
         let drained = started.wait().await;
         watcher.abort();
         Ok::<bool, String>(drained)
