@@ -24,6 +24,7 @@ pub mod form;
 pub mod health;
 pub mod heap_release;
 pub mod json_body;
+pub mod log_handoff;
 pub mod log_limit;
 pub mod logging;
 pub mod memory_guard;

@@ -10,12 +10,14 @@
 //! (`tracing-appender`), so a slow or blocked stdout cannot stall requests;
 //! lines that do not fit are dropped and counted. The writer thread writes
 //! in batches (`Batched`): one `write` per burst of lines, not per line.
+//! The worker threads put their lines on the queue when they go idle
+//! (`log_handoff`), so the writer thread is not woken before a response.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::io::{self, Write};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use regex::bytes::Regex;
@@ -32,6 +34,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
+use crate::log_handoff::DeferringMakeWriter;
 use crate::secret::REDACTED;
 
 /// Replaces card-number-like digit runs and configured patterns.
@@ -383,19 +386,31 @@ impl<W: Write> Write for ScrubbingWriter<W> {
 /// with one `write` when the queue runs empty (`tracing-appender` calls
 /// `flush` then), instead of one `write` per line.
 ///
-/// After each such write the thread pauses for [`BATCH_WINDOW`]. While it
-/// sleeps, request threads queue their lines without waking it; woken per
-/// line, it cost a futex wake-up, a context switch and a `write` for every
-/// request (and `crossbeam`'s receive loop spins with `sched_yield` before
-/// it sleeps). A line therefore reaches stdout at most about
-/// `BATCH_WINDOW` after it was queued. Memory stays bounded by the queue.
+/// After each such write, while lines keep coming ([`lines_flowing`]), the
+/// thread pauses for [`BATCH_WINDOW`]. While it sleeps, request threads
+/// queue their lines without waking it; woken per line, it cost a futex
+/// wake-up, a context switch and a `write` for every request (and
+/// `crossbeam`'s receive loop spins with `sched_yield` before it sleeps).
+/// A line therefore reaches stdout at most about `BATCH_WINDOW` after it
+/// was queued. Memory stays bounded by the queue.
 struct Batched<W: Write> {
     out: W,
     buf: Vec<u8>,
+    /// When the last write-out ended.
+    last: Option<Instant>,
 }
 
 /// How long the writer thread lets the next burst of lines collect.
 const BATCH_WINDOW: Duration = Duration::from_millis(2);
+
+/// Whether lines keep coming: the previous write-out ended less than two
+/// [`BATCH_WINDOW`]s ago. Only then does the writer thread pause after a
+/// write-out. Lines further apart than that (below about 250 a second)
+/// would each cost the pause's timer wake-up on top of the wake-up that
+/// brings the line; without the pause the thread waits for the next line.
+fn lines_flowing(previous: Option<Instant>, now: Instant) -> bool {
+    previous.is_some_and(|previous| now.saturating_duration_since(previous) < 2 * BATCH_WINDOW)
+}
 /// Written out as soon as this much is collected, even mid-burst.
 const BATCH_BYTES: usize = 64 * 1024;
 
@@ -404,6 +419,7 @@ impl<W: Write> Batched<W> {
         Batched {
             out,
             buf: Vec::with_capacity(BATCH_BYTES),
+            last: None,
         }
     }
 
@@ -427,7 +443,12 @@ impl<W: Write> Write for Batched<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         let written = self.write_out().and_then(|()| self.out.flush());
-        std::thread::sleep(BATCH_WINDOW);
+        let now = Instant::now();
+        let flowing = lines_flowing(self.last, now);
+        self.last = Some(now);
+        if flowing {
+            std::thread::sleep(BATCH_WINDOW);
+        }
         written
     }
 }
@@ -786,7 +807,10 @@ pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> L
             .thread_name("ivrguard-log")
             .finish(Batched::new(out));
     let dropped = writer.error_counter();
-    let make_writer = ScrubbingMakeWriter::new(writer, Arc::new(Scrubber::new(settings)));
+    let make_writer = ScrubbingMakeWriter::new(
+        DeferringMakeWriter::new(writer),
+        Arc::new(Scrubber::new(settings)),
+    );
     let scrubber = make_writer.scrubber_slot();
     let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -915,6 +939,21 @@ mod tests {
         batched.write_all(b"three\n").unwrap();
         drop(batched);
         assert_eq!(out, b"one\ntwo\nthree\n");
+    }
+
+    #[test]
+    fn the_writer_pauses_only_while_lines_keep_coming() {
+        let now = Instant::now();
+        let ago = |ms| now.checked_sub(Duration::from_millis(ms));
+        assert!(!lines_flowing(None, now), "the first write-out");
+        assert!(lines_flowing(ago(1), now), "a write-out 1 ms before");
+        assert!(lines_flowing(ago(3), now), "3 ms before: still a burst");
+        assert!(!lines_flowing(ago(4), now), "two windows before: not");
+        assert!(
+            !lines_flowing(ago(5), now),
+            "200 a second: lines 5 ms apart"
+        );
+        assert!(lines_flowing(Some(now), now));
     }
 
     /// Collects what a subscriber writes.

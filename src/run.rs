@@ -234,6 +234,7 @@ impl Worker {
         crate::worker::set_index(self.index);
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(crate::log_handoff::hand_over)
             .build()
         {
             Ok(runtime) => runtime,
@@ -242,6 +243,7 @@ impl Worker {
                 return false;
             }
         };
+        let _deferral = crate::log_handoff::Deferral::on_this_thread();
         runtime.block_on(async move {
             let listener = match TcpListener::from_std(self.listener) {
                 Ok(listener) => listener,
@@ -275,12 +277,14 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
     // This thread is worker 0; `start` adds the others (`server.workers`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(crate::log_handoff::hand_over)
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let dropped = {
         let log = log.clone();
         Box::new(move || log.dropped_lines() as u64)
     };
+    let deferral = crate::log_handoff::Deferral::on_this_thread();
     let drained = runtime.block_on(async {
         let log = log.clone();
         let shutdown = async {
@@ -290,7 +294,9 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
                 server::shutdown_signal().await;
                 tracing::warn!("second shutdown signal; exiting without draining");
                 // `exit` runs no destructors: the queued lines, this one
-                // included, are written first (they were lost).
+                // included, are written first (they were lost). Lines held
+                // by a worker busy at this instant are lost (log_handoff).
+                crate::log_handoff::hand_over();
                 log.finish();
                 std::process::exit(1);
             });
@@ -311,6 +317,7 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
         watcher.abort();
         Ok::<bool, String>(drained)
     })?;
+    drop(deferral);
     if drained {
         tracing::info!("drained; exiting");
     } else {
