@@ -157,13 +157,10 @@ fn head(request_line: &str, headers: &[(&str, String)]) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// A resident-set size in KiB, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// Anonymous (heap) resident memory in KiB, from /proc: the file-backed
-/// part (the binary's code) does not come and go with connections.
+/// Anonymous (heap) resident memory in KiB, from /proc: what buffering
+/// grows. The file-backed part (the binary's code) is unmapped once
+/// ivrguard listens and comes back as requests run it
+/// (`heap_release::release_code`), so growth is measured here.
 fn rss_anon_kib(pid: u32) -> u64 {
     status_kib(pid, "RssAnon:")
 }
@@ -2490,7 +2487,7 @@ async fn a_body_trickled_a_byte_per_segment_costs_its_bytes_not_a_block_each() {
     const BYTES: usize = 1_500;
     let h = harness(Behaviour::Twiml, |_| {}).await;
     let pid = h.proxy.pid();
-    let baseline = rss_kib(pid);
+    let baseline = rss_anon_kib(pid);
     let callers: Vec<_> = (0..CALLERS)
         .map(|_| {
             let addr = h.proxy.addr;
@@ -2518,14 +2515,14 @@ async fn a_body_trickled_a_byte_per_segment_costs_its_bytes_not_a_block_each() {
     }
     let mut peak = 0;
     for _ in 0..10 {
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(rss_anon_kib(pid));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let grown = peak.saturating_sub(baseline);
     eprintln!("RSS {baseline} KiB -> {peak} KiB with {CALLERS} bodies half trickled");
     assert!(
         grown < 32 * 1024,
-        "RSS grew by {grown} KiB for {} body bytes",
+        "anonymous RSS grew by {grown} KiB for {} body bytes",
         CALLERS * BYTES
     );
     drop(held);
@@ -2617,7 +2614,7 @@ async fn ten_megabyte_response_is_streamed_with_flat_memory() {
     let upstream = big_upstream(LEN).await;
     let proxy = proxy_for(upstream.url(), |_| {}).await;
     let pid = proxy.pid();
-    let baseline = rss_kib(pid);
+    let baseline = rss_anon_kib(pid);
     let body = gather_body("1234", "yes");
     let request = signed_post(&proxy.secrets.token, "/ivr/audio", &body).to_bytes();
 
@@ -2634,7 +2631,7 @@ async fn ten_megabyte_response_is_streamed_with_flat_memory() {
                 Ok(0) | Err(_) => break,
                 Ok(n) => raw.extend_from_slice(&buf[..n]),
             }
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(rss_anon_kib(pid));
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     })
@@ -2647,11 +2644,11 @@ async fn ten_megabyte_response_is_streamed_with_flat_memory() {
     assert!(got == pattern(0, LEN).as_slice(), "bytes arrive unchanged");
     assert!(
         peak < 50 * 1024,
-        "ivrguard's RSS peaked at {peak} KiB (baseline {baseline} KiB)"
+        "ivrguard's anonymous RSS peaked at {peak} KiB (baseline {baseline} KiB)"
     );
     assert!(
         peak.saturating_sub(baseline) < 8 * 1024,
-        "RSS grew by {} KiB while streaming 10 MiB: buffered, not streamed",
+        "anonymous RSS grew by {} KiB while streaming 10 MiB: buffered, not streamed",
         peak - baseline
     );
 }
@@ -3581,7 +3578,7 @@ async fn blocked_stdout_drops_and_counts_lines_once_the_queue_is_full() {
     let mut h = harness(Behaviour::Twiml, |c| c.log_level = Some("trace")).await;
     let admin = h.proxy.admin_addr.expect("admin listener");
     let pid = h.proxy.pid();
-    let rss_before = rss_kib(pid);
+    let rss_before = rss_anon_kib(pid);
     h.proxy.pause_stdout();
     const BATCH: usize = 2000;
     let mut batch = Vec::new();
@@ -3614,7 +3611,7 @@ async fn blocked_stdout_drops_and_counts_lines_once_the_queue_is_full() {
         assert!(responses.iter().all(|r| r.status == 403));
         sent += BATCH;
     };
-    let rss_after = rss_kib(pid);
+    let rss_after = rss_anon_kib(pid);
     eprintln!(
         "first drop after {sent} requests in {:?}; {dropped} dropped; RSS {rss_before} -> {rss_after} KiB",
         started.elapsed()
@@ -3626,7 +3623,7 @@ async fn blocked_stdout_drops_and_counts_lines_once_the_queue_is_full() {
     );
     assert!(
         rss_after.saturating_sub(rss_before) < 16 * 1024,
-        "RSS grew from {rss_before} to {rss_after} KiB while stdout was blocked"
+        "anonymous RSS grew from {rss_before} to {rss_after} KiB while stdout was blocked"
     );
 
     // SIGTERM with stdout still blocked: the drain ends and the process
