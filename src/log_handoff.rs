@@ -1,5 +1,5 @@
-//! Log lines a worker writes reach the writer thread's queue when the
-//! worker goes idle, not one by one.
+//! Log lines a worker writes reach the writer thread's queue when a
+//! worker goes idle, not one by one, and in the order they were written.
 //!
 //! Putting a line on `tracing-appender`'s queue wakes the writer thread
 //! when it sleeps (a futex wake-up, and on two CPUs often a context switch
@@ -7,75 +7,113 @@
 //! so every request paid that wake-up, and paid it before its response was
 //! sent: the access line is logged with the response's head.
 //!
-//! So on the worker threads ([`Deferral::on_this_thread`]) a line is kept
-//! in a small per-thread buffer, and the buffer goes to the queue when the
-//! worker's event loop is about to wait for I/O (its `on_thread_park` hook
-//! calls [`hand_over`]), by then the response is on its way. Also when
-//! [`MAX_LINES`] or [`MAX_BYTES`] are held (a busy worker that does not
-//! wait), and when the deferral ends (the worker stops, or unwinds). Lines
-//! go to the queue one by one, so its bound and its count of dropped lines
-//! mean what they did. Threads without a deferral (the admin server, tests,
-//! the demo) write straight to the queue.
+//! So on the worker threads ([`Deferral::on_this_thread`]) a line is held
+//! in a buffer all threads writing to the same queue share, and the buffer
+//! goes to the queue when a worker's event loop is about to wait for I/O
+//! (its `on_thread_park` hook calls [`hand_over`]), by then the response
+//! is on its way. Also when [`MAX_LINES`] or [`MAX_BYTES`] are held (busy
+//! workers that do not wait), and when a deferral ends (a worker stops, or
+//! unwinds). Lines go to the queue one by one, so its bound and its count
+//! of dropped lines mean what they did.
+//!
+//! One buffer, not one per thread: lines reach the queue in the order they
+//! were written, whichever thread wrote them. With a buffer per thread a
+//! line could wait in one worker's buffer while a later request's line,
+//! from another worker that went idle first, was written out before it
+//! (seen in a test: two webhooks sent one after the other, their access
+//! lines out of order). Threads without a deferral (the admin server,
+//! reloads, tests, the demo) hand over what is held, then write their line.
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// A worker hands over its lines once it holds this many.
+/// Lines are handed over once this many are held.
 pub const MAX_LINES: usize = 32;
 /// Or once they add up to this many bytes; a longer line goes straight on.
 pub const MAX_BYTES: usize = 16 * 1024;
 
 thread_local! {
     static DEFERRING: Cell<bool> = const { Cell::new(false) };
-    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+    /// The buffer this thread last held a line in: what [`hand_over`]
+    /// hands over.
+    static HELD_IN: RefCell<Option<Arc<dyn HandOver>>> = const { RefCell::new(None) };
 }
 
-/// The lines a thread holds, and where they go.
-#[derive(Default)]
-struct Pending {
-    /// The writer the lines are for, by its [`DeferringMakeWriter`]'s id.
-    target: Option<(u64, Box<dyn Write>)>,
+/// A buffer of held lines, whatever queue it is for.
+trait HandOver: Send + Sync {
+    fn hand_over(&self);
+}
+
+/// The lines held for one queue, shared by every thread writing to it.
+struct Hold<W> {
+    /// How many lines are held: read without the lock, so that a worker
+    /// going idle with nothing held takes no lock.
+    count: AtomicUsize,
+    lines: Mutex<Held<W>>,
+}
+
+struct Held<W> {
+    queue: W,
     bytes: Vec<u8>,
     /// Where each line ends in `bytes`.
     ends: Vec<usize>,
 }
 
-impl Pending {
+impl<W: Write> Held<W> {
     fn hand_over(&mut self) {
-        if let Some((_, target)) = self.target.as_mut() {
-            let mut start = 0;
-            for &end in &self.ends {
-                // A line the queue cannot take is dropped and counted there.
-                let _ = target.write_all(&self.bytes[start..end]);
-                start = end;
-            }
+        let mut start = 0;
+        for &end in &self.ends {
+            // A line the queue cannot take is dropped and counted there.
+            let _ = self.queue.write_all(&self.bytes[start..end]);
+            start = end;
         }
         self.bytes.clear();
         self.ends.clear();
-        // One long burst's buffer is not kept for the thread's life.
+        // One long burst's buffer is not kept for the process's life.
         if self.bytes.capacity() > MAX_BYTES {
             self.bytes = Vec::new();
         }
     }
 }
 
-/// Hands the current thread's held lines to the queue, in order. The
-/// workers' event loops call it before they wait (`on_thread_park`).
-pub fn hand_over() {
-    // Never re-entered (the targets log nothing); if it were, the lines
-    // stay held until the next call instead of panicking.
-    PENDING.with(|pending| {
-        if let Ok(mut pending) = pending.try_borrow_mut() {
-            pending.hand_over();
-        }
-    });
+impl<W> Hold<W> {
+    fn lock(&self) -> MutexGuard<'_, Held<W>> {
+        // Nothing panics while holding it; if something did, the lines
+        // are still whole (each is appended with its end at once).
+        self.lines.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
-/// Holds the current thread's lines until [`hand_over`], while it lives.
-/// Ending it (dropped, also when unwinding) hands over what is held.
+impl<W: Write + Send> HandOver for Hold<W> {
+    fn hand_over(&self) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut held = self.lock();
+        held.hand_over();
+        self.count.store(0, Ordering::Release);
+    }
+}
+
+/// Hands the lines held where this thread last held one to the queue, in
+/// order, other threads' included. The workers' event loops call it
+/// before they wait (`on_thread_park`).
+pub fn hand_over() {
+    // Never re-entered (the queue logs nothing); if it were, the lines
+    // stay held until the next call instead of panicking.
+    let held_in = HELD_IN.with(|held_in| held_in.try_borrow().ok().and_then(|h| h.clone()));
+    if let Some(hold) = held_in {
+        hold.hand_over();
+    }
+}
+
+/// Holds the lines the current thread writes until [`hand_over`], while
+/// it lives. Ending it (dropped, also when unwinding) hands over what is
+/// held.
 pub struct Deferral(());
 
 impl Deferral {
@@ -93,24 +131,35 @@ impl Drop for Deferral {
 }
 
 /// Wraps the queue's writer: each formatted line is held on a deferring
-/// thread, written straight on any other.
-#[derive(Clone)]
+/// thread, written straight on any other (after the held ones).
 pub struct DeferringMakeWriter<W> {
-    inner: W,
-    id: u64,
+    hold: Arc<Hold<W>>,
 }
 
-impl<W> DeferringMakeWriter<W> {
-    pub fn new(inner: W) -> Self {
-        static IDS: AtomicU64 = AtomicU64::new(0);
+impl<W> Clone for DeferringMakeWriter<W> {
+    fn clone(&self) -> Self {
         DeferringMakeWriter {
-            inner,
-            id: IDS.fetch_add(1, Ordering::Relaxed),
+            hold: self.hold.clone(),
         }
     }
 }
 
-impl<'a, W: Write + Clone + 'static> MakeWriter<'a> for DeferringMakeWriter<W> {
+impl<W> DeferringMakeWriter<W> {
+    pub fn new(queue: W) -> Self {
+        DeferringMakeWriter {
+            hold: Arc::new(Hold {
+                count: AtomicUsize::new(0),
+                lines: Mutex::new(Held {
+                    queue,
+                    bytes: Vec::new(),
+                    ends: Vec::new(),
+                }),
+            }),
+        }
+    }
+}
+
+impl<'a, W: Write + Send + 'static> MakeWriter<'a> for DeferringMakeWriter<W> {
     type Writer = DeferringWriter<'a, W>;
 
     fn make_writer(&'a self) -> Self::Writer {
@@ -123,44 +172,55 @@ pub struct DeferringWriter<'a, W> {
     maker: &'a DeferringMakeWriter<W>,
 }
 
-impl<W: Write + Clone + 'static> DeferringWriter<'_, W> {
-    /// Holds `line`; false when it must be written straight on instead.
-    fn hold(&self, line: &[u8]) -> bool {
-        if !DEFERRING.with(Cell::get) || line.len() > MAX_BYTES {
-            return false;
-        }
-        PENDING.with(|pending| {
-            let Ok(mut pending) = pending.try_borrow_mut() else {
-                return false;
+impl<W: Write + Send + 'static> DeferringWriter<'_, W> {
+    /// Makes the hold this thread's: the one its [`hand_over`] empties.
+    /// Lines held for another queue (a test's second subscriber) go to it
+    /// first.
+    fn remember_hold(&self) {
+        let hold = &self.maker.hold;
+        let previous = HELD_IN.with(|held_in| {
+            let Ok(mut held_in) = held_in.try_borrow_mut() else {
+                return None;
             };
-            if pending.target.as_ref().map(|(id, _)| *id) != Some(self.maker.id) {
-                // Lines for another writer (a test's second subscriber) go
-                // first, to it.
-                pending.hand_over();
-                pending.target = Some((self.maker.id, Box::new(self.maker.inner.clone())));
+            let same = held_in
+                .as_ref()
+                .is_some_and(|h| std::ptr::addr_eq(Arc::as_ptr(h), Arc::as_ptr(hold)));
+            if same {
+                return None;
             }
-            if pending.bytes.len() + line.len() > MAX_BYTES {
-                pending.hand_over();
-            }
-            pending.bytes.extend_from_slice(line);
-            let end = pending.bytes.len();
-            pending.ends.push(end);
-            if pending.ends.len() >= MAX_LINES {
-                pending.hand_over();
-            }
-            true
-        })
+            held_in.replace(hold.clone())
+        });
+        if let Some(previous) = previous {
+            previous.hand_over();
+        }
     }
 }
 
-impl<W: Write + Clone + 'static> Write for DeferringWriter<'_, W> {
+impl<W: Write + Send + 'static> Write for DeferringWriter<'_, W> {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
-        if self.hold(line) {
+        let hold = &self.maker.hold;
+        let deferring = DEFERRING.with(Cell::get) && line.len() <= MAX_BYTES;
+        if deferring {
+            self.remember_hold();
+        }
+        let mut held = hold.lock();
+        if !deferring {
+            // Held lines go before this one: the queue keeps their order.
+            held.hand_over();
+            hold.count.store(0, Ordering::Release);
+            held.queue.write_all(line)?;
             return Ok(line.len());
         }
-        // Held lines go before this one, so a thread's lines keep order.
-        hand_over();
-        self.maker.inner.clone().write_all(line)?;
+        if held.bytes.len() + line.len() > MAX_BYTES {
+            held.hand_over();
+        }
+        held.bytes.extend_from_slice(line);
+        let end = held.bytes.len();
+        held.ends.push(end);
+        if held.ends.len() >= MAX_LINES {
+            held.hand_over();
+        }
+        hold.count.store(held.ends.len(), Ordering::Release);
         Ok(line.len())
     }
 
@@ -202,7 +262,8 @@ mod tests {
         maker.make_writer().write_all(line.as_bytes()).unwrap();
     }
 
-    // Each test runs on a thread of its own: the deferral is per thread.
+    // Each test runs on a thread of its own: the deferral, and which hold a
+    // thread hands over, are per thread.
     fn on_a_thread(test: impl FnOnce() + Send + 'static) {
         std::thread::spawn(test).join().unwrap();
     }
@@ -293,6 +354,65 @@ mod tests {
             hand_over();
             assert_eq!(second.lines(), ["for b\n"]);
         });
+    }
+
+    /// A worker that has written `line` and stays busy (never idle, so it
+    /// hands nothing over) until the returned closure lets it end.
+    fn busy_worker_holding(
+        maker: &DeferringMakeWriter<Queue>,
+        line: &'static str,
+    ) -> impl FnOnce() {
+        let (held, held_rx) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let maker = maker.clone();
+        let worker = std::thread::spawn(move || {
+            let _deferral = Deferral::on_this_thread();
+            write_line(&maker, line);
+            held.send(()).unwrap();
+            release_rx.recv().unwrap();
+        });
+        held_rx.recv().unwrap();
+        move || {
+            release.send(()).unwrap();
+            worker.join().unwrap();
+        }
+    }
+
+    /// Two workers, one after the other, as for two webhooks sent in
+    /// turn: the second goes idle first. Its hand-over takes the first's
+    /// line too, ahead of its own.
+    #[test]
+    fn lines_from_two_threads_reach_the_queue_in_the_order_written() {
+        let queue = Queue::default();
+        let maker = DeferringMakeWriter::new(queue.clone());
+        let release_first = busy_worker_holding(&maker, "first request\n");
+        on_a_thread({
+            let maker = maker.clone();
+            move || {
+                let _deferral = Deferral::on_this_thread();
+                write_line(&maker, "second request\n");
+                hand_over();
+            }
+        });
+        assert_eq!(queue.lines(), ["first request\n", "second request\n"]);
+        release_first();
+        assert_eq!(queue.lines().len(), 2, "nothing handed over twice");
+    }
+
+    #[test]
+    fn a_straight_write_goes_after_the_lines_other_threads_hold() {
+        let queue = Queue::default();
+        let maker = DeferringMakeWriter::new(queue.clone());
+        let release_worker = busy_worker_holding(&maker, "held by a worker\n");
+        on_a_thread({
+            let maker = maker.clone();
+            move || write_line(&maker, "from the admin thread\n")
+        });
+        assert_eq!(
+            queue.lines(),
+            ["held by a worker\n", "from the admin thread\n"]
+        );
+        release_worker();
     }
 
     #[test]

@@ -10,8 +10,9 @@
 //! (`tracing-appender`), so a slow or blocked stdout cannot stall requests;
 //! lines that do not fit are dropped and counted. The writer thread writes
 //! in batches (`Batched`): one `write` per burst of lines, not per line.
-//! The worker threads put their lines on the queue when they go idle
-//! (`log_handoff`), so the writer thread is not woken before a response.
+//! The worker threads' lines go on the queue, in the order written, when
+//! a worker goes idle (`log_handoff`), so the writer thread is not woken
+//! before a response.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};

@@ -294,8 +294,8 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
                 server::shutdown_signal().await;
                 tracing::warn!("second shutdown signal; exiting without draining");
                 // `exit` runs no destructors: the queued lines, this one
-                // included, are written first (they were lost). Lines held
-                // by a worker busy at this instant are lost (log_handoff).
+                // included, are written first (they were lost), after the
+                // lines every worker holds (log_handoff: one buffer).
                 crate::log_handoff::hand_over();
                 log.finish();
                 std::process::exit(1);
