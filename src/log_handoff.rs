@@ -41,6 +41,8 @@ thread_local! {
     /// The buffer this thread last held a line in: what [`hand_over`]
     /// hands over.
     static HELD_IN: RefCell<Option<Arc<dyn HandOver>>> = const { RefCell::new(None) };
+    /// Whether this thread holds a hold's lock.
+    static LOCKING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// A buffer of held lines, whatever queue it is for.
@@ -81,10 +83,38 @@ impl<W: Write> Held<W> {
 }
 
 impl<W> Hold<W> {
-    fn lock(&self) -> MutexGuard<'_, Held<W>> {
+    /// The held lines, locked; `None` on a thread that already holds a
+    /// hold's lock. That would be a line logged from inside the queue's
+    /// `write`, which logs nothing: it is dropped rather than deadlock.
+    fn lock(&self) -> Option<Locked<'_, W>> {
+        if LOCKING.with(|locking| locking.replace(true)) {
+            return None;
+        }
         // Nothing panics while holding it; if something did, the lines
         // are still whole (each is appended with its end at once).
-        self.lines.lock().unwrap_or_else(PoisonError::into_inner)
+        let guard = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(Locked(guard))
+    }
+}
+
+struct Locked<'a, W>(MutexGuard<'a, Held<W>>);
+
+impl<W> Drop for Locked<'_, W> {
+    fn drop(&mut self) {
+        LOCKING.with(|locking| locking.set(false));
+    }
+}
+
+impl<W> std::ops::Deref for Locked<'_, W> {
+    type Target = Held<W>;
+    fn deref(&self) -> &Held<W> {
+        &self.0
+    }
+}
+
+impl<W> std::ops::DerefMut for Locked<'_, W> {
+    fn deref_mut(&mut self) -> &mut Held<W> {
+        &mut self.0
     }
 }
 
@@ -93,9 +123,10 @@ impl<W: Write + Send> HandOver for Hold<W> {
         if self.count.load(Ordering::Acquire) == 0 {
             return;
         }
-        let mut held = self.lock();
-        held.hand_over();
-        self.count.store(0, Ordering::Release);
+        if let Some(mut held) = self.lock() {
+            held.hand_over();
+            self.count.store(0, Ordering::Release);
+        }
     }
 }
 
@@ -105,10 +136,13 @@ impl<W: Write + Send> HandOver for Hold<W> {
 pub fn hand_over() {
     // Never re-entered (the queue logs nothing); if it were, the lines
     // stay held until the next call instead of panicking.
-    let held_in = HELD_IN.with(|held_in| held_in.try_borrow().ok().and_then(|h| h.clone()));
-    if let Some(hold) = held_in {
-        hold.hand_over();
-    }
+    HELD_IN.with(|held_in| {
+        if let Ok(held_in) = held_in.try_borrow() {
+            if let Some(hold) = held_in.as_ref() {
+                hold.hand_over();
+            }
+        }
+    });
 }
 
 /// Holds the lines the current thread writes until [`hand_over`], while
@@ -203,7 +237,9 @@ impl<W: Write + Send + 'static> Write for DeferringWriter<'_, W> {
         if deferring {
             self.remember_hold();
         }
-        let mut held = hold.lock();
+        let Some(mut held) = hold.lock() else {
+            return Ok(line.len());
+        };
         if !deferring {
             // Held lines go before this one: the queue keeps their order.
             held.hand_over();
@@ -258,7 +294,7 @@ mod tests {
         }
     }
 
-    fn write_line(maker: &DeferringMakeWriter<Queue>, line: &str) {
+    fn write_line<W: Write + Send + 'static>(maker: &DeferringMakeWriter<W>, line: &str) {
         maker.make_writer().write_all(line.as_bytes()).unwrap();
     }
 
@@ -413,6 +449,44 @@ mod tests {
             ["held by a worker\n", "from the admin thread\n"]
         );
         release_worker();
+    }
+
+    /// A queue whose `write` logs through the writer it sits behind.
+    #[derive(Clone, Default)]
+    struct LoggingQueue {
+        lines: Queue,
+        maker: Arc<std::sync::OnceLock<DeferringMakeWriter<LoggingQueue>>>,
+    }
+
+    impl Write for LoggingQueue {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(maker) = self.maker.get() {
+                maker.make_writer().write_all(b"from inside the queue\n")?;
+            }
+            self.lines.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_logged_from_inside_the_queue_is_dropped_not_deadlocked() {
+        let queue = LoggingQueue::default();
+        let maker = DeferringMakeWriter::new(queue.clone());
+        queue.maker.set(maker.clone()).ok().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            write_line(&maker, "straight\n");
+            let deferral = Deferral::on_this_thread();
+            write_line(&maker, "held\n");
+            drop(deferral);
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the re-entrant write returned");
+        assert_eq!(queue.lines.lines(), ["straight\n", "held\n"]);
     }
 
     #[test]
