@@ -1266,6 +1266,32 @@ async fn a_request_its_http2_caller_gave_up_on_is_logged_and_counted_unanswered(
     conn.abort();
 }
 
+/// An HTTP/1.1 caller that closes its connection while the app is still
+/// working is not noticed before the answer is written: HTTP/1.1 has no
+/// way to cancel one request, and nothing is read from a connection while
+/// its request is in progress. The app finishes the request, which it got
+/// once, and the access line has the app's status (README, Operations).
+/// Nothing is left broken: the next call is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_http1_caller_closed_on_is_finished_at_the_app_once() {
+    let h = harness(Behaviour::Delay(Duration::from_millis(500)), |_| {}).await;
+    let stream = in_flight_at_the_app(&h, &gather_body("1234", "yes")).await;
+    drop(stream);
+
+    let access = h.proxy.wait_access(1).await;
+    let line = &access[0];
+    assert_eq!(line["signature"], "valid", "{line}");
+    assert_eq!(line["upstream_status"], 200, "the app answered: {line}");
+    assert_eq!(line["status"], 200, "the close is not noticed: {line}");
+    let next = send_gather(&h).await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(
+        h.backend.count(),
+        2,
+        "the closed-on request reached the app once"
+    );
+}
+
 /// Found in review: an app whose body broke off after its head (it closed
 /// the connection, or stalled past the deadline) left a caller with cut
 /// TwiML, but was logged and counted as a success. The access line, written
