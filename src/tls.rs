@@ -255,6 +255,12 @@ impl TlsConnection {
     }
 }
 
+impl crate::write_stall::ResetWhenClosed for TlsConnection {
+    fn reset_when_closed(&self) {
+        self.stream.get_ref().0.reset_when_closed();
+    }
+}
+
 impl AsyncRead for TlsConnection {
     fn poll_read(
         self: Pin<&mut Self>,
