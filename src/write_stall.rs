@@ -142,6 +142,46 @@ mod tests {
         fn reset_when_closed(&self) {}
     }
 
+    /// Over TCP, the cut reaches a client that reads nothing at once, as a
+    /// reset: closed with a FIN instead, the FIN waited behind the unsent
+    /// bytes and the client learnt nothing for tens of seconds.
+    #[tokio::test]
+    async fn a_connection_cut_for_a_stalled_write_is_reset() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let client = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut limited = WriteStallLimit::new(server, Duration::from_millis(200));
+        let chunk = vec![0; 64 * 1024];
+        let error = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Err(e) = limited.write_all(&chunk).await {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("the stalled write failed");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        drop(limited);
+
+        let reset = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(e) = client.take_error().unwrap() {
+                    return e;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the client saw the connection reset");
+        assert_eq!(reset.kind(), io::ErrorKind::ConnectionReset);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_write_nobody_reads_fails_at_the_limit_and_progress_restarts_the_wait() {
         // A 64-byte pipe: the reader's end decides when writes progress.
