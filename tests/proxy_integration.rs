@@ -178,9 +178,12 @@ async fn an_upstream_path_prefix_goes_in_front_of_every_target() {
     assert_rewritten(&body, got[0].body_str(), &h.proxy.secrets.key());
     let query = got[1]
         .target
-        .strip_prefix("/legacy/ivr/gather?Digits=")
+        .strip_prefix("/legacy/ivr/gather?")
         .expect("the prefix, then the path and the rewritten query");
-    assert!(query.ends_with("&step=2") && !query.contains(&canaries.pin));
+    // Decrypted, not searched for the PIN: 4 digits turn up by chance in
+    // 64 hex characters of ciphertext about once in a thousand runs.
+    let (_, sent_query) = get_target.split_once('?').expect("a query");
+    assert_rewritten(sent_query, query, &h.proxy.secrets.key());
     // The app is told the public URL was signed (README, `upstream.url`).
     for (r, public) in [
         (&got[0], "/ivr/gather?attempt=1".to_string()),
