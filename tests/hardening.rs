@@ -2912,9 +2912,10 @@ async fn a_new_app_token_in_its_file_is_reloaded_and_named() {
 /// names. A new config naming a secret file that is not there yet (the
 /// ConfigMap adds `secondary_auth_token_file` before the kubelet writes the
 /// Secret's new key) was refused once and never tried again, so the
-/// secondary token stayed refused (403) until a SIGHUP. A refused reload is
-/// now retried every tick, logged again only when its reason changes, and
-/// the reload says what changed.
+/// secondary token stayed refused (403) until a SIGHUP. The poll now
+/// fingerprints the files the config *on disk* names, so a refused reload
+/// is tried again when the config or any file it names changes (each
+/// refusal logged), and the reload says what changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
     let TokenFile {
