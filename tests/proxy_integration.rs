@@ -300,6 +300,63 @@ async fn encrypts_sensitive_field_in_post_query_and_body() {
 
 // --------------------------------------------------------------- refusals
 
+/// Behind a trusted proxy (no `public_url`), `X-Forwarded-Proto` and
+/// `-Host` that do not name one origin are refused before the signature
+/// is checked: 400 `bad_forwarded_headers`, nothing at the app. One that is
+/// missing falls back: the listener's scheme, the `Host` header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_trusted_forwarded_headers_are_refused_and_missing_ones_fall_back() {
+    let h = harness(Behaviour::Twiml, |config| {
+        config.public_url = None;
+        config.trust_forwarded_headers = true;
+    })
+    .await;
+    let token = h.proxy.secrets.token.clone();
+    let body = format!("CallSid={}&Digits=1234", random_sid("CA"));
+    // Signed for https://ivr.example.com/ivr, the URL Twilio called.
+    let post = || signed_post(&token, "/ivr", &body);
+
+    let unusable = [
+        vec![
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+        vec![("X-Forwarded-Proto", "ftp")],
+        vec![("X-Forwarded-Proto", "https, http")],
+        vec![("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "")],
+        vec![
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "ivr.example.com, evil.example"),
+        ],
+    ];
+    for (i, headers) in unusable.iter().enumerate() {
+        let request = headers
+            .iter()
+            .fold(post(), |request, (name, value)| request.header(name, value));
+        let response = client::send(h.proxy.addr, &request).await;
+        assert_eq!(response.status, 400, "{headers:?}: {}", response.text());
+        let line = &h.proxy.wait_access(i + 1).await[i];
+        assert_eq!(
+            line["reason"], "bad_forwarded_headers",
+            "{headers:?}: {line}"
+        );
+        assert_eq!(line["signature"], "not_checked", "{headers:?}: {line}");
+    }
+    assert_eq!(h.backend.count(), 0, "nothing reaches the app");
+
+    // Proto given, host missing: `Host`. The same request is accepted.
+    let request = post().header("X-Forwarded-Proto", "https");
+    assert_eq!(client::send(h.proxy.addr, &request).await.status, 200);
+    // Neither: the listener's scheme (http), so Twilio's https signature
+    // does not match.
+    let response = client::send(h.proxy.addr, &post()).await;
+    assert_eq!(response.status, 403, "{}", response.text());
+    let lines = h.proxy.wait_access(unusable.len() + 2).await;
+    assert_eq!(lines[unusable.len()]["signature"], "valid");
+    assert_eq!(lines[unusable.len() + 1]["signature"], "mismatch");
+    assert_eq!(h.backend.count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_unsigned_request_and_forwards_nothing() {
     let h = harness(Behaviour::Twiml, |_| {}).await;
