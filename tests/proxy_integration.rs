@@ -1452,6 +1452,18 @@ async fn access_log_lines_are_valid_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_completes_in_flight_request_and_exits_zero() {
+    drains_on("TERM").await;
+}
+
+/// Ctrl-C in a terminal (README, Operations: SIGTERM or SIGINT drains).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_as_sigterm_does() {
+    drains_on("INT").await;
+}
+
+/// A request in flight when `signal` arrives gets the app's answer, and
+/// ivrguard then exits 0.
+async fn drains_on(signal: &str) {
     let delay = Duration::from_millis(500);
     let mut h = harness(Behaviour::Delay(delay), |_| {}).await;
     let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
@@ -1460,13 +1472,13 @@ async fn sigterm_completes_in_flight_request_and_exits_zero() {
     let in_flight = tokio::spawn(async move { client::send(addr, &request).await });
     let arrived = h.backend.wait_for_requests(1).await.remove(0).arrived;
 
-    h.proxy.signal("TERM");
+    h.proxy.signal(signal);
     let signalled = Instant::now();
     let response = in_flight.await.expect("client task");
 
     assert!(
         signalled < arrived + delay,
-        "SIGTERM was sent while the request was in flight"
+        "SIG{signal} was sent while the request was in flight"
     );
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(
@@ -1478,7 +1490,7 @@ async fn sigterm_completes_in_flight_request_and_exits_zero() {
     assert_eq!(
         status.code(),
         Some(0),
-        "exit status after SIGTERM; stderr:\n{}",
+        "exit status after SIG{signal}; stderr:\n{}",
         h.proxy.stderr_text()
     );
     let line = h.proxy.only_access().await;
