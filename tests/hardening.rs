@@ -2802,6 +2802,9 @@ async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
         b"1234",
         "encrypted with the new key after the reload"
     );
+    // The new key's count starts from 0 (README: rotate long before 2^32):
+    // one request since, with Digits and SpeechResult.
+    assert_eq!(encryptions_current_key(&proxy).await, 2);
     assert_eq!(
         status_with(&proxy, &old.token).await,
         403,
@@ -2823,12 +2826,28 @@ async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
     );
     let r = &backend.wait_for_requests(before + 1).await[before];
     assert_eq!(decrypt_field(&new.key(), &digits_of(r)), b"1234");
+    assert_eq!(
+        encryptions_current_key(&proxy).await,
+        4,
+        "a refused reload keeps the key and its count"
+    );
 
     let canaries = Canaries::generate();
     for secrets in [&old, &new] {
         assert_no_leak("stdout", &proxy.stdout(), &canaries, secrets);
         assert_no_leak("stderr", &proxy.stderr(), &canaries, secrets);
     }
+}
+
+/// `ivrguard_encryptions_current_key`, from the admin listener.
+async fn encryptions_current_key(proxy: &Proxy) -> u64 {
+    let admin = proxy.admin_addr.expect("admin listener");
+    let metrics = client::get(admin, "/metrics").await.text();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("ivrguard_encryptions_current_key "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no encryptions_current_key in:\n{metrics}"))
 }
 
 /// A proxy reading its auth token from a file, polling its files every
