@@ -459,3 +459,108 @@ async fn next(hangup: &mut Hangup) {
     let _ = hangup;
     std::future::pending::<()>().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Settings from one small config, with `overrides` as
+    /// `IVRGUARD__…` variables.
+    fn load(overrides: &[(&str, &str)]) -> Settings {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ivrguard.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9901\"\n\
+             [upstream]\nurl = \"http://127.0.0.1:3000\"\n\
+             [twilio]\nauth_token_env = \"TOKEN\"\n\
+             [encryption]\nkey_env = \"KEY\"\n",
+        )
+        .unwrap();
+        let mut env: HashMap<String, String> = HashMap::from([
+            ("TOKEN".into(), "0123456789abcdef0123456789abcdef".into()),
+            (
+                "KEY".into(),
+                "a154eb4c759711bc2538a7cc021e9e9f17dd8aa63151c62ca28a82a4a404203d".into(),
+            ),
+        ]);
+        env.extend(
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        Settings::load(&path, &env).expect("a valid config")
+    }
+
+    /// README, `server.reload_poll_interval_ms`: each key the listeners
+    /// and workers read once is refused by a reload, naming it.
+    #[test]
+    fn a_reload_changing_what_is_read_at_start_is_refused_naming_the_key() {
+        let running = load(&[]);
+        for (variable, value, key) in [
+            (
+                "IVRGUARD__SERVER__LISTEN",
+                "127.0.0.1:8081",
+                "server.listen",
+            ),
+            (
+                "IVRGUARD__SERVER__ADMIN_LISTEN",
+                "127.0.0.1:9902",
+                "server.admin_listen",
+            ),
+            ("IVRGUARD__SERVER__WORKERS", "7", "server.workers"),
+            (
+                "IVRGUARD__SERVER__MAX_CONNECTIONS",
+                "100",
+                "server.max_connections",
+            ),
+            (
+                "IVRGUARD__SERVER__MAX_CONNECTIONS_PER_CLIENT",
+                "4",
+                "server.max_connections_per_client",
+            ),
+            (
+                "IVRGUARD__SERVER__HEADER_READ_TIMEOUT_MS",
+                "4000",
+                "server.header_read_timeout_ms",
+            ),
+            (
+                "IVRGUARD__SERVER__DRAIN_TIMEOUT_MS",
+                "5000",
+                "server.drain_timeout_ms",
+            ),
+            (
+                "IVRGUARD__SERVER__RELOAD_POLL_INTERVAL_MS",
+                "1000",
+                "server.reload_poll_interval_ms",
+            ),
+            ("IVRGUARD__SERVER__HTTP2", "true", "server.http2"),
+            ("IVRGUARD__LOG__FORMAT", "text", "log.format"),
+        ] {
+            let refusal = needs_restart(&load(&[(variable, value)]), &running)
+                .unwrap_or_else(|| panic!("a reload would apply {variable}"));
+            assert!(refusal.contains(key), "{variable}: {refusal}");
+            assert!(refusal.ends_with("needs a restart"), "{refusal}");
+        }
+    }
+
+    /// ... and every other key is applied.
+    #[test]
+    fn a_reload_changing_other_keys_is_applied() {
+        let running = load(&[]);
+        assert_eq!(needs_restart(&load(&[]), &running), None);
+        for (variable, value) in [
+            ("IVRGUARD__LOG__LEVEL", "debug"),
+            ("IVRGUARD__SERVER__MAX_BODY_BYTES", "2048"),
+            ("IVRGUARD__SERVER__REQUEST_TIMEOUT_MS", "12000"),
+            ("IVRGUARD__UPSTREAM__TIMEOUT_MS", "5000"),
+            ("IVRGUARD__UPSTREAM__URL", "http://127.0.0.1:3001"),
+            ("IVRGUARD__TWILIO__PUBLIC_URL", "https://ivr.example.com"),
+            ("IVRGUARD__ENCRYPTION__FIELDS", "Digits"),
+        ] {
+            let refusal = needs_restart(&load(&[(variable, value)]), &running);
+            assert_eq!(refusal, None, "{variable}");
+        }
+    }
+}
