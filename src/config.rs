@@ -1824,6 +1824,13 @@ fn list(value: Option<Value>, key: &str, strings: StringAsList) -> Result<Vec<Va
             .map(|item| Value::new(None, item.trim()))
             .collect()),
         (ValueKind::String(text), StringAsList::OneItem) => Ok(vec![Value::new(None, text)]),
+        // How an environment variable sets it (found in review: "expected a
+        // list, found a string" did not say what to do).
+        (ValueKind::String(_), StringAsList::Refuse) => Err(ConfigError::new(
+            key,
+            "is a list of tables: write it in the config file (`[[twilio.shared_keys]]`); \
+             an environment variable cannot set it",
+        )),
         (other, _) => Err(ConfigError::new(
             key,
             format!("expected a list, found {}", kind_name(&other)),
@@ -2247,6 +2254,19 @@ scrub_card_numbers = false
         .unwrap();
         assert_eq!(s.log.scrub_patterns.len(), 1);
         assert!(s.log.scrub_patterns[0].is_match("acct1234567"));
+    }
+
+    #[test]
+    fn shared_keys_from_the_environment_are_refused_saying_where_they_go() {
+        let err = error(
+            MINIMAL,
+            &env(&[("IVRGUARD__TWILIO__SHARED_KEYS", "id=k1,secret_env=K1")]),
+        );
+        assert_eq!(err.key(), "twilio.shared_keys");
+        assert!(
+            err.to_string().contains("write it in the config file"),
+            "{err}"
+        );
     }
 
     #[test]
