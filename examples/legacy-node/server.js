@@ -117,7 +117,12 @@ async function processGatheredData(twiml, cardLast4, pin) {
   twiml.hangup();
 }
 
-const server = app.listen(PORT, HOST, () => {
+const server = app.listen(PORT, HOST, (error) => {
+  if (error) {
+    // Express 5 hands a failed listen (the port taken) to this callback.
+    console.error(`legacy-node cannot listen: ${error.message}`);
+    process.exit(1);
+  }
   const { address, port } = server.address();
   console.log(`legacy-node listening on http://${address.includes(":") ? `[${address}]` : address}:${port}`);
 });
