@@ -192,3 +192,43 @@ fn shipped_example_mentions_every_key() {
         assert!(written, "config/ivrguard.toml does not show {key}");
     }
 }
+
+/// The config README's quick start shows ("Put ivrguard in front of your
+/// app", step 2) loads with the three variables its step 3 exports, and
+/// signs what it forwards with the app's own token.
+#[test]
+fn readme_quick_start_config_loads_with_its_variables() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let step = readme
+        .split_once("2. Write a config")
+        .expect("README's quick start, step 2")
+        .1;
+    let block = step
+        .split_once("```toml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("a toml block in step 2")
+        .0;
+    let toml: String = block
+        .lines()
+        .map(|l| format!("{}\n", l.trim_start()))
+        .collect();
+    let app_token = "4c5f0a2e9b7d41c3a8e6f1d2b3c4a5e6f7081920a1b2c3d4e5f60718293a4b5c";
+    let s = load_text(&toml, &env(&[("APP_TOKEN", app_token)]));
+    assert_eq!(s.upstream.scheme_authority, "http://127.0.0.1:3000");
+    assert_eq!(
+        s.upstream.auth_token.as_ref().map(|t| t.expose().to_vec()),
+        Some(app_token.as_bytes().to_vec())
+    );
+    let exports = step
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("step 3's commands")
+        .0;
+    for variable in ["TWILIO_AUTH_TOKEN", "IVRGUARD_KEY", "APP_TOKEN"] {
+        assert!(
+            exports.contains(&format!("{variable}=")),
+            "step 3 does not export {variable}"
+        );
+    }
+}
