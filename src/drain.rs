@@ -3,7 +3,8 @@
 //!
 //! Either way the connection is asked to shut down gracefully (hyper's
 //! `graceful_shutdown`: HTTP/1 closes after the response in progress,
-//! HTTP/2 sends GOAWAY and finishes its open streams), never dropped.
+//! HTTP/2 sends GOAWAY and finishes its open streams); it is dropped only
+//! if it has not finished a request timeout later.
 //!
 //! HTTP/2 needs the idle limit because nothing else ends an idle HTTP/2
 //! connection: hyper's keep-alive pings only close one whose peer stops
@@ -58,13 +59,23 @@ impl Drain {
 
 /// Serves `conn` to its end. When the drain starts, or when `idle` (if
 /// given) says the connection has had nothing to do, `shut_down` asks it to
-/// finish gracefully, and it is served until it has.
+/// finish gracefully, and it is served until it has, for `grace` at most:
+/// then it is dropped, and `None` returned.
+///
+/// The grace is the request timeout, by which every request in progress
+/// has been answered. Without it, an HTTP/2 peer that never opens its
+/// flow-control window held its connection for ever (found in review):
+/// the request was done, so the connection counted as idle and was asked
+/// to shut down, but hyper waited to send the response body it had no
+/// window for, while the peer answered every ping and the socket stayed
+/// empty, so the write-stall limit never fired either.
 pub async fn serve<C: Future>(
     conn: C,
     shut_down: impl FnOnce(Pin<&mut C>),
     watcher: Watcher,
     idle: Option<(Streams, Duration)>,
-) -> C::Output {
+    grace: Duration,
+) -> Option<C::Output> {
     let Watcher(mut drain) = watcher;
     let mut conn = pin!(conn);
     let idle = async {
@@ -74,13 +85,13 @@ pub async fn serve<C: Future>(
         }
     };
     tokio::select! {
-        ended = conn.as_mut() => return ended,
+        ended = conn.as_mut() => return Some(ended),
         // A closed channel (the server gone) drains too.
         _ = drain.changed() => {}
         () = idle => {}
     }
     shut_down(conn.as_mut());
-    let ended = conn.await;
+    let ended = tokio::time::timeout(grace, conn).await.ok();
     drop(drain); // the drain counts this connection until here
     ended
 }
@@ -199,8 +210,23 @@ mod tests {
             },
             watcher,
             None,
+            Duration::from_secs(5),
         ));
         drain.shutdown().await;
-        served.await.unwrap();
+        assert_eq!(served.await.unwrap(), Some(()));
+    }
+
+    /// A connection that does not finish once asked to is dropped after
+    /// the grace.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_does_not_finish_is_dropped_after_the_grace() {
+        let drain = Drain::default();
+        let grace = Duration::from_secs(14);
+        let conn = std::future::pending::<()>();
+        let served = tokio::spawn(serve(conn, |_| {}, drain.watcher(), None, grace));
+        let started = tokio::time::Instant::now();
+        drain.shutdown().await;
+        assert_eq!(served.await.unwrap(), None);
+        assert_eq!(started.elapsed(), grace);
     }
 }

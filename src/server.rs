@@ -341,6 +341,7 @@ pub async fn serve(
                                 |conn| conn.graceful_shutdown(),
                                 watcher,
                                 h2_idle,
+                                write_stall,
                             )
                             .await;
                         }
@@ -349,9 +350,14 @@ pub async fn serve(
                             let conn = builders
                                 .http1
                                 .serve_connection(TokioIo::new(stream), service);
-                            let ended =
-                                drain::serve(conn, |conn| conn.graceful_shutdown(), watcher, None)
-                                    .await;
+                            let ended = drain::serve(
+                                conn,
+                                |conn| conn.graceful_shutdown(),
+                                watcher,
+                                None,
+                                write_stall,
+                            )
+                            .await;
                             report_refused_head(ended, &metrics, peer);
                         }
                         None => {}
@@ -368,8 +374,14 @@ pub async fn serve(
                     let conn = builders
                         .http1
                         .serve_connection(TokioIo::new(stream), service);
-                    let ended =
-                        drain::serve(conn, |conn| conn.graceful_shutdown(), watcher, None).await;
+                    let ended = drain::serve(
+                        conn,
+                        |conn| conn.graceful_shutdown(),
+                        watcher,
+                        None,
+                        write_stall,
+                    )
+                    .await;
                     report_refused_head(ended, &metrics, peer);
                 }
                 // HTTP/2 is off (`server.http2`): the preface gets no answer.
@@ -380,9 +392,14 @@ pub async fn serve(
                         let conn = builders
                             .http2
                             .serve_connection(TokioIo::new(stream), service);
-                        let _ =
-                            drain::serve(conn, |conn| conn.graceful_shutdown(), watcher, h2_idle)
-                                .await;
+                        let _ = drain::serve(
+                            conn,
+                            |conn| conn.graceful_shutdown(),
+                            watcher,
+                            h2_idle,
+                            write_stall,
+                        )
+                        .await;
                     })
                     .await;
                 }
@@ -419,15 +436,15 @@ fn refused_per_client(proxy: &crate::pipeline::Proxy, peer: SocketAddr) {
 }
 
 /// Logs and counts a request head hyper refused on an HTTP/1 connection:
-/// it answered 400 (or 414, 431) itself and the pipeline never ran, so no
+/// it answered 400 (or 431) itself and the pipeline never ran, so no
 /// access line was written for it (found in review). Other ends of a
 /// connection (the client left, a timeout) are not requests.
 fn report_refused_head(
-    ended: Result<(), hyper::Error>,
+    ended: Option<Result<(), hyper::Error>>,
     metrics: &crate::metrics::Metrics,
     peer: SocketAddr,
 ) {
-    let Err(error) = ended else {
+    let Some(Err(error)) = ended else {
         return;
     };
     let reason = if error.is_parse_too_large() {

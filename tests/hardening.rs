@@ -1231,6 +1231,44 @@ async fn an_idle_http2_connection_is_closed_but_a_slow_request_finishes() {
     assert_eq!(h.backend.count(), 1);
 }
 
+/// Found in review: an HTTP/2 peer that never opens its flow-control
+/// window (`SETTINGS_INITIAL_WINDOW_SIZE` 0) held its connection for ever.
+/// Its request was done, so the connection counted as idle and got GOAWAY,
+/// but hyper waited to send a response body it had no window for, while
+/// the peer answered every ping. It is now dropped a request timeout after
+/// it was asked to shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_that_never_opens_its_window_is_cut() {
+    let h = harness(Behaviour::Twiml, |c| {
+        c.server_extra.push("http2 = true".into());
+        c.server_extra.push("header_read_timeout_ms = 500".into());
+        c.request_timeout_ms = 3000;
+        c.upstream_timeout_ms = 2000;
+    })
+    .await;
+    let stream = TcpStream::connect(h.proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await
+        .expect("HTTP/2 handshake");
+    // It answers pings, as a live peer does.
+    let conn = tokio::spawn(conn);
+    // Unsigned: refused at once, 403 with a body the window holds back.
+    let request = Request::post(format!("http://{HOST}/ivr/h2"))
+        .header("content-type", FORM)
+        .body(Full::new(Bytes::from_static(b"Digits=1234")))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("the head");
+    assert_eq!(response.status(), 403);
+
+    // Idle after 0.5 to 1 s, then 3 s of grace: well within 10 s.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(ended.is_ok(), "the connection is still held 10 s on");
+    assert_eq!(h.backend.count(), 0);
+    drop(response);
+}
+
 /// An HTTP/2 caller that resets its stream while the app is still working
 /// gets no answer: the request has its access line (`unanswered`) and is
 /// counted in `requests_total{outcome="unanswered"}`, not as forwarded
