@@ -530,8 +530,12 @@ pub fn catch_panic(
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
+    // A listener that cannot be installed never fires (as for SIGTERM
+    // below), rather than start a drain at once (found in review).
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let term = async {
