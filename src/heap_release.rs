@@ -77,8 +77,9 @@ fn release() -> bool {
     false
 }
 
-/// After code that runs once (start-up, a reload): unmaps the process's
-/// view of its own machine code ([`release_code`]), on a blocking thread.
+/// After code that runs once (start-up, a reload): drops the resident
+/// pages of the process's own machine code ([`release_code`]), on a
+/// blocking thread.
 pub async fn after_code_ran_once(what: &'static str) {
     let started = std::time::Instant::now();
     let released = tokio::task::spawn_blocking(release_code)
@@ -88,17 +89,20 @@ pub async fn after_code_ran_once(what: &'static str) {
         released,
         took_us = started.elapsed().as_micros() as u64,
         after = what,
-        "code pages unmapped"
+        "code pages released"
     );
 }
 
-/// Unmaps this process's view of its own machine code (the executable's
-/// `r-xp` segments). The code that start-up runs once (the command line,
-/// the config, TLS and logging set-up: 1.3 MiB of pages here) stays mapped,
-/// and counted in RSS, for the process's life otherwise; the code requests
-/// run is mapped back in from the page cache, as a minor fault per 64 KiB,
-/// the next time it runs. Whether anything was unmapped. A debugger's or
-/// uprobe's breakpoint set in the code before this call is dropped with it.
+/// Drops this process's resident pages of its own machine code (the
+/// executable's `r-xp` segments; the mappings stay). The code that start-up
+/// runs once (the command line, the config, TLS and logging set-up: 1.3 MiB
+/// of pages here) stays resident, and counted in RSS, for the process's
+/// life otherwise; the code requests run is faulted back in from the page
+/// cache, a minor fault per 64 KiB, the next time it runs. The pages stay
+/// in the page cache, charged to the memory cgroup as file cache (which
+/// the kernel can reclaim), not as the process's own. Whether anything was
+/// released. A debugger's or uprobe's breakpoint set in the code before
+/// this call is dropped with it.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 pub fn release_code() -> bool {
@@ -111,10 +115,13 @@ pub fn release_code() -> bool {
     let mut released = false;
     for (start, end) in code_ranges(&maps, &exe.to_string_lossy()) {
         // SAFETY: [start, end) is a whole read-only, executable, private
-        // mapping of the executable file, as the kernel lists it: nothing
-        // ever writes to it, so MADV_DONTNEED only drops its page-table
-        // entries, and each page is faulted back in unchanged from the
-        // file's page cache when next executed. No Rust object lives there.
+        // mapping of the executable file, as the kernel lists it.
+        // MADV_DONTNEED drops its page-table entries, and each page is
+        // faulted back in from the file's page cache when next executed:
+        // the mapping stays, so no code becomes unexecutable. The process
+        // never writes there; a page a debugger or uprobe wrote (a
+        // copy-on-write breakpoint) reverts to the file's bytes, the
+        // original code. No Rust object lives there.
         released |= unsafe {
             libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) == 0
         };
@@ -220,7 +227,7 @@ zzzz-7f0000600000 r-xp 00000000 fd:01 123 /usr/bin/ivrguard
         assert!(before > 0, "the test binary's code is mapped");
         assert!(
             release_code(),
-            "the test binary's code was found and unmapped"
+            "the test binary's code was found and released"
         );
         let after = own_code_rss_kib();
         assert!(

@@ -158,7 +158,7 @@ fn head(request_line: &str, headers: &[(&str, String)]) -> Vec<u8> {
 }
 
 /// Anonymous (heap) resident memory in KiB, from /proc: what buffering
-/// grows. The file-backed part (the binary's code) is unmapped once
+/// grows. The file-backed part (the binary's code) is dropped from RSS once
 /// ivrguard listens and comes back as requests run it
 /// (`heap_release::release_code`), so growth is measured here.
 fn rss_anon_kib(pid: u32) -> u64 {
