@@ -204,10 +204,9 @@ impl Reloader {
         !self.reloaded_once || hashed(self.named_files()) != self.files
     }
 
-    /// Reloads on SIGHUP, and on change every `poll` if set. Runs until the
-    /// task is dropped.
-    pub async fn watch(mut self, poll: Option<Duration>) {
-        let mut hangup = hangup_signal();
+    /// Reloads on SIGHUP (`hangup`, from [`hangup_signal`]), and on change
+    /// every `poll` if set. Runs until the task is dropped.
+    pub async fn watch(mut self, poll: Option<Duration>, mut hangup: Hangup) {
         let mut ticker = poll.map(tokio::time::interval);
         loop {
             let poll_tick = async {
@@ -435,11 +434,13 @@ fn hashed(files: Vec<PathBuf>) -> Vec<(PathBuf, [u8; 32])> {
 }
 
 #[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
+pub type Hangup = Option<tokio::signal::unix::Signal>;
 #[cfg(not(unix))]
-type Hangup = Option<()>;
+pub type Hangup = Option<()>;
 
-fn hangup_signal() -> Hangup {
+/// SIGHUP, caught from when this is made (before, it ends the process: the
+/// default action), so it is made before serving starts.
+pub fn hangup_signal() -> Hangup {
     #[cfg(unix)]
     {
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()

@@ -287,11 +287,16 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
     let deferral = crate::log_handoff::Deferral::on_this_thread();
     let drained = runtime.block_on(async {
         let log = log.clone();
-        let shutdown = async {
-            server::shutdown_signal().await;
+        // Caught from here on, before anything serves: a signal is never
+        // met by its default action (which ends the process) once ivrguard
+        // is reachable.
+        let mut signals = server::ShutdownSignals::install();
+        let hangup = crate::reload::hangup_signal();
+        let shutdown = async move {
+            signals.next().await;
             tracing::info!("shutdown signal received; draining (a second signal exits at once)");
             tokio::spawn(async move {
-                server::shutdown_signal().await;
+                signals.next().await;
                 tracing::warn!("second shutdown signal; exiting without draining");
                 // `exit` runs no destructors: the queued lines, this one
                 // included, are written first (they were lost), after the
@@ -309,9 +314,8 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
             tracing::warn!("configuration warning: {warning}");
         }
         let reloader = Reloader::new(path, started.proxy.clone(), settings.clone());
-        let watcher = tokio::spawn(reloader.watch(settings.server.reload_poll_interval));
-        // Start-up's code has run; the reloader's task is there to take a
-        // SIGHUP before this one waits for anything.
+        let watcher = tokio::spawn(reloader.watch(settings.server.reload_poll_interval, hangup));
+        // Start-up's code has run.
         tokio::spawn(crate::heap_release::after_code_ran_once("start-up"));
         let drained = started.wait().await;
         watcher.abort();

@@ -528,29 +528,56 @@ pub fn catch_panic(
         })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    // A listener that cannot be installed never fires (as for SIGTERM
-    // below), rather than start a drain at once (found in review).
-    let ctrl_c = async {
+/// SIGTERM and SIGINT, caught from when this is made (before, either ends
+/// the process: the default action). Made before serving starts, and kept
+/// for the second signal, so that no signal arrives with nothing to catch
+/// it (found in review: the second listener was made only once its task
+/// first ran).
+pub struct ShutdownSignals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            ShutdownSignals {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        ShutdownSignals {}
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT. A listener that could not be
+    /// installed never fires, rather than start a drain at once.
+    pub async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn on(signal: &mut Option<tokio::signal::unix::Signal>) {
+                let caught = match signal {
+                    Some(signal) => signal.recv().await.is_some(),
+                    None => false,
+                };
+                if !caught {
+                    std::future::pending::<()>().await;
+                }
+            }
+            let ShutdownSignals { term, int } = self;
+            tokio::select! {
+                () = on(term) => {},
+                () = on(int) => {},
+            }
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
 }
 
