@@ -1824,12 +1824,12 @@ fn list(value: Option<Value>, key: &str, strings: StringAsList) -> Result<Vec<Va
             .map(|item| Value::new(None, item.trim()))
             .collect()),
         (ValueKind::String(text), StringAsList::OneItem) => Ok(vec![Value::new(None, text)]),
-        // How an environment variable sets it (found in review: "expected a
-        // list, found a string" did not say what to do).
+        // A string in the file, or any environment variable (found in
+        // review: "expected a list, found a string" did not say what to do).
         (ValueKind::String(_), StringAsList::Refuse) => Err(ConfigError::new(
             key,
-            "is a list of tables: write it in the config file (`[[twilio.shared_keys]]`); \
-             an environment variable cannot set it",
+            "expected a list of tables (`[[twilio.shared_keys]]` in the config file: \
+             an environment variable cannot set it), found a string",
         )),
         (other, _) => Err(ConfigError::new(
             key,
@@ -2264,7 +2264,8 @@ scrub_card_numbers = false
         );
         assert_eq!(err.key(), "twilio.shared_keys");
         assert!(
-            err.to_string().contains("write it in the config file"),
+            err.to_string()
+                .contains("an environment variable cannot set it"),
             "{err}"
         );
     }
