@@ -1424,6 +1424,30 @@ async fn admin_endpoints_report_health_and_metrics() {
     drop(held);
 }
 
+/// README: a line reaches stdout within a few milliseconds of its
+/// request's answer. Each worker hands the lines held over when it goes
+/// idle; one that did not (found in review: no test noticed) would leave a
+/// line waiting for another worker's hand-over, up to the 2 s tick. Ten
+/// connections, so both workers serve some; 1 s is hundreds of times the
+/// usual delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_access_line_is_written_soon_after_its_answer() {
+    let h = harness(Behaviour::Twiml, |_| {}).await;
+    let body = join_raw(&gather_pieces("1234", "yes", &random_sid("CA")));
+    for i in 1..=10 {
+        let post = signed_post(&h.proxy.secrets.token, "/ivr/gather", &body);
+        let response = client::send(h.proxy.addr, &post).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        let answered = Instant::now();
+        h.proxy.wait_access(i).await;
+        let waited = answered.elapsed();
+        assert!(
+            waited < Duration::from_secs(1),
+            "access line {i} written {waited:?} after its answer"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_lines_are_valid_json() {
     // 200 requests: the card-number scrubber once rewrote a latency_ms
