@@ -193,7 +193,7 @@ fn shipped_example_mentions_every_key() {
     }
 }
 
-/// The config README's quick start shows ("Put ivrguard in front of your
+/// The config the README's quick start shows ("Put ivrguard in front of your
 /// app", step 2) loads with the three variables its step 3 exports, and
 /// signs what it forwards with the app's own token.
 #[test]
