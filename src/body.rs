@@ -177,6 +177,14 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // The deadline first: a body with a frame always ready (a large one
+        // already in the socket buffers, for a caller reading slowly but
+        // steadily) never let the timer be looked at (found in review: cut
+        // at 7-12 s against a 3 s deadline).
+        if Instant::now() >= self.sleep.deadline() {
+            self.report("deadline");
+            return Poll::Ready(Some(Err(Box::new(DeadlineExceeded))));
+        }
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             if matches!(frame, Some(Err(_))) {
                 self.report("broken");
@@ -259,6 +267,24 @@ mod tests {
         let frames = pieces.iter().map(|p| Ok(Bytes::from(p.clone()))).collect();
         let got = collect_within(body_of(frames), 1 << 20).await.unwrap();
         assert_eq!(got, pieces.concat());
+    }
+
+    /// A body whose next frame is always ready still ends at the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_always_ready_ends_at_the_deadline() {
+        let endless = StreamBody::new(futures_util::stream::repeat_with(|| {
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"<Say>")))
+        }));
+        let (tx, failed) = std::sync::mpsc::channel();
+        let deadline = Instant::now() + std::time::Duration::from_secs(3);
+        let mut body = with_deadline(endless, deadline, (), move |why| {
+            let _ = tx.send(why);
+        });
+        assert!(body.frame().await.unwrap().is_ok(), "before the deadline");
+        tokio::time::advance(std::time::Duration::from_secs(4)).await;
+        let after = body.frame().await.expect("a frame or an error");
+        assert!(after.is_err(), "a frame after the deadline");
+        assert_eq!(failed.try_recv(), Ok("deadline"));
     }
 
     #[tokio::test]
