@@ -376,6 +376,33 @@ mod tests {
         );
     }
 
+    /// A name server that does not answer in time: a new connection to the
+    /// app fails within `upstream.connect_timeout_ms`, the lookup included
+    /// (found in review: `HttpConnector` bounds only the TCP connect, so
+    /// the lookup ran into hickory's own 5 s timeouts, and the request
+    /// until `upstream.timeout_ms`).
+    #[tokio::test]
+    async fn a_lookup_is_bounded_by_the_connect_timeout() {
+        let ip = Arc::new(Mutex::new(Some(Ipv4Addr::new(127, 0, 0, 1))));
+        let slow = network_dns("legacy-app", Duration::from_secs(30), ip).await;
+        let connections = crate::upstream_connections::Connections::new(1, 1, Duration::ZERO);
+        let connector = connections.connector(
+            0,
+            HttpConnector::new_with_resolver(system_like_resolver(&[slow])),
+            "http://legacy-app:9".parse().unwrap(),
+            Duration::from_millis(300),
+        );
+        let slot = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let connected = connector.connect(slot).await;
+        let took = started.elapsed();
+        assert!(connected.is_err(), "connected through a silent name server");
+        assert!(took < Duration::from_secs(2), "gave up after {took:?}");
+    }
+
     /// The wiring `upstream.rs` relies on: the connector asks this resolver
     /// for a name and connects to the answer, on the URL's port.
     #[tokio::test]

@@ -163,7 +163,7 @@ impl Upstream {
             connector.set_nodelay(true);
             connector.enforce_http(true);
             Pool::new(
-                connections.connector(worker, connector, app.clone()),
+                connections.connector(worker, connector, app.clone(), settings.connect_timeout),
                 settings.pool_idle_timeout,
                 settings.pool_max_idle_per_host,
             )

@@ -142,10 +142,12 @@ impl Connections {
         worker: usize,
         inner: HttpConnector<Resolver>,
         app: Uri,
+        connect_timeout: Duration,
     ) -> CappedConnector {
         CappedConnector {
             inner,
             app,
+            connect_timeout,
             connections: self.clone(),
             worker,
         }
@@ -216,6 +218,9 @@ pub struct CappedConnector {
     inner: HttpConnector<Resolver>,
     /// The app's `http://authority`.
     app: Uri,
+    /// `upstream.connect_timeout_ms`, for the name lookup and the TCP
+    /// connect together.
+    connect_timeout: Duration,
     connections: Arc<Connections>,
     worker: usize,
 }
@@ -228,7 +233,13 @@ impl CappedConnector {
 
     /// A new connection to the app in `slot`.
     pub async fn connect(&self, slot: OwnedSemaphorePermit) -> Result<CappedConnection, BoxError> {
-        let io = self.inner.clone().oneshot(self.app.clone()).await?;
+        // `HttpConnector` bounds the TCP connect only: a name server that
+        // never answers held each new connection until `upstream.timeout_ms`,
+        // logged as the app being slow (found in review).
+        let connecting = self.inner.clone().oneshot(self.app.clone());
+        let io = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| "no connection to the app within upstream.connect_timeout_ms")??;
         let counts = self.connections.workers[self.worker].clone();
         counts.open.fetch_add(1, Relaxed);
         Ok(CappedConnection {

@@ -438,6 +438,7 @@ mod tests {
                 0,
                 HttpConnector::new_with_resolver(Resolver::new()),
                 app_uri,
+                Duration::from_secs(2),
             ),
             Duration::from_secs(60),
             8,
