@@ -23,6 +23,12 @@
 //!   fastest first — broke a container on two podman networks: each
 //!   network's DNS knows only its own containers, and the one that did not
 //!   know the app's name answered first.
+//! - Each name server has its own hickory resolver, and a server that does
+//!   not answer within [`PER_SERVER_TIMEOUT`] is passed over for the next.
+//!   One hickory resolver asking them in turn gives the whole list the one
+//!   timeout its first server's query also has, so a silent first server
+//!   meant the second was never asked (found in review). The whole lookup
+//!   is bounded by `upstream.connect_timeout_ms` (upstream_connections.rs).
 //! - The connection pool reuses connections, so lookups happen only when a
 //!   new connection to the app is opened.
 
@@ -35,7 +41,10 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hickory_resolver::config::{ResolverOpts, ServerOrderingStrategy};
+use hickory_resolver::config::{ResolverConfig, ResolverOpts, ServerOrderingStrategy};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError, NoRecords};
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::TokioResolver;
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use tower::Service;
@@ -49,8 +58,10 @@ pub struct Resolver {
 }
 
 enum Backend {
-    /// `/etc/hosts` and `/etc/resolv.conf`, read by hickory.
-    Hickory(Box<TokioResolver>),
+    /// `/etc/hosts` and `/etc/resolv.conf`, read by hickory: a resolver
+    /// per name server, in the file's order (one with none, for the hosts
+    /// file alone, when it names none).
+    Hickory(Vec<TokioResolver>),
     /// `getaddrinfo` on a blocking thread: only when the system
     /// configuration could not be read.
     Gai(GaiResolver),
@@ -75,11 +86,11 @@ impl Resolver {
         Self::default()
     }
 
-    /// A resolver with a given hickory configuration (tests: a hosts file
-    /// and no name servers).
-    pub fn with_hickory(resolver: TokioResolver) -> Self {
+    /// A resolver with given hickory resolvers, asked in order (tests: a
+    /// hosts file and no name servers).
+    pub fn with_hickory(resolvers: Vec<TokioResolver>) -> Self {
         let backend = OnceLock::new();
-        let _ = backend.set(Backend::Hickory(Box::new(resolver)));
+        let _ = backend.set(Backend::Hickory(resolvers));
         Resolver {
             backend: Arc::new(backend),
         }
@@ -92,12 +103,9 @@ impl Resolver {
             return Ok(vec![ip]);
         }
         let ips: Vec<IpAddr> = match self.backend() {
-            Backend::Hickory(resolver) => resolver
-                .lookup_ip(host)
+            Backend::Hickory(resolvers) => in_turn(resolvers, host)
                 .await
-                .map_err(|e| io::Error::other(format!("resolving {host}: {e}")))?
-                .iter()
-                .collect(),
+                .map_err(|e| io::Error::other(format!("resolving {host}: {e}")))?,
             Backend::Gai(gai) => {
                 let name = Name::from_str(host).map_err(|e| {
                     io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}"))
@@ -116,12 +124,10 @@ impl Resolver {
 
     fn backend(&self) -> &Backend {
         self.backend.get_or_init(|| {
-            let system = TokioResolver::builder_tokio().and_then(|mut builder| {
-                system_like(builder.options_mut());
-                builder.build()
-            });
-            match system {
-                Ok(resolver) => Backend::Hickory(Box::new(resolver)),
+            match hickory_resolver::system_conf::read_system_conf()
+                .and_then(|(config, options)| one_per_server(config, &options))
+            {
+                Ok(resolvers) => Backend::Hickory(resolvers),
                 Err(_) => Backend::Gai(GaiResolver::new()),
             }
         })
@@ -138,14 +144,75 @@ pub const MAX_CACHE_TTL: Duration = Duration::from_secs(2);
 /// "No such name" is kept for less: the app may be starting.
 const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(1);
 
-/// Name servers in `/etc/resolv.conf` order, one at a time, as the C
-/// library asks them (see the module docs for why); answers kept for
-/// [`MAX_CACHE_TTL`] at most.
+/// How long one name server has to answer before the next is asked. A
+/// name server beside the app answers in milliseconds; the C library's 5 s
+/// would leave no time for a second within `upstream.connect_timeout_ms`.
+pub const PER_SERVER_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A resolver per name server of `config`, in its order (see the module
+/// docs for why), each set up by [`system_like`] from `options`; one with
+/// no name server, for the hosts file alone, if `config` names none.
+fn one_per_server(
+    config: ResolverConfig,
+    options: &ResolverOpts,
+) -> Result<Vec<TokioResolver>, NetError> {
+    let (domain, search, servers) = config.into_parts();
+    let configs: Vec<ResolverConfig> = match servers.is_empty() {
+        true => vec![ResolverConfig::from_parts(domain, search, vec![])],
+        false => servers
+            .into_iter()
+            .map(|server| ResolverConfig::from_parts(domain.clone(), search.clone(), vec![server]))
+            .collect(),
+    };
+    configs
+        .into_iter()
+        .map(|config| {
+            let mut builder =
+                TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+            *builder.options_mut() = options.clone();
+            system_like(builder.options_mut());
+            builder.build()
+        })
+        .collect()
+}
+
+/// One name server's resolver, as the C library would ask that server:
+/// [`PER_SERVER_TIMEOUT`] to answer, once (the next server is asked
+/// instead of this one again); answers kept for [`MAX_CACHE_TTL`] at most.
 fn system_like(options: &mut ResolverOpts) {
     options.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
     options.num_concurrent_reqs = 1;
+    options.timeout = options.timeout.min(PER_SERVER_TIMEOUT);
+    options.attempts = 1;
     options.positive_max_ttl = Some(MAX_CACHE_TTL);
     options.negative_max_ttl = Some(MAX_NEGATIVE_TTL);
+}
+
+/// `host`'s addresses from the first of `resolvers` whose server answers:
+/// one that says the name has no address ends the lookup, as in the C
+/// library; one that does not answer, or fails, passes to the next.
+async fn in_turn(resolvers: &[TokioResolver], host: &str) -> Result<Vec<IpAddr>, NetError> {
+    let mut failed = NetError::NoConnections;
+    for resolver in resolvers {
+        match resolver.lookup_ip(host).await {
+            Ok(found) => return Ok(found.iter().collect()),
+            Err(e) if is_an_answer(&e) => return Err(e),
+            Err(e) => failed = e,
+        }
+    }
+    Err(failed)
+}
+
+/// Whether `e` is a name server's answer (no such name, or no address for
+/// it), not its silence or failure.
+fn is_an_answer(e: &NetError) -> bool {
+    matches!(
+        e,
+        NetError::Dns(DnsError::NoRecordsFound(NoRecords {
+            response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+            ..
+        }))
+    )
 }
 
 /// The shape hyper-util's connector asks for: a `Service<Name>` returning
@@ -204,7 +271,7 @@ mod tests {
         .build()
         .unwrap();
         resolver.set_hosts(Arc::new(table));
-        Resolver::with_hickory(resolver)
+        Resolver::with_hickory(vec![resolver])
     }
 
     #[tokio::test]
@@ -317,12 +384,35 @@ mod tests {
                 server
             })
             .collect();
-        let mut builder = TokioResolver::builder_with_config(
-            ResolverConfig::from_parts(None, vec![], servers),
-            TokioRuntimeProvider::default(),
+        let config = ResolverConfig::from_parts(None, vec![], servers);
+        Resolver::with_hickory(one_per_server(config, &ResolverOpts::default()).unwrap())
+    }
+
+    /// The first name server does not answer: the second is asked once
+    /// [`PER_SERVER_TIMEOUT`] has passed, well within the default
+    /// `upstream.connect_timeout_ms` (found in review: it was never asked).
+    /// An answer that the name does not exist is not passed over.
+    #[tokio::test]
+    async fn a_silent_name_server_is_passed_over_for_the_next() {
+        let ip = |last| Arc::new(Mutex::new(Some(Ipv4Addr::new(10, 1, 2, last))));
+        let silent = network_dns("legacy-app", Duration::from_secs(30), ip(1)).await;
+        let answers = network_dns("legacy-app", Duration::ZERO, ip(3)).await;
+        let resolver = system_like_resolver(&[silent, answers]);
+        let started = std::time::Instant::now();
+        let ips = resolver.lookup("legacy-app").await.unwrap();
+        assert_eq!(ips, [IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1500),
+            "answered after {took:?}"
         );
-        system_like(builder.options_mut());
-        Resolver::with_hickory(builder.build().unwrap())
+
+        let unknown = network_dns("legacy-app", Duration::ZERO, Arc::new(Mutex::new(None))).await;
+        let resolver = system_like_resolver(&[unknown, answers]);
+        assert!(
+            resolver.lookup("legacy-app").await.is_err(),
+            "a server that says no such name was passed over"
+        );
     }
 
     /// The app's container is recreated and comes back on a new address,
