@@ -24,7 +24,8 @@
 //!   network's DNS knows only its own containers, and the one that did not
 //!   know the app's name answered first.
 //! - Each name server has its own hickory resolver, and a server that does
-//!   not answer within [`PER_SERVER_TIMEOUT`] is passed over for the next.
+//!   not answer within [`PER_SERVER_TIMEOUT`] is passed over for the next
+//!   (the last one has the timeout of `/etc/resolv.conf`).
 //!   One hickory resolver asking them in turn gives the whole list the one
 //!   timeout its first server's query also has, so a silent first server
 //!   meant the second was never asked (found in review). The whole lookup
@@ -164,26 +165,32 @@ fn one_per_server(
             .map(|server| ResolverConfig::from_parts(domain.clone(), search.clone(), vec![server]))
             .collect(),
     };
+    let last = configs.len() - 1;
     configs
         .into_iter()
-        .map(|config| {
+        .enumerate()
+        .map(|(i, config)| {
             let mut builder =
                 TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
             *builder.options_mut() = options.clone();
-            system_like(builder.options_mut());
+            system_like(builder.options_mut(), i < last);
             builder.build()
         })
         .collect()
 }
 
-/// One name server's resolver, as the C library would ask that server:
-/// [`PER_SERVER_TIMEOUT`] to answer, once (the next server is asked
-/// instead of this one again); answers kept for [`MAX_CACHE_TTL`] at most.
-fn system_like(options: &mut ResolverOpts) {
+/// One name server's resolver: answers kept for [`MAX_CACHE_TTL`] at
+/// most. One with a `next` server to fall back on has
+/// [`PER_SERVER_TIMEOUT`] to answer, once; the last keeps the timeout and
+/// attempts of `/etc/resolv.conf` (within `upstream.connect_timeout_ms`),
+/// so a lone name server is given as long as before.
+fn system_like(options: &mut ResolverOpts, next: bool) {
     options.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
     options.num_concurrent_reqs = 1;
-    options.timeout = options.timeout.min(PER_SERVER_TIMEOUT);
-    options.attempts = 1;
+    if next {
+        options.timeout = options.timeout.min(PER_SERVER_TIMEOUT);
+        options.attempts = 1;
+    }
     options.positive_max_ttl = Some(MAX_CACHE_TTL);
     options.negative_max_ttl = Some(MAX_NEGATIVE_TTL);
 }
