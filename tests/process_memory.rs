@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, RwLock};
 use std::time::{Duration, Instant};
 
 use support::proxy::{ProxyConfig, Secrets};
@@ -23,6 +23,19 @@ const NOBODY: u32 = 65534;
 /// This process's effective uid: the owner of its own `/proc` entry.
 fn euid() -> u32 {
     std::fs::metadata("/proc/self").expect("/proc/self").uid()
+}
+
+/// Held for writing while the binary is copied, for reading while a child
+/// is forked. A child forked while another test's copy is open for writing
+/// holds that descriptor until it execs, and exec'ing the copy meanwhile
+/// fails with ETXTBSY, "Text file busy" (seen once in about 40 runs, each
+/// beside 11 other test processes).
+static COPYING_OR_FORKING: RwLock<()> = RwLock::new(());
+
+/// `spawn` (anything that forks), never while the binary is being copied.
+fn fork<T>(spawn: impl FnOnce() -> T) -> T {
+    let _forking = COPYING_OR_FORKING.read().unwrap_or_else(|e| e.into_inner());
+    spawn()
 }
 
 /// A directory with the binary and a config the proxy's user can read.
@@ -39,9 +52,14 @@ fn install() -> Install {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod dir");
     let binary = dir.path().join("ivrguard");
-    std::fs::copy(env!("CARGO_BIN_EXE_ivrguard"), &binary).expect("copy binary");
-    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))
-        .expect("chmod binary");
+    {
+        let _copying = COPYING_OR_FORKING
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        std::fs::copy(env!("CARGO_BIN_EXE_ivrguard"), &binary).expect("copy binary");
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod binary");
+    }
     let config = dir.path().join("ivrguard.toml");
     std::fs::write(&config, ProxyConfig::new("http://127.0.0.1:9").toml()).expect("config");
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
@@ -76,12 +94,14 @@ impl Drop for Running {
 /// Starts `command` (an `ivrguard run`) and waits at most 10 s for its
 /// "ivrguard listening" line.
 fn start(command: &mut Command) -> Running {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn ivrguard");
+    let mut child = fork(|| {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+    })
+    .expect("spawn ivrguard");
     let stdout = child.stdout.take().expect("piped stdout");
     let (listening, seen) = mpsc::channel();
     std::thread::spawn(move || {
@@ -117,10 +137,12 @@ fn wait(child: &mut Running) -> ExitStatus {
 }
 
 fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
+    let status = fork(|| {
+        Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+    })
+    .expect("run kill");
     assert!(status.success(), "kill -{name} {pid}: {status}");
 }
 
@@ -138,12 +160,14 @@ fn status_field(pid: u32, field: &str) -> String {
 /// Runs `sh -c script` as the proxy's user; its output and whether it
 /// succeeded.
 fn as_proxy_user(script: &str) -> (bool, String) {
-    let output = unprivileged(Command::new("sh").args(["-c", script]))
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run sh");
+    let output = fork(|| {
+        unprivileged(Command::new("sh").args(["-c", script]))
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .output()
+    })
+    .expect("run sh");
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned()
@@ -238,12 +262,7 @@ fn dumps_core(dir: &Path, exec: &str, wait_for_listening: bool) -> bool {
         let secrets = Secrets::generate();
         start(command.env_clear().envs(secrets.env(false)))
     } else {
-        Running(
-            command
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("spawn control"),
-        )
+        Running(fork(|| command.stdout(Stdio::null()).spawn()).expect("spawn control"))
     };
     let pid = child.0.id();
     if !wait_for_listening {
