@@ -3067,12 +3067,12 @@ async fn a_refused_reload_is_retried_until_the_file_it_names_arrives() {
         ),
         1.0
     );
-    let refusals = proxy
+    let logged = proxy
         .log_lines()
         .iter()
         .filter(|l| l["message"] == refused)
         .count();
-    assert_eq!(refusals, 1, "the same refusal, logged once");
+    assert_eq!(logged, refusals, "the same refusal, logged no more");
 
     // A new token in the same file is named by its key, never shown; a
     // SIGHUP with nothing new says so.
