@@ -37,6 +37,7 @@ pub mod resolve;
 pub mod run;
 pub mod secret;
 pub mod server;
+pub mod signals;
 pub mod signature;
 pub mod tls;
 pub mod upstream;

@@ -204,9 +204,9 @@ impl Reloader {
         !self.reloaded_once || hashed(self.named_files()) != self.files
     }
 
-    /// Reloads on SIGHUP (`hangup`, from [`hangup_signal`]), and on change
-    /// every `poll` if set. Runs until the task is dropped.
-    pub async fn watch(mut self, poll: Option<Duration>, mut hangup: Hangup) {
+    /// Reloads on SIGHUP (`hangup`), and on change every `poll` if set.
+    /// Runs until the task is dropped.
+    pub async fn watch(mut self, poll: Option<Duration>, mut hangup: crate::signals::Listener) {
         let mut ticker = poll.map(tokio::time::interval);
         loop {
             let poll_tick = async {
@@ -218,7 +218,7 @@ impl Reloader {
                 }
             };
             let trigger = tokio::select! {
-                () = next(&mut hangup) => "sighup",
+                () = hangup.next() => "sighup",
                 () = poll_tick => {
                     if !self.due() {
                         continue;
@@ -431,34 +431,6 @@ fn hashed(files: Vec<PathBuf>) -> Vec<(PathBuf, [u8; 32])> {
             (file, hash)
         })
         .collect()
-}
-
-#[cfg(unix)]
-pub type Hangup = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-pub type Hangup = Option<()>;
-
-/// SIGHUP, caught from when this is made (before, it ends the process: the
-/// default action), so it is made before serving starts.
-pub fn hangup_signal() -> Hangup {
-    #[cfg(unix)]
-    {
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
-    }
-    #[cfg(not(unix))]
-    {
-        None
-    }
-}
-
-async fn next(hangup: &mut Hangup) {
-    #[cfg(unix)]
-    if let Some(signal) = hangup.as_mut() {
-        signal.recv().await;
-        return;
-    }
-    let _ = hangup;
-    std::future::pending::<()>().await
 }
 
 #[cfg(test)]

@@ -287,11 +287,9 @@ pub fn run(path: &Path, settings: Settings) -> Result<(), String> {
     let deferral = crate::log_handoff::Deferral::on_this_thread();
     let drained = runtime.block_on(async {
         let log = log.clone();
-        // Caught from here on, before anything serves: a signal is never
-        // met by its default action (which ends the process) once ivrguard
-        // is reachable.
-        let mut signals = server::ShutdownSignals::install();
-        let hangup = crate::reload::hangup_signal();
+        // Caught from here on, before anything serves (signals.rs).
+        let mut signals = crate::signals::Shutdown::install();
+        let hangup = crate::signals::hangup();
         let shutdown = async move {
             signals.next().await;
             tracing::info!("shutdown signal received; draining (a second signal exits at once)");

@@ -528,59 +528,6 @@ pub fn catch_panic(
         })
 }
 
-/// SIGTERM and SIGINT, caught from when this is made (before, either ends
-/// the process: the default action). Made before serving starts, and kept
-/// for the second signal, so that no signal arrives with nothing to catch
-/// it (found in review: the second listener was made only once its task
-/// first ran).
-pub struct ShutdownSignals {
-    #[cfg(unix)]
-    term: Option<tokio::signal::unix::Signal>,
-    #[cfg(unix)]
-    int: Option<tokio::signal::unix::Signal>,
-}
-
-impl ShutdownSignals {
-    pub fn install() -> Self {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            ShutdownSignals {
-                term: signal(SignalKind::terminate()).ok(),
-                int: signal(SignalKind::interrupt()).ok(),
-            }
-        }
-        #[cfg(not(unix))]
-        ShutdownSignals {}
-    }
-
-    /// Resolves on the next SIGTERM or SIGINT. A listener that could not be
-    /// installed never fires, rather than start a drain at once.
-    pub async fn next(&mut self) {
-        #[cfg(unix)]
-        {
-            async fn on(signal: &mut Option<tokio::signal::unix::Signal>) {
-                let caught = match signal {
-                    Some(signal) => signal.recv().await.is_some(),
-                    None => false,
-                };
-                if !caught {
-                    std::future::pending::<()>().await;
-                }
-            }
-            let ShutdownSignals { term, int } = self;
-            tokio::select! {
-                () = on(term) => {},
-                () = on(int) => {},
-            }
-        }
-        #[cfg(not(unix))]
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
