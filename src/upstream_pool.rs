@@ -34,6 +34,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::server::MAX_HEAD_BYTES;
 use crate::upstream::UpstreamError;
 use crate::upstream_connections::{CappedConnector, Slot};
 
@@ -147,7 +148,14 @@ impl Pool {
             .connect(slot)
             .await
             .map_err(|_| UpstreamError::Connect)?;
-        let (sender, connection) = http1::handshake(io)
+        // The app's response head is held to the limit callers' heads are
+        // (64 KiB): with hyper's default buffer (about 400 KiB) each of
+        // `upstream.max_connections` could hold that much of a runaway
+        // app's headers. Past it the response is an upstream error.
+        let (sender, connection) = http1::Builder::new()
+            .max_header_size(MAX_HEAD_BYTES)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .handshake(io)
             .await
             .map_err(|_| UpstreamError::Connect)?;
         // Its errors reach the request it was serving; it ends when the

@@ -1962,6 +1962,53 @@ async fn upstream_reset_or_garbage_before_headers_gets_fallback_or_502() {
     }
 }
 
+/// An app's response head is held to the 64 KiB callers' heads are: past
+/// it the answer is an upstream error, not a 100 KiB head forwarded, and
+/// the connection no longer holds hyper's default buffer of about 400 KiB.
+/// A head just under the limit still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_response_head_over_64_kib_is_an_upstream_error() {
+    let upstream = RawBackend::start(|_, mut stream| async move {
+        while let Some(request) = read_request(&mut stream).await {
+            // The size the caller asks for rides in the body the proxy
+            // forwards: `pad=<bytes>` (not a sensitive field).
+            let text = String::from_utf8_lossy(&request).into_owned();
+            let pad: usize = text
+                .split("pad=")
+                .nth(1)
+                .and_then(|rest| rest.split('&').next())
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nX-Padding: {}\r\nContent-Type: text/xml\r\n\
+                 Content-Length: {}\r\n\r\n{BACKEND_TWIML}",
+                "a".repeat(pad),
+                BACKEND_TWIML.len()
+            );
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = proxy_for(upstream.url(), |c| c.on_error = "status").await;
+    for (pad, status) in [(60 * 1024, 200), (100 * 1024, 502), (1024, 200)] {
+        let body = format!("{}&pad={pad}", gather_body("1234", "yes"));
+        let response = client::send(
+            proxy.addr,
+            &signed_post(&proxy.secrets.token, "/ivr/gather", &body),
+        )
+        .await;
+        assert_eq!(response.status, status, "a head padded by {pad} bytes");
+        if status == 200 {
+            assert_eq!(response.text(), BACKEND_TWIML, "{pad}");
+        }
+    }
+    let lines = proxy.wait_access(3).await;
+    assert_eq!(lines[1]["reason"], "upstream_error", "{}", lines[1]);
+    assert!(!proxy.stderr_text().contains("panicked"));
+}
+
 /// The backend's TwiML after `status_line`, framed by `Content-Length`.
 fn twiml_answer(status_line: &str) -> String {
     format!(
