@@ -24,7 +24,10 @@
 #       a. saturation, closed loop: wrk -t1 -c32, ROUNDS x DURATION s per
 #          target, the order rotated every round, the 1 KB <Gather> webhooks;
 #          req/s, p50, p99, the CPU each target used per request (from
-#          /proc/<pid>/stat) and wrk's own;
+#          /proc/<pid>/stat; its kernel part too), wrk's own and the
+#          backend's; and what the CPUs would leave a proxy per request at
+#          1.3x the better proxy's rate (meaningful on an otherwise idle
+#          machine), beside the kernel time alone nginx and ivrguard spent;
 #       b. the same, SPEECH_ROUNDS rounds, with 2 KB webhooks carrying a
 #          SpeechResult (perf notes, section A5) instead of Digits;
 #       c. fixed rate, open loop (bench/openloop.rs, no coordinated
@@ -147,12 +150,15 @@ wait_port() {
     exit 1
 }
 
-# The CPU time (µs) used so far by a process and its children threads/processes.
+# The CPU time (µs) used so far by processes and their child processes (all
+# their threads): user and system time, or with `sys` first, the system
+# (kernel) time alone.
 cpu_us() {
-    local total=0 pid
+    local total=0 pid times='$12 + $13'
+    if [ "$1" = sys ]; then times='$13'; shift; fi
     for pid in "$@" $(for p in "$@"; do pgrep -P "$p" || true; done); do
         [ -r "/proc/$pid/stat" ] || continue
-        total=$((total + $(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat")))
+        total=$((total + $(awk "{ sub(/.*\\) /, \"\"); print $times }" "/proc/$pid/stat")))
     done
     echo $((total * 1000000 / $(getconf CLK_TCK)))
 }
@@ -348,31 +354,40 @@ backend_served() {
     exec 3<&-
     awk 'prev ~ /accepts handled requests/ { print $3; exit } { prev = $0 }' <<<"$reply"
 }
+# µs per request: DELTA_US over REQUESTS, to two decimals.
+per_request() { # delta_us requests
+    awk -v d="$1" -v r="${2:-0}" 'BEGIN { if (r > 0) printf "%.2f", d / r; else print "nan" }'
+}
 # wrk -t1 -cCONNS on each target in turn, ROUNDS times, the order rotated
 # every round: one line per round and target in FILE.
 saturate() { # set rounds file
     local set=$1 rounds=$2 file=$3 round t order out before after requests cpu lines served_before served
+    local sys_before sys app_before app
     : >"$file"
     for round in $(seq "$rounds"); do
         order=()
         for i in 0 1 2 3; do order+=("${TARGETS[$(((i + round - 1) % 4))]}"); done
         for t in "${order[@]}"; do
             before=$(cpu_us "${PID[$t]}")
+            sys_before=$(cpu_us sys "${PID[$t]}")
+            app_before=$(cpu_us "${PID[backend]}")
             served_before=$(backend_served)
             out=$(WRK_REQUESTS=${REQUESTS[$set]} "${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" \
                 -s "$LUA" "http://127.0.0.1:${PORT[$t]}" | grep '^RESULT')
             after=$(cpu_us "${PID[$t]}")
+            sys=$(($(cpu_us sys "${PID[$t]}") - sys_before))
+            app=$(($(cpu_us "${PID[backend]}") - app_before))
             # This reading counts itself too.
             served=$(($(backend_served) - served_before - 1))
             requests=$(field requests "$out")
-            cpu=$(awk -v d=$((after - before)) -v r="${requests:-0}" 'BEGIN { if (r > 0) printf "%.2f", d / r; else print "nan" }')
+            cpu=$(per_request $((after - before)) "$requests")
             lines=-
             if [ "$t" = ivrguard ]; then
                 sleep 0.3
                 lines=$(wc -l <"$IVRGUARD_LOG")
                 : >"$IVRGUARD_LOG"
             fi
-            echo "round=$round target=$t ${out#RESULT } cpu_us_per_req=$cpu log_lines=$lines backend_served=$served" | tee -a "$file"
+            echo "round=$round target=$t ${out#RESULT } cpu_us_per_req=$cpu sys_us_per_req=$(per_request "$sys" "$requests") backend_cpu_us_per_req=$(per_request "$app" "$requests") log_lines=$lines backend_served=$served" | tee -a "$file"
         done
     done
 }
@@ -500,21 +515,45 @@ counts_agree() { # key
         d = v[key] - v["requests"]; print (d >= 0 && d <= conns) ? "ok" : "MISMATCH(" v["target"] ":" v[key] "/" v["requests"] ")" }' |
         sort | uniq -c | tr '\n' ' '
 }
+# The issue's throughput target as CPU time: at 1.3x the better proxy's
+# rate, the µs per request both CPUs leave a proxy once wrk and the backend
+# have had theirs (as measured in ivrguard's round), against the kernel time
+# alone that nginx and ivrguard spent per request. An upper bound: it
+# assumes every cycle of both CPUs goes to these three and nothing else.
+budget_report() { # file rounds
+    local file=$1 rounds=$2 round per_round
+    per_round=$(for round in $(seq "$rounds"); do
+        awk -v r="$round" -v cpus="$(nproc)" '
+            $1 == "round=" r { sub(/^target=/, "", $2); for (i = 3; i <= NF; i++) { split($i, kv, "="); v[$2, kv[1]] = kv[2] } }
+            END {
+                best = v["nginx", "rps"] > v["haproxy", "rps"] ? v["nginx", "rps"] : v["haproxy", "rps"]
+                if (best > 0) printf "%.2f %s %s\n", cpus * 1e6 / (1.3 * best) - v["ivrguard", "wrk_cpu_us_per_req"] - v["ivrguard", "backend_cpu_us_per_req"], v["nginx", "sys_us_per_req"], v["ivrguard", "sys_us_per_req"]
+            }' "$file"
+    done)
+    local column values label=("" "CPU µs/request left to a proxy at 1.3x the better"
+        "  kernel µs/request of nginx (sys time)" "  kernel µs/request of ivrguard (sys time)")
+    for column in 1 2 3; do
+        values=$(cut -d' ' -f"$column" <<<"$per_round")
+        printf '  %-52s %s / %s / %s\n' "${label[$column]}" \
+            $(minmax <<<"$values" | cut -d' ' -f1) "$(median <<<"$values")" $(minmax <<<"$values" | cut -d' ' -f2)
+    done
+}
 # The table and the ratios of one saturation phase.
 saturation_report() { # file rounds title
     local file=$2 rounds=$3 t rps p50 p99 cpu
     echo "saturation, $1 (wrk -t1 -c$CONNS, ${DURATION}s x $rounds): min / median / max across rounds"
-    printf '%-9s %26s %22s %22s %11s %8s\n' target req/s p50_ms p99_ms cpu_us/req wrk_us
+    printf '%-9s %26s %22s %22s %11s %11s %8s\n' target req/s p50_ms p99_ms cpu_us/req sys_us/req wrk_us
     for t in "${TARGETS[@]}"; do
         rps=$(col "$file" "target=$t " rps)
         p50=$(col "$file" "target=$t " p50_us | awk '{ print $1 / 1000 }')
         p99=$(col "$file" "target=$t " p99_us | awk '{ print $1 / 1000 }')
         cpu=$(col "$file" "target=$t " cpu_us_per_req)
-        printf '%-9s %8s / %6s / %6s %6s / %5s / %5s %6s / %5s / %5s %11s %8s\n' "$t" \
+        printf '%-9s %8s / %6s / %6s %6s / %5s / %5s %6s / %5s / %5s %11s %11s %8s\n' "$t" \
             $(minmax <<<"$rps" | cut -d' ' -f1) "$(median <<<"$rps")" $(minmax <<<"$rps" | cut -d' ' -f2) \
             $(minmax <<<"$p50" | cut -d' ' -f1) "$(median <<<"$p50")" $(minmax <<<"$p50" | cut -d' ' -f2) \
             $(minmax <<<"$p99" | cut -d' ' -f1) "$(median <<<"$p99")" $(minmax <<<"$p99" | cut -d' ' -f2) \
-            "$(median <<<"$cpu")" "$(col "$file" "target=$t " wrk_cpu_us_per_req | median)"
+            "$(median <<<"$cpu")" "$(col "$file" "target=$t " sys_us_per_req | median)" \
+            "$(col "$file" "target=$t " wrk_cpu_us_per_req | median)"
     done
     echo "ratios, per round (same minutes), min / median / max:"
     show_ratio "throughput ivrguard / nginx" rps "i / n" "$file" "" "$rounds"
@@ -523,6 +562,7 @@ saturation_report() { # file rounds title
     show_ratio "throughput ivrguard / backend alone" rps "i / b" "$file" "" "$rounds"
     show_ratio "p99 ivrguard / better (lower) of the two" p99_us "i / (n < h ? n : h)" "$file" "" "$rounds"
     show_ratio "cpu/request ivrguard / nginx" cpu_us_per_req "i / n" "$file" "" "$rounds"
+    budget_report "$file" "$rounds"
     # Validity (perf notes, A5): wrk must not be the bottleneck, so the
     # backend alone must serve at least twice what the best proxy does.
     local headroom="b / (i > n ? (i > h ? i : h) : (n > h ? n : h))"
