@@ -56,7 +56,13 @@ impl FieldKey {
     /// Parses 64 hex characters (either case).
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
         if text.len() != 2 * KEY_LEN {
-            return Err(KeyError::WrongLength(text.chars().count()));
+            // Counted in characters, as the message says: 64 of them with
+            // one not ASCII is a wrong character, not a wrong length (found
+            // in review: "must be 64 …, found 64 characters").
+            return Err(match text.chars().count() {
+                n if n == 2 * KEY_LEN => KeyError::NotHex,
+                n => KeyError::WrongLength(n),
+            });
         }
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         hex::decode_to_slice(text, key.as_mut()).map_err(|_| KeyError::NotHex)?;

@@ -40,10 +40,12 @@
 //!
 //! - exactly one trailing line ending (`\n` or `\r\n`) is removed — what
 //!   `echo`, editors and `kubectl create secret --from-file` leave behind;
-//! - the rest must be non-empty and must not begin or end with whitespace.
-//!   No token or key has surrounding whitespace, so rather than trimming
-//!   silently (or accepting and failing every signature), start-up stops
-//!   and says so.
+//! - the rest must be non-empty, must not begin or end with whitespace
+//!   (Unicode's, a no-break space included), must not begin with a byte
+//!   order mark and must hold no control character (line break, tab, NUL).
+//!   No token or key has any of these, so rather than trimming silently
+//!   (or accepting and failing every signature), start-up stops and says
+//!   so.
 //!
 //! The TLS listener's private key (`server.tls_key_file`) is a secret read
 //! from a file too, but PEM: it is parsed as such (src/tls.rs), not
@@ -819,12 +821,48 @@ fn read_secret_bytes(
     if bytes.is_empty() {
         return Err(ConfigError::new(key, format!("{} is empty", source.what())));
     }
-    let padded = |b: Option<&u8>| b.is_some_and(u8::is_ascii_whitespace);
-    if padded(bytes.first()) || padded(bytes.last()) {
+    // A byte order mark, as Windows editors save one (UTF-8, or UTF-16,
+    // whose every other byte is then NUL): invisible, so refused by name
+    // rather than taken as part of the secret (found in review: a token
+    // file saved with one was read as a token no signature matches).
+    if [&[0xEF, 0xBB, 0xBF][..], &[0xFF, 0xFE], &[0xFE, 0xFF]]
+        .iter()
+        .any(|bom| bytes.starts_with(bom))
+    {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{} begins with a byte order mark (saved as UTF-8 with BOM or UTF-16?): save it as plain text",
+                source.what()
+            ),
+        ));
+    }
+    // Unicode whitespace too, when the secret is UTF-8: a no-break space
+    // pasted at the end is as invisible as a space (found in review).
+    let padded = match std::str::from_utf8(&bytes) {
+        Ok(text) => text.starts_with(char::is_whitespace) || text.ends_with(char::is_whitespace),
+        Err(_) => {
+            let ascii = |b: Option<&u8>| b.is_some_and(u8::is_ascii_whitespace);
+            ascii(bytes.first()) || ascii(bytes.last())
+        }
+    };
+    if padded {
         return Err(ConfigError::new(
             key,
             format!(
                 "{} has leading or trailing whitespace (only one trailing newline is removed)",
+                source.what()
+            ),
+        ));
+    }
+    // No token or key holds a line break, tab or NUL: a file of two
+    // lines, or a binary one, is not one secret (found in review: taken
+    // whole, it failed every signature).
+    if bytes.iter().any(u8::is_ascii_control) {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{} holds a control character (a line break, tab or NUL) inside: a secret is one line of text",
                 source.what()
             ),
         ));
@@ -2543,6 +2581,8 @@ scrub_card_numbers = false
             (&KEY_HEX[..63], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found 63 characters; `ivrguard keygen` makes one"),
             (&format!("{KEY_HEX}0")[..], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found 65 characters; `ivrguard keygen` makes one"),
             (&format!("{}g", &KEY_HEX[..63])[..], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found a non-hex character; `ivrguard keygen` makes one"),
+            // 64 characters, one of them not ASCII (found in review: "found 64 characters").
+            (&format!("{}é", &KEY_HEX[..63])[..], "encryption.key_env: IVRGUARD_KEY must be 64 hex characters (a 32-byte key), found a non-hex character; `ivrguard keygen` makes one"),
         ];
         for (value, expected) in cases {
             let err = load(MINIMAL, &env(&[("IVRGUARD_KEY", value)])).unwrap_err();
@@ -2595,6 +2635,65 @@ scrub_card_numbers = false
         );
         let err = error(MINIMAL, &env(&[("TWILIO_AUTH_TOKEN", "CANARY \n")]));
         assert_eq!(err.key(), "twilio.auth_token_env");
+    }
+
+    /// Found in review: a secret file saved with a byte order mark (UTF-8
+    /// or UTF-16), ending in a no-break space, or of two lines was taken
+    /// whole: a token no signature matches, with a warning at most (only
+    /// the primary token's shape is checked). Each is refused, naming the
+    /// key and the file, never the bytes.
+    #[test]
+    fn invisible_or_multi_line_secrets_are_refused_naming_the_key() {
+        let cases: [(&[u8], &str); 7] = [
+            (b"\xEF\xBB\xBFCANARYTOKEN\n", "byte order mark"),
+            (b"\xFF\xFEC\0A\0N\0A\0R\0Y\0", "byte order mark"),
+            ("CANARYTOKEN\u{a0}\n".as_bytes(), "whitespace"),
+            ("\u{2003}CANARYTOKEN".as_bytes(), "whitespace"),
+            (b"CANARYTOKEN\nCANARYOTHER\n", "control character"),
+            (b"CANARY\tTOKEN", "control character"),
+            (b"CANARY\0TOKEN\n", "control character"),
+        ];
+        for (contents, why) in cases {
+            let secret = file(contents);
+            let toml = with(&[(
+                "twilio",
+                &format!(
+                    "secondary_auth_token_file = {}",
+                    toml_str(&secret.path().to_string_lossy())
+                ),
+            )]);
+            let err = error(&toml, &env(&[]));
+            assert_eq!(
+                err.key(),
+                "twilio.secondary_auth_token_file",
+                "{contents:?}"
+            );
+            assert!(err.to_string().contains(why), "{contents:?}: {err}");
+            assert!(
+                err.to_string().contains(&*secret.path().to_string_lossy()),
+                "{err}"
+            );
+        }
+        // The key too, by variable.
+        let err = error(
+            MINIMAL,
+            &env(&[("IVRGUARD_KEY", &format!("\u{feff}{KEY_HEX}"))]),
+        );
+        assert_eq!(
+            err.to_string(),
+            "encryption.key_env: environment variable IVRGUARD_KEY begins with a byte order mark (saved as UTF-8 with BOM or UTF-16?): save it as plain text"
+        );
+        // What an ordinary secret holds still loads.
+        let token = file("CANARY-tök/+=_.~\n".as_bytes());
+        let toml = MINIMAL.replace(
+            "auth_token_env = \"TWILIO_AUTH_TOKEN\"",
+            &format!(
+                "auth_token_file = {}",
+                toml_str(&token.path().to_string_lossy())
+            ),
+        );
+        let s = load(&toml, &env(&[])).unwrap();
+        assert_eq!(s.twilio.auth_token.expose(), "CANARY-tök/+=_.~".as_bytes());
     }
 
     #[test]

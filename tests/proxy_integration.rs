@@ -1626,6 +1626,42 @@ fn check_names_short_key_variable_without_its_value() {
     assert_no_leak("check output", &all, &Canaries::generate(), &secrets);
 }
 
+/// Found in review: a token file saved by a Windows editor (a UTF-8 byte
+/// order mark before the token), or holding two lines, was taken whole —
+/// a token no signature matches — with exit 0 and a shape warning at most.
+/// It is refused in one line naming the key and the file, quoting none of
+/// the file.
+#[test]
+fn check_refuses_a_token_file_with_a_byte_order_mark_or_two_lines() {
+    let secrets = Secrets::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("twilio-auth-token");
+    let mut config = ProxyConfig::new(closed_port_url());
+    config.auth_token_file = Some(path.clone());
+    for (contents, why) in [
+        (format!("\u{feff}{}\n", secrets.token), "byte order mark"),
+        (
+            format!("{}\n{}\n", secrets.token, secrets.secondary),
+            "control character",
+        ),
+    ] {
+        std::fs::write(&path, &contents).unwrap();
+        let output = run_check(&config.toml(), &[(KEY_VAR, &secrets.key_hex)]);
+        assert_eq!(output.status.code(), Some(1), "{contents:?}");
+        let lines = stderr_lines(&output);
+        assert_eq!(lines.len(), 1, "one error line: {lines:#?}");
+        assert!(
+            lines[0].starts_with(&format!(
+                "ivrguard: twilio.auth_token_file: {} ",
+                path.display()
+            )) && lines[0].contains(why),
+            "{lines:?}"
+        );
+        let all = [output.stdout.as_slice(), output.stderr.as_slice()].concat();
+        assert_no_leak("check output", &all, &Canaries::generate(), &secrets);
+    }
+}
+
 #[test]
 fn check_prints_effective_config_without_secrets() {
     let secrets = Secrets::generate();
