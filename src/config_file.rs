@@ -8,8 +8,9 @@
 //! refused at once, with an error that says why.
 
 use std::fmt;
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// The TOML file. The shipped example, every comment included, is 15 KiB.
@@ -41,12 +42,25 @@ impl fmt::Display for ReadError {
 /// The whole of the regular file at `path`, if it holds at most `limit`
 /// bytes.
 pub fn read(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
-    // Checked before opening: opening a FIFO for reading blocks.
-    let metadata = std::fs::metadata(path).map_err(ReadError::Io)?;
+    // Checked before opening: opening a FIFO for reading blocks, and
+    // opening a device may do something.
+    if !std::fs::metadata(path).map_err(ReadError::Io)?.is_file() {
+        return Err(ReadError::NotRegular);
+    }
+    // And checked again on what was opened, without blocking: a file
+    // renamed over the path in between (a Kubernetes `..data` swap, or a
+    // FIFO) is the one read (found in review: a FIFO swapped in there
+    // blocked the read forever). `O_NONBLOCK` changes nothing for a
+    // regular file.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(ReadError::Io)?;
+    let metadata = file.metadata().map_err(ReadError::Io)?;
     if !metadata.is_file() {
         return Err(ReadError::NotRegular);
     }
-    let file = File::open(path).map_err(ReadError::Io)?;
     // Sized once, as `fs::read` does: a buffer that grew would leave
     // copies of a secret's first bytes behind in freed memory.
     let room = metadata.len().min(limit) + 1;
@@ -74,6 +88,62 @@ mod tests {
         assert_eq!(read(f.path(), 2048).unwrap().len(), 2048);
         let err = read(f.path(), 2047).unwrap_err();
         assert!(matches!(err, ReadError::TooLarge(2047)), "{err:?}");
+    }
+
+    /// Found in review: the file was checked (`stat`) by its path, then
+    /// opened by its path again, so one renamed over it in between — a
+    /// Kubernetes `..data` swap, or anything else — was read unchecked: a
+    /// FIFO put there blocked the read (start-up, or the reload poll)
+    /// forever, and a larger file grew a buffer sized for the old one.
+    /// Here a FIFO and a regular file take turns at the path while it is
+    /// read: every read ends, within 10 s in all.
+    #[test]
+    fn a_fifo_renamed_over_the_file_while_it_is_read_never_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        let (regular, fifo) = (dir.path().join("regular"), dir.path().join("fifo"));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        std::fs::write(&regular, b"token").unwrap();
+        std::fs::hard_link(&regular, &path).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, path) = (stop.clone(), path.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Each a hard link renamed over the path: both stay.
+                    for from in [&fifo, &regular] {
+                        let tmp = path.with_extension("tmp");
+                        let _ = std::fs::remove_file(&tmp);
+                        std::fs::hard_link(from, &tmp).unwrap();
+                        std::fs::rename(&tmp, &path).unwrap();
+                    }
+                }
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    let _ = read(&path, SECRET_LIMIT);
+                }
+                let _ = tx.send(());
+            });
+        }
+        let finished = rx.recv_timeout(std::time::Duration::from_secs(10));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        if finished.is_err() {
+            // Let the blocked reader go (it waits for a writer) before failing.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join("fifo"));
+            panic!("a read blocked on a FIFO renamed over the file");
+        }
     }
 
     #[test]
