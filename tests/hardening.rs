@@ -2926,6 +2926,104 @@ async fn file_poll_reload_swaps_token_and_key_and_refuses_a_broken_config() {
     }
 }
 
+/// A Secret volume as the kubelet writes it: `dir/<key>` is a symlink to
+/// `..data/<key>`, `..data` a symlink to a timestamped directory. An update
+/// writes a new timestamped directory, renames a new symlink over
+/// `..data` (one atomic step for every key), then removes the old
+/// directory; the `<key>` symlinks never change.
+struct SecretVolume {
+    dir: std::path::PathBuf,
+    version: usize,
+}
+
+impl SecretVolume {
+    fn new(dir: &std::path::Path, keys: &[(&str, &str)]) -> SecretVolume {
+        let mut volume = SecretVolume {
+            dir: dir.to_owned(),
+            version: 0,
+        };
+        volume.update(keys);
+        for (key, _) in keys {
+            std::os::unix::fs::symlink(format!("..data/{key}"), dir.join(key)).unwrap();
+        }
+        volume
+    }
+
+    fn path(&self, key: &str) -> std::path::PathBuf {
+        self.dir.join(key)
+    }
+
+    fn update(&mut self, keys: &[(&str, &str)]) {
+        let old = format!("..2026_11_26_09_00_00.{}", self.version);
+        self.version += 1;
+        let new = format!("..2026_11_26_09_00_00.{}", self.version);
+        std::fs::create_dir(self.dir.join(&new)).unwrap();
+        for (key, value) in keys {
+            std::fs::write(self.dir.join(&new).join(key), value).unwrap();
+        }
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&new, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        let _ = std::fs::remove_dir_all(self.dir.join(old));
+    }
+}
+
+/// Kubernetes mounts Secrets as above (README, Kubernetes: "reloads when
+/// the Secret or ConfigMap changes"): the token and key are read through
+/// the two symlinks, and an update, which changes neither the files'
+/// paths nor their symlinks, is picked up by the poll (it fingerprints
+/// what the files hold) and by SIGHUP. Reviewed by experiment, kept as a
+/// test: no other test uses this layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_secret_volume_update_is_reloaded_by_the_poll_and_by_sighup() {
+    let backend = Backend::start(Behaviour::Twiml).await;
+    for poll in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (Secrets::generate(), Secrets::generate());
+        let mut volume = SecretVolume::new(
+            dir.path(),
+            &[
+                ("twilio-auth-token", &format!("{}\n", old.token)),
+                ("ivrguard-key", &old.key_hex),
+            ],
+        );
+        let mut config = ProxyConfig::new(backend.url());
+        config.auth_token_file = Some(volume.path("twilio-auth-token"));
+        config.key_file = Some(volume.path("ivrguard-key"));
+        if poll {
+            config
+                .server_extra
+                .push("reload_poll_interval_ms = 50".into());
+        }
+        let proxy = Proxy::start_with(&config, old.clone()).await;
+        assert_eq!(status_with(&proxy, &old.token).await, 200, "poll {poll}");
+        assert_eq!(status_with(&proxy, &new.token).await, 403, "poll {poll}");
+
+        volume.update(&[
+            ("twilio-auth-token", &format!("{}\n", new.token)),
+            ("ivrguard-key", &new.key_hex),
+        ]);
+        if !poll {
+            proxy.signal("HUP");
+        }
+        let reloaded = proxy.wait_log("configuration reloaded", 1).await;
+        assert_eq!(
+            reloaded[0]["changed"], "twilio.auth_token_file, encryption.key_file",
+            "poll {poll}: {reloaded:#?}"
+        );
+        assert_eq!(
+            reloaded[0]["trigger"],
+            if poll { "file_changed" } else { "sighup" }
+        );
+        assert_eq!(status_with(&proxy, &new.token).await, 200, "poll {poll}");
+        assert_eq!(status_with(&proxy, &old.token).await, 403, "poll {poll}");
+        let canaries = Canaries::generate();
+        for secrets in [&old, &new] {
+            assert_no_leak("stdout", &proxy.stdout(), &canaries, secrets);
+        }
+    }
+}
+
 /// `ivrguard_encryptions_current_key`, from the admin listener.
 async fn encryptions_current_key(proxy: &Proxy) -> u64 {
     let admin = proxy.admin_addr.expect("admin listener");
