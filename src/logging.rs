@@ -17,6 +17,7 @@
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +37,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 use crate::log_handoff::DeferringMakeWriter;
+use crate::log_limit::LogLimit;
 use crate::secret::REDACTED;
 
 /// Replaces card-number-like digit runs and configured patterns.
@@ -399,6 +401,8 @@ struct Batched<W: Write> {
     buf: Vec<u8>,
     /// When the last write-out ended.
     last: Option<Instant>,
+    /// Lines a failed write lost, counted with the queue's dropped lines.
+    unwritten: Arc<AtomicUsize>,
 }
 
 /// How long the writer thread lets the next burst of lines collect.
@@ -416,22 +420,61 @@ fn lines_flowing(previous: Option<Instant>, now: Instant) -> bool {
 const BATCH_BYTES: usize = 64 * 1024;
 
 impl<W: Write> Batched<W> {
-    fn new(out: W) -> Self {
+    fn new(out: W, unwritten: Arc<AtomicUsize>) -> Self {
         Batched {
             out,
             buf: Vec::with_capacity(BATCH_BYTES),
             last: None,
+            unwritten,
         }
     }
 
+    /// Writes the collected lines. Lines that could not be written (EPIPE:
+    /// the log reader went away) are dropped and counted, like lines that
+    /// do not fit in the queue; a line cut short counts as dropped. Found
+    /// in review: with stdout closed every line was lost, silently, and
+    /// `log_lines_dropped_total` stayed at 0.
     fn write_out(&mut self) -> io::Result<()> {
-        let result = self.out.write_all(&self.buf);
-        // Lines that could not be written (EPIPE, a closed stdout) are
-        // dropped, like lines that do not fit in the queue.
+        let mut written = 0;
+        let result = loop {
+            let Some(rest) = self.buf.get(written..).filter(|rest| !rest.is_empty()) else {
+                break Ok(());
+            };
+            match self.out.write(rest) {
+                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        if let Err(e) = &result {
+            let lost = self.buf.get(written..).unwrap_or_default();
+            let lines = lost.iter().filter(|&&b| b == b'\n').count();
+            self.unwritten.fetch_add(lines, Ordering::Relaxed);
+            say_lines_are_dropped(e);
+        }
         self.buf.clear();
         result
     }
 }
+
+/// Says on stderr, at most once per [`WRITE_FAILED_EVERY`], that stdout
+/// cannot be written: nothing else would (the log is the very thing that
+/// fails). Only the writer thread calls it, so a stalled stderr stalls
+/// no request. The error is the system's (`Broken pipe`), no request data.
+fn say_lines_are_dropped(error: &io::Error) {
+    static LIMIT: LogLimit = LogLimit::new(WRITE_FAILED_EVERY);
+    if LIMIT.due() {
+        let _ = writeln!(
+            io::stderr(),
+            "ivrguard: writing the log to stdout failed ({error}): log lines are dropped and \
+             counted in ivrguard_log_lines_dropped_total"
+        );
+    }
+}
+
+/// At most one such notice on stderr per this long.
+const WRITE_FAILED_EVERY: Duration = Duration::from_secs(60);
 
 impl<W: Write> Write for Batched<W> {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
@@ -690,6 +733,8 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 pub struct LogHandle {
     guard: std::sync::Mutex<Option<WorkerGuard>>,
     dropped: ErrorCounter,
+    /// Lines a failed write to stdout lost (`Batched`).
+    unwritten: Arc<AtomicUsize>,
 }
 
 /// How long exiting waits for the queued lines to be written.
@@ -731,9 +776,12 @@ impl LogHandle {
         }
     }
 
-    /// Lines dropped because stdout could not keep up.
+    /// Lines dropped because stdout could not keep up (the queue was
+    /// full) or could not be written (a closed stdout).
     pub fn dropped_lines(&self) -> usize {
-        self.dropped.dropped_lines()
+        self.dropped
+            .dropped_lines()
+            .saturating_add(self.unwritten.load(Ordering::Relaxed))
     }
 }
 
@@ -801,12 +849,13 @@ pub fn apply_level(settings: &LogSettings) {
 /// Installs the global subscriber writing scrubbed lines to `out` through
 /// the bounded non-blocking queue. The demo passes a capturing writer.
 pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> LogHandle {
+    let unwritten = Arc::new(AtomicUsize::new(0));
     let (writer, guard): (NonBlocking, WorkerGuard) =
         tracing_appender::non_blocking::NonBlockingBuilder::default()
             .lossy(true)
             .buffered_lines_limit(LOG_QUEUE_LINES)
             .thread_name("ivrguard-log")
-            .finish(Batched::new(out));
+            .finish(Batched::new(out, unwritten.clone()));
     let dropped = writer.error_counter();
     let make_writer = ScrubbingMakeWriter::new(
         DeferringMakeWriter::new(writer),
@@ -846,6 +895,7 @@ pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> L
     LogHandle {
         guard: std::sync::Mutex::new(Some(guard)),
         dropped,
+        unwritten,
     }
 }
 
@@ -931,7 +981,7 @@ mod tests {
     #[test]
     fn batched_writes_lines_when_flushed_or_dropped() {
         let mut out = Vec::new();
-        let mut batched = Batched::new(&mut out);
+        let mut batched = Batched::new(&mut out, Arc::default());
         batched.write_all(b"one\n").unwrap();
         batched.write_all(b"two\n").unwrap();
         assert!(batched.out.is_empty(), "nothing written before a flush");
@@ -940,6 +990,42 @@ mod tests {
         batched.write_all(b"three\n").unwrap();
         drop(batched);
         assert_eq!(out, b"one\ntwo\nthree\n");
+    }
+
+    /// Takes `room` bytes, then fails as a closed pipe does.
+    struct ClosingPipe {
+        room: usize,
+    }
+
+    impl Write for ClosingPipe {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            match self.room.min(buf.len()) {
+                0 => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+                n => {
+                    self.room -= n;
+                    Ok(n)
+                }
+            }
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_a_failed_write_lost_are_counted_a_cut_one_included() {
+        let unwritten = Arc::new(AtomicUsize::new(0));
+        // The first line and half the second get through.
+        let mut batched = Batched::new(ClosingPipe { room: 6 }, unwritten.clone());
+        for line in ["one\n", "two\n", "three\n"] {
+            batched.write_all(line.as_bytes()).unwrap();
+        }
+        assert!(batched.flush().is_err());
+        assert_eq!(unwritten.load(Ordering::Relaxed), 2);
+        batched.write_all(b"four\n").unwrap();
+        assert!(batched.flush().is_err());
+        assert_eq!(unwritten.load(Ordering::Relaxed), 3);
+        assert!(batched.buf.is_empty(), "nothing kept to write again");
     }
 
     #[test]
