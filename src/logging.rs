@@ -476,24 +476,31 @@ fn say_lines_are_dropped(error: &io::Error) {
 /// At most one such notice on stderr per this long.
 const WRITE_FAILED_EVERY: Duration = Duration::from_secs(60);
 
+/// A failed write is dealt with here (its lines counted, stderr told), and
+/// not reported to tracing-appender's writer thread: given an error by the
+/// `flush` after a batch, its loop forgets the shutdown message that batch
+/// ended with, and exiting waited its full second for it (found in review:
+/// 6 exits in 10 took 1 s instead of 10 ms with stdout closed).
 impl<W: Write> Write for Batched<W> {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(line);
         if self.buf.len() >= BATCH_BYTES {
-            self.write_out()?;
+            let _ = self.write_out();
         }
         Ok(line.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let written = self.write_out().and_then(|()| self.out.flush());
+        if self.write_out().is_ok() {
+            let _ = self.out.flush();
+        }
         let now = Instant::now();
         let flowing = lines_flowing(self.last, now);
         self.last = Some(now);
         if flowing {
             std::thread::sleep(BATCH_WINDOW);
         }
-        written
+        Ok(())
     }
 }
 
@@ -1020,10 +1027,10 @@ mod tests {
         for line in ["one\n", "two\n", "three\n"] {
             batched.write_all(line.as_bytes()).unwrap();
         }
-        assert!(batched.flush().is_err());
+        batched.flush().expect("handled here, not reported");
         assert_eq!(unwritten.load(Ordering::Relaxed), 2);
         batched.write_all(b"four\n").unwrap();
-        assert!(batched.flush().is_err());
+        batched.flush().expect("handled here, not reported");
         assert_eq!(unwritten.load(Ordering::Relaxed), 3);
         assert!(batched.buf.is_empty(), "nothing kept to write again");
     }
