@@ -401,8 +401,26 @@ struct Batched<W: Write> {
     buf: Vec<u8>,
     /// When the last write-out ended.
     last: Option<Instant>,
-    /// Lines a failed write lost, counted with the queue's dropped lines.
-    unwritten: Arc<AtomicUsize>,
+    /// Lines dropped so far, and how many the log has been told of.
+    dropped: Arc<Dropped>,
+    told: usize,
+    /// The WARN line saying lines were dropped: at most one per 10 s.
+    tell_limit: LogLimit,
+}
+
+/// Lines dropped: those the full queue refused (tracing-appender counts
+/// them) and those a failed write lost ([`Batched`] counts them).
+#[derive(Default)]
+struct Dropped {
+    queue: std::sync::OnceLock<ErrorCounter>,
+    unwritten: AtomicUsize,
+}
+
+impl Dropped {
+    fn total(&self) -> usize {
+        let queue = self.queue.get().map_or(0, ErrorCounter::dropped_lines);
+        queue.saturating_add(self.unwritten.load(Ordering::Relaxed))
+    }
 }
 
 /// How long the writer thread lets the next burst of lines collect.
@@ -420,12 +438,14 @@ fn lines_flowing(previous: Option<Instant>, now: Instant) -> bool {
 const BATCH_BYTES: usize = 64 * 1024;
 
 impl<W: Write> Batched<W> {
-    fn new(out: W, unwritten: Arc<AtomicUsize>) -> Self {
+    fn new(out: W, dropped: Arc<Dropped>) -> Self {
         Batched {
             out,
             buf: Vec::with_capacity(BATCH_BYTES),
             last: None,
-            unwritten,
+            dropped,
+            told: 0,
+            tell_limit: LogLimit::new(Duration::from_secs(10)),
         }
     }
 
@@ -434,11 +454,12 @@ impl<W: Write> Batched<W> {
     /// do not fit in the queue; a line cut short counts as dropped. Found
     /// in review: with stdout closed every line was lost, silently, and
     /// `log_lines_dropped_total` stayed at 0.
-    fn write_out(&mut self) -> io::Result<()> {
+    /// How many bytes were written.
+    fn write_out(&mut self) -> io::Result<usize> {
         let mut written = 0;
         let result = loop {
             let Some(rest) = self.buf.get(written..).filter(|rest| !rest.is_empty()) else {
-                break Ok(());
+                break Ok(written);
             };
             match self.out.write(rest) {
                 Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
@@ -450,11 +471,28 @@ impl<W: Write> Batched<W> {
         if let Err(e) = &result {
             let lost = self.buf.get(written..).unwrap_or_default();
             let lines = lost.iter().filter(|&&b| b == b'\n').count();
-            self.unwritten.fetch_add(lines, Ordering::Relaxed);
+            self.dropped.unwritten.fetch_add(lines, Ordering::Relaxed);
             say_lines_are_dropped(e);
         }
         self.buf.clear();
         result
+    }
+
+    /// Lines dropped since the log last said so: a WARN line says how
+    /// many, so the gap is in the audit trail itself, not only in
+    /// `log_lines_dropped_total` (found in review). Called once a write
+    /// went through: stdout is read again. The line goes on the queue
+    /// (a full one drops it, and it is told again later).
+    fn tell_of_dropped_lines(&mut self) {
+        let total = self.dropped.total();
+        if total > self.told && self.tell_limit.due() {
+            tracing::warn!(
+                dropped_lines = total - self.told,
+                dropped_lines_total = total,
+                "log lines were dropped: stdout did not keep up, or could not be written"
+            );
+            self.told = total;
+        }
     }
 }
 
@@ -491,8 +529,11 @@ impl<W: Write> Write for Batched<W> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if self.write_out().is_ok() {
+        if let Ok(written) = self.write_out() {
             let _ = self.out.flush();
+            if written > 0 {
+                self.tell_of_dropped_lines();
+            }
         }
         let now = Instant::now();
         let flowing = lines_flowing(self.last, now);
@@ -739,9 +780,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// most [`LOG_FLUSH_TIMEOUT`].
 pub struct LogHandle {
     guard: std::sync::Mutex<Option<WorkerGuard>>,
-    dropped: ErrorCounter,
-    /// Lines a failed write to stdout lost (`Batched`).
-    unwritten: Arc<AtomicUsize>,
+    dropped: Arc<Dropped>,
 }
 
 /// How long exiting waits for the queued lines to be written.
@@ -786,9 +825,7 @@ impl LogHandle {
     /// Lines dropped because stdout could not keep up (the queue was
     /// full) or could not be written (a closed stdout).
     pub fn dropped_lines(&self) -> usize {
-        self.dropped
-            .dropped_lines()
-            .saturating_add(self.unwritten.load(Ordering::Relaxed))
+        self.dropped.total()
     }
 }
 
@@ -856,14 +893,14 @@ pub fn apply_level(settings: &LogSettings) {
 /// Installs the global subscriber writing scrubbed lines to `out` through
 /// the bounded non-blocking queue. The demo passes a capturing writer.
 pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> LogHandle {
-    let unwritten = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(Dropped::default());
     let (writer, guard): (NonBlocking, WorkerGuard) =
         tracing_appender::non_blocking::NonBlockingBuilder::default()
             .lossy(true)
             .buffered_lines_limit(LOG_QUEUE_LINES)
             .thread_name("ivrguard-log")
-            .finish(Batched::new(out, unwritten.clone()));
-    let dropped = writer.error_counter();
+            .finish(Batched::new(out, dropped.clone()));
+    let _ = dropped.queue.set(writer.error_counter());
     let make_writer = ScrubbingMakeWriter::new(
         DeferringMakeWriter::new(writer),
         Arc::new(Scrubber::new(settings)),
@@ -902,7 +939,6 @@ pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> L
     LogHandle {
         guard: std::sync::Mutex::new(Some(guard)),
         dropped,
-        unwritten,
     }
 }
 
@@ -1021,17 +1057,18 @@ mod tests {
 
     #[test]
     fn lines_a_failed_write_lost_are_counted_a_cut_one_included() {
-        let unwritten = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(Dropped::default());
+        let unwritten = || dropped.unwritten.load(Ordering::Relaxed);
         // The first line and half the second get through.
-        let mut batched = Batched::new(ClosingPipe { room: 6 }, unwritten.clone());
+        let mut batched = Batched::new(ClosingPipe { room: 6 }, dropped.clone());
         for line in ["one\n", "two\n", "three\n"] {
             batched.write_all(line.as_bytes()).unwrap();
         }
         batched.flush().expect("handled here, not reported");
-        assert_eq!(unwritten.load(Ordering::Relaxed), 2);
+        assert_eq!(unwritten(), 2);
         batched.write_all(b"four\n").unwrap();
         batched.flush().expect("handled here, not reported");
-        assert_eq!(unwritten.load(Ordering::Relaxed), 3);
+        assert_eq!(unwritten(), 3);
         assert!(batched.buf.is_empty(), "nothing kept to write again");
     }
 
