@@ -404,8 +404,12 @@ struct Batched<W: Write> {
     /// Lines dropped so far, and how many the log has been told of.
     dropped: Arc<Dropped>,
     told: usize,
-    /// The WARN line saying lines were dropped: at most one per 10 s.
-    tell_limit: LogLimit,
+    /// When the WARN line saying lines were dropped was last queued.
+    last_told: Option<Instant>,
+    /// A [`FLUSH_MARKER`] came: say so after the next write-out.
+    marker: bool,
+    /// The last write-out that wrote anything went through: stdout is read.
+    writing: bool,
 }
 
 /// Lines dropped: those the full queue refused (tracing-appender counts
@@ -414,14 +418,40 @@ struct Batched<W: Write> {
 struct Dropped {
     queue: std::sync::OnceLock<ErrorCounter>,
     unwritten: AtomicUsize,
+    /// [`FLUSH_MARKER`]s the full queue refused: not lines, not counted.
+    markers_refused: AtomicUsize,
+    /// Set once the writer has written everything queued before a
+    /// [`FLUSH_MARKER`].
+    marker_reached: std::sync::Mutex<bool>,
+    marker_written: std::sync::Condvar,
 }
 
 impl Dropped {
+    fn refused_by_queue(&self) -> usize {
+        self.queue.get().map_or(0, ErrorCounter::dropped_lines)
+    }
+
     fn total(&self) -> usize {
-        let queue = self.queue.get().map_or(0, ErrorCounter::dropped_lines);
+        let queue = self
+            .refused_by_queue()
+            .saturating_sub(self.markers_refused.load(Ordering::Relaxed));
         queue.saturating_add(self.unwritten.load(Ordering::Relaxed))
     }
+
+    fn lock_reached(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.marker_reached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
+
+/// What [`LogHandle::finish`] puts on the queue behind the lines to write:
+/// the writer writes everything before it, then says so. No formatted
+/// line is this (each ends with a line break).
+const FLUSH_MARKER: &[u8] = b"\0ivrguard: written up to here\0";
+
+/// At most one WARN line saying lines were dropped per this long.
+const TELL_DROPPED_EVERY: Duration = Duration::from_secs(10);
 
 /// How long the writer thread lets the next burst of lines collect.
 const BATCH_WINDOW: Duration = Duration::from_millis(2);
@@ -445,7 +475,9 @@ impl<W: Write> Batched<W> {
             last: None,
             dropped,
             told: 0,
-            tell_limit: LogLimit::new(Duration::from_secs(10)),
+            last_told: None,
+            marker: false,
+            writing: false,
         }
     }
 
@@ -468,6 +500,11 @@ impl<W: Write> Batched<W> {
                 Err(e) => break Err(e),
             }
         };
+        match &result {
+            Ok(written) if *written > 0 => self.writing = true,
+            Ok(_) => {}
+            Err(_) => self.writing = false,
+        }
         if let Err(e) = &result {
             let lost = self.buf.get(written..).unwrap_or_default();
             let lines = lost.iter().filter(|&&b| b == b'\n').count();
@@ -481,17 +518,25 @@ impl<W: Write> Batched<W> {
     /// Lines dropped since the log last said so: a WARN line says how
     /// many, so the gap is in the audit trail itself, not only in
     /// `log_lines_dropped_total` (found in review). Called once a write
-    /// went through: stdout is read again. The line goes on the queue
-    /// (a full one drops it, and it is told again later).
+    /// went through: stdout is read again. The line goes on the queue; if
+    /// that is full again (it filled while this thread's write was
+    /// blocked), it is dropped like any line, and told at a later flush.
     fn tell_of_dropped_lines(&mut self) {
         let total = self.dropped.total();
-        if total > self.told && self.tell_limit.due() {
+        let due = self
+            .last_told
+            .is_none_or(|last| last.elapsed() >= TELL_DROPPED_EVERY);
+        if total > self.told && due {
+            let refused = self.dropped.refused_by_queue();
             tracing::warn!(
                 dropped_lines = total - self.told,
                 dropped_lines_total = total,
                 "log lines were dropped: stdout did not keep up, or could not be written"
             );
-            self.told = total;
+            if self.dropped.refused_by_queue() == refused {
+                self.told = total;
+                self.last_told = Some(Instant::now());
+            }
         }
     }
 }
@@ -521,6 +566,10 @@ const WRITE_FAILED_EVERY: Duration = Duration::from_secs(60);
 /// 6 exits in 10 took 1 s instead of 10 ms with stdout closed).
 impl<W: Write> Write for Batched<W> {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        if line == FLUSH_MARKER {
+            self.marker = true;
+            return Ok(line.len());
+        }
         self.buf.extend_from_slice(line);
         if self.buf.len() >= BATCH_BYTES {
             let _ = self.write_out();
@@ -529,11 +578,17 @@ impl<W: Write> Write for Batched<W> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if let Ok(written) = self.write_out() {
+        if self.write_out().is_ok() {
             let _ = self.out.flush();
-            if written > 0 {
-                self.tell_of_dropped_lines();
-            }
+        }
+        if self.writing {
+            self.tell_of_dropped_lines();
+        }
+        // tracing-appender flushes once the queue is empty: everything
+        // queued before the marker is written (or was lost, and counted).
+        if std::mem::take(&mut self.marker) {
+            *self.dropped.lock_reached() = true;
+            self.dropped.marker_written.notify_all();
         }
         let now = Instant::now();
         let flowing = lines_flowing(self.last, now);
@@ -781,14 +836,15 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 pub struct LogHandle {
     guard: std::sync::Mutex<Option<WorkerGuard>>,
     dropped: Arc<Dropped>,
+    /// Puts [`FLUSH_MARKER`] on the queue.
+    marker: NonBlocking,
 }
 
-/// How long exiting waits for the queued lines to be written.
-/// tracing-appender's own guard waits about 1.1 s, then `println!`s that it
-/// gave up: to the very stdout that is not being read, which blocked the
-/// exit for as long as the log reader stalled (and, once the reader went,
-/// panicked). So the guard is dropped on a thread of its own, and exiting
-/// stops waiting for it after this long (found in review).
+/// How long exiting waits for the queued lines to be written: a log
+/// reader that has stalled cannot hold the exit (found in review: waiting
+/// on tracing-appender's guard, which `println!`s to the very stdout that
+/// is not read, blocked the exit for as long as the reader stalled). See
+/// [`LogHandle::finish`].
 pub const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Drop for LogHandle {
@@ -801,6 +857,15 @@ impl LogHandle {
     /// Writes out the queued lines, waiting at most [`LOG_FLUSH_TIMEOUT`];
     /// lines logged after it are not written. For an exit that runs no
     /// destructors (the second shutdown signal), and for the drop.
+    ///
+    /// tracing-appender's guard is not what waits: with the queue full it
+    /// gives up sending its shutdown message after 0.1 s and `println!`s
+    /// that it did, to stdout, blocking until stdout moves; then it
+    /// returned, and the exit came with the queued lines unwritten (found
+    /// in review: a log reader back 0.8 s after SIGTERM got 387 of ~8,500
+    /// lines, that message among them). A [`FLUSH_MARKER`] goes on the
+    /// queue behind them instead, and the writer says when it got there.
+    /// The guard is never dropped: the process is exiting.
     pub fn finish(&self) {
         let guard = self
             .guard
@@ -810,15 +875,37 @@ impl LogHandle {
         let Some(guard) = guard else {
             return;
         };
-        let (done, flushed) = std::sync::mpsc::channel();
-        let dropper = std::thread::Builder::new()
-            .name("ivrguard-log-flush".into())
-            .spawn(move || {
-                drop(guard);
-                let _ = done.send(());
-            });
-        if dropper.is_ok() {
-            let _ = flushed.recv_timeout(LOG_FLUSH_TIMEOUT);
+        std::mem::forget(guard);
+        let deadline = Instant::now() + LOG_FLUSH_TIMEOUT;
+        // The queue refuses the marker while it is full, and nothing
+        // signals room in it: try again each millisecond, until the
+        // deadline. (A line another thread had refused at the same
+        // instant is taken for the marker: one line less counted.)
+        let mut marker = self.marker.clone();
+        loop {
+            let refused = self.dropped.refused_by_queue();
+            let _ = marker.write(FLUSH_MARKER);
+            if self.dropped.refused_by_queue() == refused {
+                break;
+            }
+            self.dropped.markers_refused.fetch_add(1, Ordering::Relaxed);
+            if Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut reached = self.dropped.lock_reached();
+        while !*reached {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            reached = self
+                .dropped
+                .marker_written
+                .wait_timeout(reached, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -893,14 +980,7 @@ pub fn apply_level(settings: &LogSettings) {
 /// Installs the global subscriber writing scrubbed lines to `out` through
 /// the bounded non-blocking queue. The demo passes a capturing writer.
 pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> LogHandle {
-    let dropped = Arc::new(Dropped::default());
-    let (writer, guard): (NonBlocking, WorkerGuard) =
-        tracing_appender::non_blocking::NonBlockingBuilder::default()
-            .lossy(true)
-            .buffered_lines_limit(LOG_QUEUE_LINES)
-            .thread_name("ivrguard-log")
-            .finish(Batched::new(out, dropped.clone()));
-    let _ = dropped.queue.set(writer.error_counter());
+    let (writer, handle) = queue_to(out);
     let make_writer = ScrubbingMakeWriter::new(
         DeferringMakeWriter::new(writer),
         Arc::new(Scrubber::new(settings)),
@@ -936,10 +1016,25 @@ pub fn init_with<W: Write + Send + 'static>(settings: &LogSettings, out: W) -> L
             set_level,
         });
     }
-    LogHandle {
+    handle
+}
+
+/// The bounded queue, and the writer thread that writes it to `out`.
+fn queue_to<W: Write + Send + 'static>(out: W) -> (NonBlocking, LogHandle) {
+    let dropped = Arc::new(Dropped::default());
+    let (writer, guard): (NonBlocking, WorkerGuard) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(LOG_QUEUE_LINES)
+            .thread_name("ivrguard-log")
+            .finish(Batched::new(out, dropped.clone()));
+    let _ = dropped.queue.set(writer.error_counter());
+    let handle = LogHandle {
         guard: std::sync::Mutex::new(Some(guard)),
         dropped,
-    }
+        marker: writer.clone(),
+    };
+    (writer, handle)
 }
 
 #[cfg(test)]
@@ -1070,6 +1165,33 @@ mod tests {
         batched.flush().expect("handled here, not reported");
         assert_eq!(unwritten(), 3);
         assert!(batched.buf.is_empty(), "nothing kept to write again");
+    }
+
+    #[test]
+    fn the_marker_is_not_written_and_is_reached_at_the_next_flush() {
+        let dropped = Arc::new(Dropped::default());
+        let mut out = Vec::new();
+        let mut batched = Batched::new(&mut out, dropped.clone());
+        batched.write_all(b"one\n").unwrap();
+        batched.write_all(FLUSH_MARKER).unwrap();
+        assert!(!*dropped.lock_reached(), "not before the write-out");
+        batched.flush().unwrap();
+        assert!(*dropped.lock_reached());
+        drop(batched);
+        assert_eq!(out, b"one\n");
+    }
+
+    #[test]
+    fn finish_waits_for_the_lines_queued_before_it() {
+        let out = Capture::default();
+        let (mut queue, handle) = queue_to(out.clone());
+        for i in 0..1000 {
+            queue.write_all(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        handle.finish();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1000);
+        assert_eq!(handle.dropped_lines(), 0);
     }
 
     #[test]
