@@ -30,6 +30,7 @@ pub mod logging;
 pub mod memory_guard;
 pub mod metrics;
 pub mod mismatch;
+pub mod panic_hook;
 pub mod pipeline;
 pub mod rejection;
 pub mod reload;

@@ -15,7 +15,7 @@ use ivrguard::secret::Secret;
 use ivrguard::signature::Verifier;
 
 fn main() -> ExitCode {
-    install_panic_hook();
+    ivrguard::panic_hook::install();
     // Before any secret is read: no core dump, no reading by other processes.
     if let Err(message) = ivrguard::memory_guard::seal() {
         eprintln!("ivrguard: {message}");
@@ -157,16 +157,4 @@ fn out(text: &str) -> Result<(), String> {
         .write_all(text.as_bytes())
         .and_then(|()| stdout.flush())
         .map_err(|e| format!("writing stdout: {e}"))
-}
-
-/// Panics print where they happened, never their message: a message could
-/// carry request data.
-fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        let location = info
-            .location()
-            .map(|l| format!("{}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        eprintln!("ivrguard: internal error (panic) at {location}; details withheld");
-    }));
 }
