@@ -404,9 +404,10 @@ struct Batched<W: Write> {
     /// Lines dropped so far, and how many the log has been told of.
     dropped: Arc<Dropped>,
     told: usize,
-    /// When the WARN line saying lines were dropped was last queued.
+    /// When a WARN line saying lines were dropped was last logged.
     last_told: Option<Instant>,
-    /// A [`FLUSH_MARKER`] came: say so after the next write-out.
+    /// A [`FLUSH_MARKER`] came: say so after the next write-out (after the
+    /// one that follows, if that one told of dropped lines).
     marker: bool,
     /// The last write-out that wrote anything went through: stdout is read.
     writing: bool,
@@ -521,23 +522,29 @@ impl<W: Write> Batched<W> {
     /// went through: stdout is read again. The line goes on the queue; if
     /// that is full again (it filled while this thread's write was
     /// blocked), it is dropped like any line, and told at a later flush.
-    fn tell_of_dropped_lines(&mut self) {
+    /// Whether a WARN line was logged.
+    fn tell_of_dropped_lines(&mut self) -> bool {
         let total = self.dropped.total();
         let due = self
             .last_told
             .is_none_or(|last| last.elapsed() >= TELL_DROPPED_EVERY);
-        if total > self.told && due {
-            let refused = self.dropped.refused_by_queue();
-            tracing::warn!(
-                dropped_lines = total - self.told,
-                dropped_lines_total = total,
-                "log lines were dropped: stdout did not keep up, or could not be written"
-            );
-            if self.dropped.refused_by_queue() == refused {
-                self.told = total;
-                self.last_told = Some(Instant::now());
-            }
+        if total <= self.told || !due {
+            return false;
         }
+        let refused = self.dropped.refused_by_queue();
+        tracing::warn!(
+            dropped_lines = total - self.told,
+            dropped_lines_total = total,
+            "log lines were dropped: stdout did not keep up, or could not be written"
+        );
+        // Another thread's line refused at the same instant looks like
+        // this one's refusal: the next try waits its 10 s all the same
+        // (found in review: the same lines were told at every flush).
+        self.last_told = Some(Instant::now());
+        if self.dropped.refused_by_queue() == refused {
+            self.told = total;
+        }
+        true
     }
 }
 
@@ -568,6 +575,8 @@ impl<W: Write> Write for Batched<W> {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
         if line == FLUSH_MARKER {
             self.marker = true;
+            // The exit: lines dropped are told now, not 10 s on.
+            self.last_told = None;
             return Ok(line.len());
         }
         self.buf.extend_from_slice(line);
@@ -581,12 +590,13 @@ impl<W: Write> Write for Batched<W> {
         if self.write_out().is_ok() {
             let _ = self.out.flush();
         }
-        if self.writing {
-            self.tell_of_dropped_lines();
-        }
+        let told = self.writing && self.tell_of_dropped_lines();
         // tracing-appender flushes once the queue is empty: everything
         // queued before the marker is written (or was lost, and counted).
-        if std::mem::take(&mut self.marker) {
+        // A WARN line just told went on the queue behind the marker: the
+        // next flush comes once it is written (found in review: the exit
+        // came first, and the log never said lines were dropped).
+        if !told && std::mem::take(&mut self.marker) {
             *self.dropped.lock_reached() = true;
             self.dropped.marker_written.notify_all();
         }
@@ -1179,6 +1189,110 @@ mod tests {
         assert!(*dropped.lock_reached());
         drop(batched);
         assert_eq!(out, b"one\n");
+    }
+
+    /// What the subscriber of [`warned_lines`] writes: the line, and (to
+    /// play another thread's line refused at that instant) one more write
+    /// to a queue that is full.
+    struct AlsoRefused {
+        out: Capture,
+        full: NonBlocking,
+    }
+
+    impl Write for AlsoRefused {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.full.write(b"another thread's line\n");
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A queue holding one line whose writer thread is blocked: every
+    /// further line is refused, and counted. The sender releases it.
+    fn a_full_queue() -> (NonBlocking, WorkerGuard, std::sync::mpsc::Sender<()>) {
+        struct Blocked(std::sync::mpsc::Receiver<()>);
+        impl Write for Blocked {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                let _ = self.0.recv_timeout(Duration::from_secs(10));
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (release, blocked) = std::sync::mpsc::channel();
+        let (mut queue, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(1)
+            .finish(Blocked(blocked));
+        let counter = queue.error_counter();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counter.dropped_lines() == 0 {
+            assert!(Instant::now() < deadline, "the queue never refused a line");
+            let _ = queue.write(b"filler\n");
+        }
+        (queue, guard, release)
+    }
+
+    /// The WARN lines `flushes` make `batched` log.
+    fn warned_lines(batched: &mut Batched<Vec<u8>>, full: NonBlocking, flushes: usize) -> usize {
+        let out = Capture::default();
+        let writer = AlsoRefused {
+            out: out.clone(),
+            full,
+        };
+        let writer = std::sync::Mutex::new(writer);
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(JsonLines)
+            .with_writer(writer)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..flushes {
+                batched.write_all(b"a line\n").unwrap();
+                batched.flush().unwrap();
+            }
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text.matches("log lines were dropped").count()
+    }
+
+    /// At most one WARN line per `TELL_DROPPED_EVERY`, as documented, also
+    /// when another thread's line is refused while the WARN line goes on
+    /// the queue: that was taken for the WARN line's refusal, and the
+    /// same lines were told again at every flush.
+    #[test]
+    fn a_line_refused_with_the_warn_line_does_not_repeat_it() {
+        let (full, _guard, _release) = a_full_queue();
+        let dropped = Arc::new(Dropped::default());
+        let _ = dropped.queue.set(full.error_counter());
+        dropped.unwritten.store(5, Ordering::Relaxed);
+        let mut batched = Batched::new(Vec::new(), dropped.clone());
+        assert_eq!(warned_lines(&mut batched, full, 3), 1);
+    }
+
+    /// The exit's marker: the WARN line saying lines were dropped is
+    /// written before `finish` returns (it went on the queue behind the
+    /// marker, and the exit came before it was written), and is not held
+    /// back by the 10 s since the last one.
+    #[test]
+    fn at_the_marker_the_warn_line_is_told_and_written_first() {
+        let (full, _guard, _release) = a_full_queue();
+        let dropped = Arc::new(Dropped::default());
+        let mut batched = Batched::new(Vec::new(), dropped.clone());
+        dropped.unwritten.store(5, Ordering::Relaxed);
+        assert_eq!(warned_lines(&mut batched, full.clone(), 1), 1);
+        dropped.unwritten.store(8, Ordering::Relaxed);
+        batched.write_all(FLUSH_MARKER).unwrap();
+        assert_eq!(
+            warned_lines(&mut batched, full.clone(), 1),
+            1,
+            "told at once"
+        );
+        assert!(!*dropped.lock_reached(), "the WARN line is not written yet");
+        assert_eq!(warned_lines(&mut batched, full, 1), 0);
+        assert!(*dropped.lock_reached());
     }
 
     #[test]

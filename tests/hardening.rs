@@ -4022,6 +4022,14 @@ async fn lines_queued_behind_a_blocked_stdout_are_written_at_exit_once_it_reads_
         access >= 8_192,
         "{access} access lines written of {sent} requests"
     );
+    // And the gap is said in the log before the exit (found in review:
+    // the WARN line went on the queue behind the exit's marker, and the
+    // exit came before it was written).
+    let message = "log lines were dropped: stdout did not keep up, or could not be written";
+    assert!(
+        h.proxy.log_lines().iter().any(|l| l["message"] == message),
+        "no WARN line saying lines were dropped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
