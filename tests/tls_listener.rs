@@ -5,7 +5,9 @@
 //! Covered: a signed webhook over HTTPS (HTTP/1.1 and HTTP/2 by ALPN, TLS
 //! 1.3 and 1.2) verified against the `https://` URL with no
 //! `twilio.public_url`; plain HTTP and untrusting clients refused before
-//! the app; silent clients closed after the header-read timeout; a renewed
+//! the app; silent clients closed after the header-read timeout; a client
+//! stalled in the handshake counted per client, and one that stops reading
+//! cut by the write-stall limit, as on plain TCP; a renewed
 //! certificate picked up by SIGHUP and by the file poll, for new
 //! connections only; TLS on/off refused by a reload.
 
@@ -518,4 +520,60 @@ async fn file_poll_picks_up_a_renewed_certificate() {
             assert!(!surface.contains(line), "TLS key material in the output");
         }
     }
+}
+
+/// Measured in review, kept as a guard: over TLS the plain listener's
+/// limits hold. A client stalled in the handshake counts against
+/// `server.max_connections_per_client`, and one that pipelines requests
+/// and stops reading their answers is cut after the write-stall limit
+/// (`request_timeout_ms`), its slot freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_count_per_client_and_readers_that_stop_are_cut() {
+    let h = harness(|c| {
+        c.server_extra.push("max_connections_per_client = 1".into());
+        c.request_timeout_ms = 1500;
+        c.upstream_timeout_ms = 1000;
+    })
+    .await;
+    let connector = h.ca.client(&[b"http/1.1"]);
+
+    // The start of a ClientHello record, then nothing: its one place taken.
+    let mut stalled = TcpStream::connect(h.proxy.addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+    wait_metric(&h.proxy, "ivrguard_connections_open 1").await;
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        tls::connect(h.proxy.addr, &connector),
+    )
+    .await
+    .expect("refused within 5 s");
+    assert!(refused.is_err(), "a second connection while one stalls");
+    wait_metric(&h.proxy, "ivrguard_connections_refused_total 1").await;
+    drop(stalled);
+    wait_metric(&h.proxy, "ivrguard_connections_open 0").await;
+
+    // Unsigned requests pipelined until their 403s fill every buffer
+    // between ivrguard and a reader that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(h.proxy.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+    let mut hog = connector.connect(name, tcp).await.expect("TLS handshake");
+    let batch = RawRequest::new("GET", "/ivr/unsigned", HOST)
+        .header("Connection", "keep-alive")
+        .to_bytes()
+        .repeat(1000);
+    let started = Instant::now();
+    let cut = tokio::time::timeout(Duration::from_secs(15), async {
+        while hog.write_all(&batch).await.is_ok() {}
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "a TLS reader that stopped reading was not cut in 15 s"
+    );
+    let held = started.elapsed();
+    assert!(held >= Duration::from_millis(1500), "cut after {held:?}");
+    wait_metric(&h.proxy, "ivrguard_connections_open 0").await;
+    assert_eq!(h.backend.count(), 0);
 }
