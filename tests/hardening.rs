@@ -3820,16 +3820,11 @@ async fn blocked_stdout_does_not_stall_requests() {
     assert_quiet(&h.proxy, &canaries);
 }
 
-/// F11 at scale: with stdout blocked, lines wait in the log queue
-/// (`logging::LOG_QUEUE_LINES`, 8,192) and after that are dropped and
-/// counted, so memory stays flat however long stdout is stalled.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blocked_stdout_drops_and_counts_lines_once_the_queue_is_full() {
-    let mut h = harness(Behaviour::Twiml, |c| c.log_level = Some("trace")).await;
-    let admin = h.proxy.admin_addr.expect("admin listener");
-    let pid = h.proxy.pid();
-    let rss_before = rss_anon_kib(pid);
-    h.proxy.pause_stdout();
+/// Sends pipelined batches of 2,000 unsigned requests (each refused 403,
+/// each with its access line) until `ivrguard_log_lines_dropped_total`
+/// is above 0: with stdout paused, the log queue is full. Returns the
+/// requests sent and the lines counted as dropped then.
+async fn fill_the_log_queue(proxy: &Proxy, admin: SocketAddr) -> (usize, f64) {
     const BATCH: usize = 2000;
     let mut batch = Vec::new();
     for i in 0..BATCH {
@@ -3846,21 +3841,35 @@ async fn blocked_stdout_drops_and_counts_lines_once_the_queue_is_full() {
     }
     let started = Instant::now();
     let mut sent = 0;
-    let dropped = loop {
+    loop {
         let metrics = client::get(admin, "/metrics").await.text();
         let dropped = metric(&metrics, "ivrguard_log_lines_dropped_total");
         if dropped > 0.0 {
-            break dropped;
+            return (sent, dropped);
         }
         assert!(
             started.elapsed() < Duration::from_secs(600),
             "nothing dropped after {sent} requests"
         );
-        let (responses, _) = exchange(h.proxy.addr, &batch, Duration::from_secs(60)).await;
+        let (responses, _) = exchange(proxy.addr, &batch, Duration::from_secs(60)).await;
         assert_eq!(responses.len(), BATCH);
         assert!(responses.iter().all(|r| r.status == 403));
         sent += BATCH;
-    };
+    }
+}
+
+/// F11 at scale: with stdout blocked, lines wait in the log queue
+/// (`logging::LOG_QUEUE_LINES`, 8,192) and after that are dropped and
+/// counted, so memory stays flat however long stdout is stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_stdout_drops_and_counts_lines_once_the_queue_is_full() {
+    let mut h = harness(Behaviour::Twiml, |c| c.log_level = Some("trace")).await;
+    let admin = h.proxy.admin_addr.expect("admin listener");
+    let pid = h.proxy.pid();
+    let rss_before = rss_anon_kib(pid);
+    h.proxy.pause_stdout();
+    let started = Instant::now();
+    let (sent, dropped) = fill_the_log_queue(&h.proxy, admin).await;
     let rss_after = rss_anon_kib(pid);
     eprintln!(
         "first drop after {sent} requests in {:?}; {dropped} dropped; RSS {rss_before} -> {rss_after} KiB",
@@ -3905,34 +3914,7 @@ async fn lines_dropped_while_stdout_was_blocked_are_said_in_the_log_once_it_read
     let h = harness(Behaviour::Twiml, |_| {}).await;
     let admin = h.proxy.admin_addr.expect("admin listener");
     h.proxy.pause_stdout();
-    const BATCH: usize = 2000;
-    let mut batch = Vec::new();
-    for i in 0..BATCH {
-        let connection = if i + 1 == BATCH {
-            "close"
-        } else {
-            "keep-alive"
-        };
-        batch.extend_from_slice(
-            &RawRequest::new("GET", "/ivr/unsigned", HOST)
-                .header("Connection", connection)
-                .to_bytes(),
-        );
-    }
-    let started = Instant::now();
-    let dropped = loop {
-        let metrics = client::get(admin, "/metrics").await.text();
-        let dropped = metric(&metrics, "ivrguard_log_lines_dropped_total");
-        if dropped > 0.0 {
-            break dropped;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "nothing dropped"
-        );
-        let (responses, _) = exchange(h.proxy.addr, &batch, Duration::from_secs(60)).await;
-        assert_eq!(responses.len(), BATCH);
-    };
+    let (_, dropped) = fill_the_log_queue(&h.proxy, admin).await;
     h.proxy.resume_stdout();
     let message = "log lines were dropped: stdout did not keep up, or could not be written";
     let warned = wait_log(&h.proxy, message, 1).await;
@@ -3973,35 +3955,7 @@ async fn lines_queued_behind_a_blocked_stdout_are_written_at_exit_once_it_reads_
     let mut h = harness(Behaviour::Twiml, |_| {}).await;
     let admin = h.proxy.admin_addr.expect("admin listener");
     h.proxy.pause_stdout();
-    const BATCH: usize = 2000;
-    let mut batch = Vec::new();
-    for i in 0..BATCH {
-        let connection = if i + 1 == BATCH {
-            "close"
-        } else {
-            "keep-alive"
-        };
-        batch.extend_from_slice(
-            &RawRequest::new("GET", "/ivr/unsigned", HOST)
-                .header("Connection", connection)
-                .to_bytes(),
-        );
-    }
-    let started = Instant::now();
-    let mut sent = 0;
-    loop {
-        let metrics = client::get(admin, "/metrics").await.text();
-        if metric(&metrics, "ivrguard_log_lines_dropped_total") > 0.0 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "nothing dropped"
-        );
-        let (responses, _) = exchange(h.proxy.addr, &batch, Duration::from_secs(60)).await;
-        assert_eq!(responses.len(), BATCH);
-        sent += BATCH;
-    }
+    let (sent, _) = fill_the_log_queue(&h.proxy, admin).await;
     h.proxy.signal("TERM");
     // The reader's stall, not a wait for something: it comes back while
     // the exit waits for the queued lines (after the guard of
