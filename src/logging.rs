@@ -587,10 +587,17 @@ impl<W: Write> Write for Batched<W> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        let refused_before = self.dropped.refused_by_queue();
         if self.write_out().is_ok() {
             let _ = self.out.flush();
         }
-        let told = self.writing && self.tell_of_dropped_lines();
+        // Lines refused while this write-out ran: it blocked on stdout and
+        // the queue filled behind it, so a WARN line now would be refused
+        // too, and the next try wait its 10 s (seen in CI: no WARN line
+        // within 5 s of stdout being read again). The flush that follows,
+        // once the queue has run empty, tells instead.
+        let queue_filled = self.dropped.refused_by_queue() != refused_before;
+        let told = self.writing && !queue_filled && self.tell_of_dropped_lines();
         // tracing-appender flushes once the queue is empty: everything
         // queued before the marker is written (or was lost, and counted).
         // A WARN line just told went on the queue behind the marker: the
@@ -1270,6 +1277,60 @@ mod tests {
         dropped.unwritten.store(5, Ordering::Relaxed);
         let mut batched = Batched::new(Vec::new(), dropped.clone());
         assert_eq!(warned_lines(&mut batched, full, 3), 1);
+    }
+
+    /// Found in CI: stdout was read again while the writer's flush was
+    /// blocked on it, and the queue had filled behind that flush; the WARN
+    /// line it logged then was refused, and the next try waited 10 s. A
+    /// flush whose write-out saw lines refused leaves the telling to the
+    /// next one, which comes once the queue has run empty.
+    #[test]
+    fn a_flush_that_blocked_while_lines_were_refused_tells_at_the_next() {
+        /// Stdout that, while `refusing`, takes as long as it takes the
+        /// queue to refuse a line (another thread's) behind it.
+        struct SlowStdout {
+            full: NonBlocking,
+            refusing: Arc<std::sync::atomic::AtomicBool>,
+        }
+        impl Write for SlowStdout {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if self.refusing.load(Ordering::Relaxed) {
+                    let _ = self.full.write(b"another thread's line\n");
+                }
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (full, _guard, _release) = a_full_queue();
+        let dropped = Arc::new(Dropped::default());
+        let _ = dropped.queue.set(full.error_counter());
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stdout = SlowStdout {
+            full,
+            refusing: refusing.clone(),
+        };
+        let mut batched = Batched::new(stdout, dropped.clone());
+        let out = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(JsonLines)
+            .with_writer(std::sync::Mutex::new(out.clone()))
+            .finish();
+        let warned = || {
+            let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+            text.matches("log lines were dropped").count()
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            batched.write_all(b"a line\n").unwrap();
+            batched.flush().unwrap();
+            assert_eq!(warned(), 0, "not while the queue was refusing lines");
+            refusing.store(false, Ordering::Relaxed);
+            batched.write_all(b"a line\n").unwrap();
+            batched.flush().unwrap();
+            assert_eq!(warned(), 1, "at the next flush");
+        });
+        assert!(dropped.total() > 0);
     }
 
     /// The exit's marker: the WARN line saying lines were dropped is
