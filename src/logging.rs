@@ -487,12 +487,11 @@ impl<W: Write> Batched<W> {
     /// do not fit in the queue; a line cut short counts as dropped. Found
     /// in review: with stdout closed every line was lost, silently, and
     /// `log_lines_dropped_total` stayed at 0.
-    /// How many bytes were written.
-    fn write_out(&mut self) -> io::Result<usize> {
+    fn write_out(&mut self) -> io::Result<()> {
         let mut written = 0;
         let result = loop {
             let Some(rest) = self.buf.get(written..).filter(|rest| !rest.is_empty()) else {
-                break Ok(written);
+                break Ok(());
             };
             match self.out.write(rest) {
                 Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
@@ -502,15 +501,15 @@ impl<W: Write> Batched<W> {
             }
         };
         match &result {
-            Ok(written) if *written > 0 => self.writing = true,
-            Ok(_) => {}
-            Err(_) => self.writing = false,
-        }
-        if let Err(e) = &result {
-            let lost = self.buf.get(written..).unwrap_or_default();
-            let lines = lost.iter().filter(|&&b| b == b'\n').count();
-            self.dropped.unwritten.fetch_add(lines, Ordering::Relaxed);
-            say_lines_are_dropped(e);
+            Ok(()) if written > 0 => self.writing = true,
+            Ok(()) => {}
+            Err(e) => {
+                self.writing = false;
+                let lost = self.buf.get(written..).unwrap_or_default();
+                let lines = lost.iter().filter(|&&b| b == b'\n').count();
+                self.dropped.unwritten.fetch_add(lines, Ordering::Relaxed);
+                say_lines_are_dropped(e);
+            }
         }
         self.buf.clear();
         result
@@ -518,11 +517,12 @@ impl<W: Write> Batched<W> {
 
     /// Lines dropped since the log last said so: a WARN line says how
     /// many, so the gap is in the audit trail itself, not only in
-    /// `log_lines_dropped_total` (found in review). Called once a write
-    /// went through: stdout is read again. The line goes on the queue; if
-    /// that is full again (it filled while this thread's write was
-    /// blocked), it is dropped like any line, and told at a later flush.
-    /// Whether a WARN line was logged.
+    /// `log_lines_dropped_total` (found in review). Called by a flush once
+    /// a write went through (stdout is read again) and no line was refused
+    /// during it. The line goes on the queue; if that refuses it, it is
+    /// dropped like any line, and the lines are told by the next WARN line,
+    /// at most one per [`TELL_DROPPED_EVERY`]. Returns whether one was
+    /// logged.
     fn tell_of_dropped_lines(&mut self) -> bool {
         let total = self.dropped.total();
         let due = self
